@@ -1,0 +1,303 @@
+"""Command line: `python -m backend {serve,generate,jobs,stats,doctor,supervise} --help`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__, gpu
+from .errors import BackendError
+
+DESCRIPTION = """\
+TRELLIS.2 for Blender - the backend.
+
+Turns an image into a textured 3D model (GLB). The Blender add-on starts this for you;
+use these commands for scripts, batch jobs and troubleshooting.
+
+  serve      run the backend server (the add-on talks to it over ZeroMQ on 127.0.0.1)
+  generate   turn one image into a GLB right here, without a server
+  jobs       list past jobs from the output folder
+  stats      success rate, timings and memory figures of past jobs
+  doctor     check a TRELLIS.2 installation (packages, GPU, weights) and say how to fix it
+  supervise  keep a backend alive for scripts: restart it when it crashes
+"""
+
+
+def default_output_dir() -> Path:
+    env = os.environ.get("TRELLIS2_OUTPUT_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "trellis2-blender"
+
+
+def _engine_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--engine-opt expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value
+    return options
+
+
+def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if args.params:
+        try:
+            params.update(json.loads(args.params))
+        except ValueError as exc:
+            raise SystemExit(f"--params is not JSON: {exc}") from None
+    for name in ("preset", "seed", "resolution", "texture_size", "decimation_target", "image_size"):
+        value = getattr(args, name, None)
+        if value is not None:
+            params[name] = value
+    if getattr(args, "no_remesh", False):
+        params["remesh"] = False
+    return params
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    gpu.configure_allocator()  # before anything can import torch
+    from .server import Server, ServerConfig
+
+    config = ServerConfig(
+        connection_file=Path(args.connection_file),
+        output_dir=Path(args.output_dir or default_output_dir()),
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        engine=args.engine,
+        engine_options=_engine_options(args.engine_opt),
+        queue_depth=args.queue_depth,
+        max_concurrent=args.max_concurrent,
+        min_free_disk=int(args.min_free_disk_mb * 2**20),
+        parent_pid=args.parent_pid,
+        vram_cap_bytes=int(args.vram_cap_gb * 2**30) if args.vram_cap_gb else None,
+        heartbeat_interval=args.heartbeat,
+    )
+    server = Server(config)
+    info = server.bind()
+    logging.getLogger(__name__).info(
+        "backend %s serving engine %s on 127.0.0.1:%s/%s (session %s)",
+        __version__, server.engine.name, info.shell_port, info.iopub_port, info.session,
+    )
+    code = server.serve_forever()
+    if code == gpu.POISONED_EXIT_CODE:
+        # A broken CUDA context can hang interpreter teardown; leave at once.
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    gpu.configure_allocator()
+    from . import validate
+    from .engines import create as create_engine
+    from .jobs import JobStore
+    from .params import parse_params
+    from .runner import Runner, RunnerConfig
+    from .stats import StatsLog
+
+    image_path = Path(args.image)
+    try:
+        data = image_path.read_bytes()
+    except OSError as exc:
+        raise BackendError("bad_image", f"cannot read {image_path}: {exc.strerror}") from None
+    validate.load_image(data)
+    params = parse_params(_params_from_args(args)).to_dict()
+    output_dir = Path(args.output_dir or default_output_dir())
+    engine = create_engine(args.engine, **_engine_options(args.engine_opt))
+    store = JobStore(output_dir)
+    stats = StatsLog(output_dir / "state" / "stats.jsonl")
+    engine.load(lambda fraction, text="": None)
+    runner = Runner(engine, store, stats, config=RunnerConfig(
+        min_free_disk=int(args.min_free_disk_mb * 2**20)))
+    ext = image_path.suffix.lstrip(".").lower() or "png"
+    record = store.create("generate", engine.name, params, image=data, image_ext=ext,
+                          filename=image_path.name)
+
+    def emit(kind: str, content: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        if kind == "job_progress":
+            print(f"  {content['fraction'] * 100:5.1f}%  {content['label']}", file=sys.stderr)
+        elif kind == "job_retry":
+            print(f"  retry: {content.get('level_name', content.get('reason'))}", file=sys.stderr)
+
+    result = runner.run(record, emit=emit)
+    if result.outcome != "done":
+        error = result.error or {}
+        raise BackendError(error.get("code", "internal"), error.get("message", result.outcome),
+                           error.get("hint"))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.glb_path, out)
+    stats_line = result.mesh_stats or {}
+    print(f"{out}  ({stats_line.get('vertices')} vertices, {stats_line.get('faces')} faces, "
+          f"{result.seconds:.2f} s, job {record.id})")
+    if result.degraded_reason:
+        print(result.degraded_reason)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from .jobs import JobStore
+
+    store = JobStore(Path(args.output_dir or default_output_dir()))
+    records, warnings = store.list(args.limit)
+    if args.json:
+        print(json.dumps({"jobs": [r.to_dict() for r in records], "warnings": warnings}, indent=2))
+        return 0
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not records:
+        print(f"no jobs in {store.jobs_dir}")
+    for r in records:
+        detail = (r.result or {}).get("glb_path") or (r.error or {}).get("message") or ""
+        level = f"L{r.level}" if r.level is not None else "  "
+        print(f"{r.id}  {r.state.value:9s} {r.kind:8s} {level:3s} {r.filename[:30]:30s} {detail}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import aggregate, read_lines
+
+    output_dir = Path(args.output_dir or default_output_dir())
+    path = Path(args.file) if args.file else output_dir / "state" / "stats.jsonl"
+    records, bad = read_lines(path)
+    summary = aggregate(records)
+    summary["malformed_lines"] = bad
+    summary["file"] = str(path)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.3f}"
+        print(f"{key:22s} {value}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import format_report, run_doctor
+
+    report = run_doctor(weights_dir=args.weights_dir, dinov3_path=args.dinov3_path,
+                        rembg_path=args.rembg_path, trellis_checkout=args.trellis_checkout,
+                        output_dir=str(args.output_dir or default_output_dir()))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    return 0 if report.get("ok") else 1
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from .supervisor import main as supervise_main
+
+    return supervise_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m backend", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, engine: bool = True) -> None:
+        p.add_argument("--output-dir", help=f"job folders live here (default {default_output_dir()})")
+        if engine:
+            p.add_argument("--engine", default="preview",
+                           help="preview (CPU, no GPU), trellis2, or pkg.module:Class")
+            p.add_argument("--engine-opt", action="append", metavar="KEY=VALUE",
+                           help="engine option, e.g. weights_dir=/models/TRELLIS.2-4B (repeatable)")
+            p.add_argument("--min-free-disk-mb", type=float, default=1024,
+                           help="refuse a job when less disk than this is free (default 1024)")
+
+    p = sub.add_parser("serve", help="run the backend server")
+    p.add_argument("--connection-file", required=True,
+                   help="where to write ports and the signing key (JSON, owner-only)")
+    common(p)
+    p.add_argument("--state-dir", help="stats and memory profile (default OUTPUT_DIR/state)")
+    p.add_argument("--queue-depth", type=int, default=8, help="jobs waiting before 'busy'")
+    p.add_argument("--max-concurrent", type=int, default=1,
+                   help="jobs running at once (GPU engines always run one)")
+    p.add_argument("--parent-pid", type=int, help="exit when this process exits")
+    p.add_argument("--vram-cap-gb", type=float, help="emulate a smaller GPU (testing)")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="turn one image into a GLB, in this process")
+    p.add_argument("image", help="input image (PNG with transparency works best)")
+    p.add_argument("-o", "--output", required=True, help="where to write the GLB")
+    common(p)
+    p.add_argument("--preset", choices=["fast", "balanced", "high", "game-asset"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resolution", type=int, choices=[512, 1024, 1536])
+    p.add_argument("--texture-size", type=int, choices=[512, 1024, 2048, 4096])
+    p.add_argument("--decimation-target", type=int, help="target face count")
+    p.add_argument("--image-size", type=int, help="longest side of the conditioning image")
+    p.add_argument("--no-remesh", action="store_true")
+    p.add_argument("--params", help="more parameters as JSON, e.g. '{\"samplers\": {...}}'")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("jobs", help="list past jobs")
+    common(p, engine=False)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("stats", help="aggregate figures of past jobs")
+    common(p, engine=False)
+    p.add_argument("--file", help="a stats.jsonl file (default OUTPUT_DIR/state/stats.jsonl)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("doctor", help="check a TRELLIS.2 installation")
+    common(p, engine=False)
+    p.add_argument("--weights-dir")
+    p.add_argument("--dinov3-path")
+    p.add_argument("--rembg-path")
+    p.add_argument("--trellis-checkout")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("supervise", help="keep a backend alive (restarts it when it dies)")
+    p.add_argument("--connection-file", required=True)
+    common(p)
+    p.add_argument("--python", default=sys.executable, help="interpreter for the backend")
+    p.add_argument("--fresh-per-job", action="store_true", help="a new process for every job")
+    p.add_argument("--standby", action="store_true", help="keep a warm standby backend")
+    p.set_defaults(func=cmd_supervise)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except BackendError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Non-blocking, poll-based client for the add-on and scripts (stdlib + pyzmq only).
+
+No call blocks longer than the timeout it is given; `poll(0)` never blocks. Replies and events
+come out of the same `poll()`, so one timer tick in Blender can drive everything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .errors import BackendError, ErrorCode, ProtocolError
+
+TERMINAL_EVENTS = ("job_done", "job_failed", "job_cancelled")
+
+
+class ClientTimeout(BackendError):
+    def __init__(self, what: str, timeout: float):
+        super().__init__(
+            ErrorCode.BACKEND_DIED,
+            f"no answer to {what} within {timeout:.1f} s",
+            "The backend may be busy starting or may have died; check its status and log.",
+        )
+
+
+class Client:
+    """One connection to one backend process (one session)."""
+
+    def __init__(
+        self,
+        connection: protocol.ConnectionInfo | str | Path,
+        *,
+        context: zmq.Context | None = None,
+        subscribe: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if not isinstance(connection, protocol.ConnectionInfo):
+            connection = protocol.read_connection_file(connection)
+        self.info = connection
+        self.session = protocol.Session(connection.key)
+        self.clock = clock
+        self._own_context = context is None
+        self.ctx = context or zmq.Context()
+        self.shell = self.ctx.socket(zmq.DEALER)
+        self.shell.setsockopt(zmq.LINGER, 0)
+        self.shell.connect(connection.shell_url)
+        self.iopub: zmq.Socket | None = None
+        if subscribe:
+            self.iopub = self.ctx.socket(zmq.SUB)
+            self.iopub.setsockopt(zmq.LINGER, 0)
+            self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+            self.iopub.connect(connection.iopub_url)
+        self.poller = zmq.Poller()
+        self.poller.register(self.shell, zmq.POLLIN)
+        if self.iopub is not None:
+            self.poller.register(self.iopub, zmq.POLLIN)
+        self._backlog: deque[protocol.Message] = deque()
+        self.rejected = 0  # incoming messages that failed verification (counted, dropped)
+        self.backend_session: str = connection.session
+        self.last_seen: float | None = None  # clock() of the last message from the backend
+        self.closed = False
+
+    # -- raw I/O ------------------------------------------------------------------------
+
+    def send(self, msg_type: str, content: dict[str, Any] | None = None,
+             buffers: tuple[bytes, ...] | list[bytes] = ()) -> str:
+        """Queue a request; returns its msg_id. Never blocks (ZeroMQ queues it)."""
+        message = self.session.msg(msg_type, content, buffers=buffers)
+        self.shell.send_multipart(self.session.serialize(message), copy=False)
+        return message.msg_id
+
+    def poll(self, timeout: float = 0.0) -> list[protocol.Message]:
+        """Everything received so far (replies and events); waits at most `timeout` s."""
+        out = list(self._backlog)
+        self._backlog.clear()
+        if out:
+            timeout = 0.0
+        deadline = self.clock() + max(0.0, timeout)
+        while True:
+            remaining = max(0.0, deadline - self.clock())
+            ready = dict(self.poller.poll(int(remaining * 1000)))
+            if not ready:
+                return out
+            if self.shell in ready:
+                out.extend(self._recv_all(self.shell, skip=0))
+            if self.iopub is not None and self.iopub in ready:
+                out.extend(self._recv_all(self.iopub, skip=1))
+            if out:
+                return out
+
+    def _recv_all(self, sock: zmq.Socket, skip: int) -> list[protocol.Message]:
+        messages = []
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return messages
+            try:
+                message = self.session.deserialize(frames[skip:])
+            except ProtocolError:
+                self.rejected += 1
+                continue
+            self.last_seen = self.clock()
+            self.backend_session = message.session
+            messages.append(message)
+
+    # -- request / reply ------------------------------------------------------------------
+
+    def request(self, msg_type: str, content: dict[str, Any] | None = None,
+                buffers: tuple[bytes, ...] | list[bytes] = (), timeout: float = 5.0) -> dict:
+        """Send and wait for the reply (other messages stay queued for poll()).
+        Raises BackendError for an error reply and ClientTimeout when nothing comes back."""
+        msg_id = self.send(msg_type, content, buffers)
+        reply = self.wait_reply(msg_id, timeout, what=msg_type)
+        return _unwrap(reply)
+
+    def wait_reply(self, msg_id: str, timeout: float, what: str = "request") -> protocol.Message:
+        deadline = self.clock() + timeout
+        kept: list[protocol.Message] = []
+        try:
+            while True:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    raise ClientTimeout(what, timeout)
+                for message in self.poll(remaining):
+                    if message.parent_id == msg_id and message.msg_type.endswith("_reply"):
+                        return message
+                    kept.append(message)
+        finally:
+            self._backlog.extendleft(reversed(kept))
+
+    # -- conveniences ---------------------------------------------------------------------
+
+    def hello(self, timeout: float = 5.0) -> dict:
+        return self.request("hello", {"client": "trellis2-blender"}, timeout=timeout)
+
+    def ping(self, timeout: float = 2.0) -> dict:
+        return self.request("ping", timeout=timeout)
+
+    def status(self, timeout: float = 5.0) -> dict:
+        return self.request("status", timeout=timeout)
+
+    def generate(self, image: bytes, params: dict[str, Any] | None = None,
+                 filename: str = "image.png", timeout: float = 10.0) -> str:
+        reply = self.request("generate", {"params": params or {}, "filename": filename},
+                             [image], timeout=timeout)
+        return reply["job_id"]
+
+    def texture(self, image: bytes, mesh: bytes, mesh_format: str,
+                params: dict[str, Any] | None = None, filename: str = "image.png",
+                timeout: float = 10.0) -> str:
+        reply = self.request("texture", {"params": params or {}, "filename": filename,
+                                         "mesh_format": mesh_format}, [image, mesh],
+                             timeout=timeout)
+        return reply["job_id"]
+
+    def reexport(self, job_id: str, params: dict[str, Any], timeout: float = 5.0) -> str:
+        return self.request("reexport", {"job_id": job_id, "params": params},
+                            timeout=timeout)["job_id"]
+
+    def cancel(self, job_id: str, timeout: float = 5.0) -> dict:
+        return self.request("cancel", {"job_id": job_id}, timeout=timeout)
+
+    def jobs(self, limit: int = 50, timeout: float = 5.0) -> dict:
+        return self.request("jobs", {"limit": limit}, timeout=timeout)
+
+    def job(self, job_id: str, timeout: float = 5.0) -> dict:
+        return self.request("job", {"job_id": job_id}, timeout=timeout)
+
+    def stats(self, timeout: float = 5.0) -> dict:
+        return self.request("stats", timeout=timeout)
+
+    def doctor(self, timeout: float = 60.0) -> dict:
+        return self.request("doctor", timeout=timeout)
+
+    def shutdown(self, reason: str = "", timeout: float = 5.0) -> dict:
+        return self.request("shutdown", {"reason": reason}, timeout=timeout)
+
+    def events(self, timeout: float = 1.0) -> Iterator[protocol.Message]:
+        """Yield messages until none arrives for `timeout` seconds."""
+        while True:
+            batch = self.poll(timeout)
+            if not batch:
+                return
+            yield from batch
+
+    def wait_for_job(self, job_id: str, timeout: float,
+                     on_event: Callable[[protocol.Message], None] | None = None) -> dict:
+        """Block until the job ends (for scripts and `blender -b`). Returns the final event
+        content with "event" added; checks the store if an event was missed."""
+        deadline = self.clock() + timeout
+        next_check = self.clock() + 2.0
+        while True:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise ClientTimeout(f"job {job_id}", timeout)
+            for message in self.poll(min(remaining, 0.5)):
+                if message.content.get("job_id") != job_id:
+                    continue
+                if on_event is not None:
+                    on_event(message)
+                if message.msg_type in TERMINAL_EVENTS:
+                    return dict(message.content, event=message.msg_type)
+            if self.clock() >= next_check:  # PUB/SUB may drop: the job store is the truth
+                next_check = self.clock() + 2.0
+                record = self.job(job_id, timeout=min(5.0, max(0.5, remaining)))["job"]
+                if record["state"] in ("done", "failed", "cancelled"):
+                    return _event_from_record(record)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.shell.close(0)
+        if self.iopub is not None:
+            self.iopub.close(0)
+        if self._own_context:
+            self.ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _unwrap(reply: protocol.Message) -> dict:
+    content = reply.content
+    if content.get("ok") is True:
+        return content
+    error = content.get("error") if isinstance(content.get("error"), dict) else {}
+    raise BackendError.from_dict(error or {"code": "internal", "message": "malformed reply"})
+
+
+def _event_from_record(record: dict) -> dict:
+    state = record["state"]
+    result = record.get("result") or {}
+    if state == "done":
+        return {"event": "job_done", "job_id": record["id"], "glb_path": result.get("glb_path"),
+                "mesh_stats": result.get("mesh_stats"),
+                "oom_quality_degradation_level": record.get("level") or 0,
+                "degraded": bool(record.get("level")),
+                "degraded_reason": result.get("degraded_reason"),
+                "final_params": record.get("final_params")}
+    if state == "failed":
+        return {"event": "job_failed", "job_id": record["id"], **(record.get("error") or {})}
+    return {"event": "job_cancelled", "job_id": record["id"]}

@@ -1,0 +1,138 @@
+"""The out-of-memory degradation ladder as data, and the pure policy that walks it.
+
+Levels are cumulative caps on a request: level k applies the caps of levels 1..k. A cap only
+ever lowers quality, so a request that already asks for less is left alone. Structure and shape
+quality go first (0-6), then the input image (7-9), and texture size and decimation last
+(10-12), so a user keeps the texture detail they asked for as long as possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .engines.base import Stage
+from .params import GenerationParams
+
+
+@dataclass(frozen=True)
+class Level:
+    index: int
+    name: str
+    caps: tuple[tuple[str, Any], ...]  # (knob, cap); bools cap to False, numbers to min()
+
+
+def _level(index: int, name: str, **caps: Any) -> Level:
+    return Level(index, name, tuple(caps.items()))
+
+
+LEVELS: tuple[Level, ...] = (
+    _level(0, "as requested"),
+    _level(1, "token budget 36k", max_num_tokens=36_864),
+    _level(2, "token budget 24k", max_num_tokens=24_576),
+    _level(3, "resolution 1024", resolution=1024),
+    _level(4, "remesh off", remesh=False),
+    _level(5, "resolution 512", resolution=512),
+    _level(6, "half steps, no guidance", steps_scale=0.5, guidance=False),
+    _level(7, "input 768 px", image_size=768),
+    _level(8, "input 512 px", image_size=512),
+    _level(9, "input 384 px", image_size=384),
+    _level(10, "texture 2048, 500k faces", texture_size=2048, decimation_target=500_000),
+    _level(11, "texture 1024, 250k faces", texture_size=1024, decimation_target=250_000),
+    _level(12, "texture 512, 100k faces", texture_size=512, decimation_target=100_000),
+)
+MAX_LEVEL = LEVELS[-1].index
+
+
+def _apply_cap(value: Any, cap: Any) -> Any:
+    if isinstance(cap, bool):
+        return value and cap
+    return min(value, cap)
+
+
+def params_at(request: GenerationParams, level: int) -> GenerationParams:
+    """The parameters a request runs with at `level` (cumulative caps, never raises quality)."""
+    if not 0 <= level <= MAX_LEVEL:
+        raise ValueError(f"ladder level {level} outside 0..{MAX_LEVEL}")
+    changes: dict[str, Any] = {}
+    for lvl in LEVELS[1 : level + 1]:
+        for knob, cap in lvl.caps:
+            changes[knob] = _apply_cap(changes.get(knob, getattr(request, knob)), cap)
+    return request.replace(**changes)
+
+
+def _effective(params: GenerationParams, knob: str) -> Any:
+    # The cascade token budget only bites at the 1536 tier (reference/trellis2.md §1.4).
+    if knob == "max_num_tokens" and params.resolution < 1536:
+        return None
+    return getattr(params, knob)
+
+
+def changed_knobs(
+    before: GenerationParams, after: GenerationParams, capabilities: Iterable[str]
+) -> frozenset[str]:
+    """Knobs the engine honours whose effective value differs between two parameter sets."""
+    return frozenset(k for k in capabilities if _effective(before, k) != _effective(after, k))
+
+
+def first_affected_stage(stages: Sequence[Stage], knobs: frozenset[str]) -> int | None:
+    """Index of the earliest stage that reads any of `knobs` (it and all after must rerun)."""
+    for i, stage in enumerate(stages):
+        if stage.knobs & knobs:
+            return i
+    return None
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the runner goes after an out-of-memory error."""
+
+    level: int
+    params: GenerationParams
+    resume_stage: int  # index into the stage list; stages before it keep their outputs
+    skipped: tuple[int, ...]  # levels passed over because they change nothing useful here
+
+
+def next_step(
+    request: GenerationParams,
+    current_level: int,
+    failed_stage: int,
+    stages: Sequence[Stage],
+    capabilities: Iterable[str],
+) -> Step | None:
+    """The next level that changes something the failed stage depends on, or None.
+
+    A level helps only if it changes a knob read by the failed stage or by a stage before it
+    (an earlier stage's output feeds the failed one). Levels that change nothing for this
+    request and engine are skipped, never retried blindly.
+    """
+    caps = frozenset(capabilities)
+    current = params_at(request, current_level)
+    skipped: list[int] = []
+    for level in range(current_level + 1, MAX_LEVEL + 1):
+        candidate = params_at(request, level)
+        knobs = changed_knobs(current, candidate, caps)
+        first = first_affected_stage(stages, knobs)
+        if first is None or first > failed_stage:
+            skipped.append(level)
+            continue
+        return Step(level, candidate, first, tuple(skipped))
+    return None
+
+
+def useful_levels(request: GenerationParams, capabilities: Iterable[str]) -> list[int]:
+    """Levels that produce distinct effective parameters for this request and engine."""
+    caps = frozenset(capabilities)
+    out = [0]
+    last = params_at(request, 0)
+    for level in range(1, MAX_LEVEL + 1):
+        candidate = params_at(request, level)
+        if changed_knobs(last, candidate, caps):
+            out.append(level)
+            last = candidate
+    return out
+
+
+def describe(level: int) -> str:
+    return LEVELS[level].name

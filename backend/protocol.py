@@ -1,0 +1,342 @@
+"""Wire protocol, sans I/O: signed multipart envelopes, message types and the connection file.
+
+Nothing here touches a socket. `Session.serialize` turns a Message into frames and
+`Session.deserialize` turns frames back into a Message or raises a typed ProtocolError. The
+server and client wrap these with ZeroMQ. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import BackendError, ErrorCode, ProtocolError
+
+PROTOCOL_VERSION = "1.0"
+DELIMITER = b"<TRELLIS2|MSG>"
+SIGNATURE_SCHEME = "hmac-sha256"
+
+# Limits on what a peer may send (the server also sets ZMQ_MAXMSGSIZE per frame).
+MAX_JSON_FRAME = 1 << 20  # header, parent and content frames
+MAX_BUFFER_FRAME = 96 << 20  # one binary frame (an image or a mesh)
+MAX_BUFFERS = 4
+MAX_MESSAGE_AGE = 300.0  # seconds; older messages are treated as replays
+REPLAY_WINDOW = 65_536  # message ids remembered
+
+REQUESTS: dict[str, dict[str, Any]] = {
+    # msg_type: {"fields": {name: (types, required)}, "buffers": (min, max)}
+    "hello": {"fields": {"client": (str, False)}, "buffers": (0, 0)},
+    "ping": {"fields": {}, "buffers": (0, 0)},
+    "status": {"fields": {}, "buffers": (0, 0)},
+    "generate": {
+        "fields": {"params": (dict, False), "filename": (str, False)},
+        "buffers": (1, 1),
+    },
+    "texture": {
+        "fields": {"params": (dict, False), "filename": (str, False), "mesh_format": (str, True)},
+        "buffers": (2, 2),
+    },
+    "reexport": {"fields": {"job_id": (str, True), "params": (dict, False)}, "buffers": (0, 0)},
+    "cancel": {"fields": {"job_id": (str, True)}, "buffers": (0, 0)},
+    "jobs": {"fields": {"limit": (int, False)}, "buffers": (0, 0)},
+    "job": {"fields": {"job_id": (str, True)}, "buffers": (0, 0)},
+    "stats": {"fields": {}, "buffers": (0, 0)},
+    "doctor": {"fields": {}, "buffers": (0, 0)},
+    "shutdown": {"fields": {"reason": (str, False)}, "buffers": (0, 0)},
+}
+
+EVENTS = (
+    "job_queued",
+    "job_started",
+    "job_progress",
+    "job_retry",
+    "job_done",
+    "job_failed",
+    "job_cancelled",
+    "backend_state",
+    "heartbeat",
+)
+
+
+def reply_type(request_type: str) -> str:
+    return f"{request_type}_reply"
+
+
+def _now_iso(clock: Callable[[], float]) -> str:
+    return datetime.fromtimestamp(clock(), tz=timezone.utc).isoformat(timespec="microseconds")
+
+
+def _parse_iso(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+@dataclass(frozen=True)
+class Message:
+    header: dict[str, Any]
+    parent: dict[str, Any]
+    content: dict[str, Any]
+    buffers: tuple[bytes, ...] = ()
+
+    @property
+    def msg_type(self) -> str:
+        return self.header["msg_type"]
+
+    @property
+    def msg_id(self) -> str:
+        return self.header["msg_id"]
+
+    @property
+    def session(self) -> str:
+        return self.header["session"]
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.parent.get("msg_id")
+
+
+def _encode(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _decode_json_frame(frame: bytes, what: str) -> dict[str, Any]:
+    if len(frame) > MAX_JSON_FRAME:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"{what} frame is {len(frame)} bytes")
+    try:
+        value = json.loads(frame.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{what} must be a JSON object")
+    return value
+
+
+class ReplayGuard:
+    """Remembers recent message ids; a second sighting, or a stale date, is a replay."""
+
+    def __init__(self, window: int = REPLAY_WINDOW, max_age: float = MAX_MESSAGE_AGE):
+        self.window = window
+        self.max_age = max_age
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def check(self, msg_id: str, sent_at: float, now: float) -> None:
+        if now - sent_at > self.max_age or sent_at - now > self.max_age:
+            raise ProtocolError(ErrorCode.REPLAYED, "message date outside the accepted window")
+        if msg_id in self._seen:
+            raise ProtocolError(ErrorCode.REPLAYED, f"message {msg_id} was already received")
+        self._seen[msg_id] = None
+        if len(self._seen) > self.window:
+            self._seen.popitem(last=False)
+
+
+class Session:
+    """Builds, signs, serializes and verifies messages for one endpoint.
+
+    `session_id` is new for every backend process so clients notice a restart.
+    """
+
+    def __init__(
+        self,
+        key: bytes | str,
+        session_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+        replay_guard: ReplayGuard | None = None,
+    ):
+        if isinstance(key, str):
+            key = key.encode("ascii")
+        if not key:
+            raise ValueError("an empty signing key would disable authentication")
+        self.key = key
+        self.session_id = session_id or uuid.uuid4().hex
+        self.clock = clock
+        self.replay = replay_guard or ReplayGuard()
+
+    def msg(
+        self,
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        parent: Message | dict[str, Any] | None = None,
+        buffers: Sequence[bytes] = (),
+    ) -> Message:
+        header = {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "session": self.session_id,
+            "date": _now_iso(self.clock),
+            "version": PROTOCOL_VERSION,
+        }
+        parent_header = parent.header if isinstance(parent, Message) else dict(parent or {})
+        return Message(header, parent_header, dict(content or {}), tuple(bytes(b) for b in buffers))
+
+    def sign(self, frames: Sequence[bytes]) -> bytes:
+        mac = hmac.new(self.key, digestmod=hashlib.sha256)
+        for frame in frames:
+            # Length-prefix each frame so moving bytes across a boundary changes the digest.
+            mac.update(len(frame).to_bytes(8, "big"))
+            mac.update(frame)
+        return mac.hexdigest().encode("ascii")
+
+    def serialize(self, message: Message) -> list[bytes]:
+        body = [_encode(message.header), _encode(message.parent), _encode(message.content)]
+        body.extend(message.buffers)
+        return [DELIMITER, self.sign(body), *body]
+
+    def deserialize(self, frames: Sequence[bytes], check_replay: bool = True) -> Message:
+        """Verify and decode frames that start at the delimiter. Raises ProtocolError."""
+        if len(frames) < 5 or frames[0] != DELIMITER:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "not a TRELLIS.2 envelope")
+        if len(frames) - 5 > MAX_BUFFERS:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(frames) - 5} binary frames")
+        signature, body = frames[1], list(frames[2:])
+        for buffer in body[3:]:
+            if len(buffer) > MAX_BUFFER_FRAME:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"binary frame of {len(buffer)} bytes")
+        if not hmac.compare_digest(signature, self.sign(body)):
+            raise ProtocolError(ErrorCode.BAD_SIGNATURE, "invalid or missing signature")
+        header = _decode_json_frame(body[0], "header")
+        parent = _decode_json_frame(body[1], "parent header")
+        content = _decode_json_frame(body[2], "content")
+        _check_header(header)
+        if check_replay:
+            try:
+                sent_at = _parse_iso(header["date"])
+            except (TypeError, ValueError):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "header date is not ISO 8601") from None
+            self.replay.check(header["msg_id"], sent_at, self.clock())
+        return Message(header, parent, content, tuple(bytes(b) for b in body[3:]))
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    for name in ("msg_id", "msg_type", "session", "date", "version"):
+        if not isinstance(header.get(name), str) or not header[name]:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header.{name} missing or not a string")
+        if len(header[name]) > 200:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header.{name} too long")
+    major = header["version"].split(".", 1)[0]
+    if major != PROTOCOL_VERSION.split(".", 1)[0]:
+        raise ProtocolError(
+            ErrorCode.VERSION_MISMATCH,
+            f"protocol {header['version']} is not compatible with {PROTOCOL_VERSION}",
+        )
+
+
+def check_request(message: Message) -> None:
+    """Check a request's type, content fields and buffer count against REQUESTS."""
+    spec = REQUESTS.get(message.msg_type)
+    if spec is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_REQUEST, f"unknown request {message.msg_type!r}")
+    for name, (kind, required) in spec["fields"].items():
+        if name not in message.content:
+            if required:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{message.msg_type}: {name} missing")
+            continue
+        value = message.content[name]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"{message.msg_type}: {name} must be {kind.__name__}",
+            )
+    low, high = spec["buffers"]
+    if not low <= len(message.buffers) <= high:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"{message.msg_type} takes {low}..{high} binary frames, got {len(message.buffers)}",
+        )
+
+
+def ok_reply(**content: Any) -> dict[str, Any]:
+    return {"ok": True, **content}
+
+
+def error_reply(error: BackendError) -> dict[str, Any]:
+    return {"ok": False, "error": error.to_dict()}
+
+
+# --- connection file -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    shell_port: int
+    iopub_port: int
+    key: str
+    session: str
+    pid: int
+    transport: str = "tcp"
+    ip: str = "127.0.0.1"
+    signature_scheme: str = SIGNATURE_SCHEME
+    version: str = PROTOCOL_VERSION
+    engine: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def endpoint(self, port: int) -> str:
+        return f"{self.transport}://{self.ip}:{port}"
+
+    @property
+    def shell_url(self) -> str:
+        return self.endpoint(self.shell_port)
+
+    @property
+    def iopub_url(self) -> str:
+        return self.endpoint(self.iopub_port)
+
+
+def new_key() -> str:
+    return secrets.token_hex(32)
+
+
+def write_connection_file(path: str | Path, info: ConnectionInfo) -> Path:
+    """Write atomically with owner-only permissions (0600) from the first byte."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".conn-", suffix=".json", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(asdict(info), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def read_connection_file(path: str | Path) -> ConnectionInfo:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BackendError(
+            ErrorCode.NOT_FOUND,
+            f"no connection file at {path}",
+            "Start the backend first (python -m backend serve --connection-file ...).",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BackendError(ErrorCode.BAD_MESSAGE, f"unreadable connection file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise BackendError(ErrorCode.BAD_MESSAGE, f"connection file {path} is not an object")
+    if data.get("signature_scheme") != SIGNATURE_SCHEME:
+        raise BackendError(
+            ErrorCode.BAD_MESSAGE, f"unsupported signature scheme {data.get('signature_scheme')!r}"
+        )
+    known = {f for f in ConnectionInfo.__dataclass_fields__}
+    try:
+        return ConnectionInfo(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise BackendError(ErrorCode.BAD_MESSAGE, f"incomplete connection file {path}: {exc}") from None

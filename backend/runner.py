@@ -1,0 +1,386 @@
+"""The hardened runner: runs one job stage by stage, walks the OOM ladder, resumes at the
+failed stage, cleans the GPU after every attempt, validates the output and records stats."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import gpu, ladder, validate
+from .engines.base import Engine, Stage, StageContext
+from .errors import BackendError, ErrorCode, JobCancelled, OutputError
+from .jobs import RESULT_TMP, JobRecord, JobStore
+from .params import GenerationParams, parse_params
+from .stats import StatsLog
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[str, dict[str, Any]], None]
+MAX_RECOVERIES = 1  # a job whose backend died or was poisoned runs once more, then fails
+
+
+@dataclass
+class RunnerConfig:
+    min_free_disk: int = 1 << 30  # bytes that must be free before a job starts
+    adaptive_start: bool = True
+
+
+@dataclass
+class JobResult:
+    outcome: str  # done | failed | cancelled | requeued (poisoned) | interrupted (stopping)
+    level: int = 0
+    params: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    glb_path: str | None = None
+    mesh_stats: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    degraded_reason: str | None = None
+    seconds: float = 0.0
+    poisoned: bool = False  # the CUDA context is broken: the process must exit
+
+
+class _Failure(Exception):
+    """A classified stage failure, holding text only (never the original exception)."""
+
+    def __init__(self, kind: str | None, stage_index: int, message: str, trace: str):
+        super().__init__(message)
+        self.kind = kind
+        self.stage_index = stage_index
+        self.message = message
+        self.trace = trace
+
+
+def check_disk(path: os.PathLike | str, min_free: int) -> None:
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError as exc:
+        raise BackendError(ErrorCode.INTERNAL, f"cannot read free disk space: {exc}") from None
+    if free < min_free:
+        raise BackendError(
+            ErrorCode.DISK_FULL,
+            f"only {free / 2**20:.0f} MiB free in {path}; at least {min_free / 2**20:.0f} MiB needed",
+        )
+
+
+class Runner:
+    def __init__(
+        self,
+        engine: Engine,
+        store: JobStore,
+        stats: StatsLog,
+        profile: Any | None = None,
+        config: RunnerConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.engine = engine
+        self.store = store
+        self.stats = stats
+        self.profile = profile
+        self.config = config or RunnerConfig()
+        self.clock = clock
+        self.current: dict[str, Any] | None = None  # what `status` shows about the running job
+
+    # -- entry point -----------------------------------------------------------------
+
+    def run(
+        self,
+        job: JobRecord,
+        emit: Emit | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        interrupted: Callable[[], bool] | None = None,
+    ) -> JobResult:
+        """Run a queued job to one outcome. `cancelled` is the user's cancel; `interrupted`
+        says the backend is stopping, so a stop at a checkpoint requeues instead of cancelling."""
+        emit = emit or (lambda _type, _content: None)
+        interrupted = interrupted or (lambda: False)
+        user_cancelled = cancelled or (lambda: False)
+
+        def cancelled() -> bool:
+            return user_cancelled() or interrupted()
+
+        started = self.clock()
+        job = self.store.transition(job.id, "start", backend_pid=os.getpid())
+        self.store.append_log(job.id, f"started on {self.engine.name} (pid {os.getpid()})")
+        emit("job_started", {"job_id": job.id, "kind": job.kind, "engine": self.engine.name})
+        result = JobResult(outcome="failed")
+        try:
+            self._run(job, result, emit, cancelled)
+        except JobCancelled:
+            result.outcome = "interrupted" if interrupted() and not user_cancelled() else "cancelled"
+            result.error = JobCancelled().to_dict()
+        except BackendError as exc:
+            result.outcome = "failed"
+            result.error = exc.to_dict()
+        except Exception as exc:  # a bug in our code: fail the job, keep the backend alive
+            log.exception("runner bug on job %s", job.id)
+            self.store.append_log(job.id, traceback.format_exc())
+            result.outcome = "failed"
+            result.error = BackendError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}").to_dict()
+        finally:
+            self.current = None
+            gpu.cleanup(self.engine)
+            self._discard_tmp(job.id)
+        result.seconds = self.clock() - started
+        self._finish(job, result, emit)
+        return result
+
+    # -- the attempt loop ------------------------------------------------------------
+
+    def _run(self, job: JobRecord, result: JobResult, emit: Emit, cancelled) -> None:
+        check_disk(self.store.root, self.config.min_free_disk)
+        request = parse_params(job.params)
+        stages = self.engine.stages_for(job.kind)
+        seed_state = self._initial_state(job)
+        level, reason = self._start_level(request)
+        params = ladder.params_at(request, level)
+        if level:
+            self.store.append_log(job.id, f"adaptive start at level {level}: {reason}")
+        outputs: dict[int, dict[str, Any]] = {}
+        resume = 0
+        while True:
+            state = dict(seed_state)
+            for i in range(resume):
+                state.update(outputs[i])
+            attempt = self._attempt_record(job, len(result.attempts) + 1, level, params)
+            try:
+                self._run_stages(job, stages, resume, state, params, level, outputs, attempt, emit,
+                                 cancelled)
+            except _Failure as failure:
+                del state
+                cleanup_vram = gpu.cleanup(self.engine)
+                self._close_attempt(attempt, failure.kind or "error", stages[failure.stage_index],
+                                    failure.message, cleanup_vram)
+                result.attempts.append(attempt)
+                self.store.append_log(job.id, f"attempt {attempt['attempt']} failed at "
+                                              f"{stages[failure.stage_index].name}: {failure.message}")
+                if failure.kind == "poison":
+                    self.store.append_log(job.id, failure.trace)
+                    result.poisoned = True
+                    raise BackendError(ErrorCode.GPU_POISONED, failure.message) from None
+                if failure.kind != "oom":
+                    self.store.append_log(job.id, failure.trace)
+                    raise BackendError(ErrorCode.ENGINE_ERROR, failure.message) from None
+                step = ladder.next_step(request, level, failure.stage_index, stages,
+                                        self.engine.capabilities)
+                if step is None:
+                    raise BackendError(
+                        ErrorCode.OUT_OF_MEMORY,
+                        f"out of GPU memory at stage {stages[failure.stage_index].name} "
+                        f"even at ladder level {level}",
+                    ) from None
+                for i in list(outputs):
+                    if i >= step.resume_stage:
+                        del outputs[i]
+                level, params, resume = step.level, step.params, step.resume_stage
+                emit("job_retry", {
+                    "job_id": job.id, "level": level, "level_name": ladder.describe(level),
+                    "reason": "out_of_memory", "failed_stage": stages[failure.stage_index].name,
+                    "resume_stage": stages[resume].name, "skipped_levels": list(step.skipped),
+                })
+                self.store.append_log(job.id, f"retrying at level {level} "
+                                              f"({ladder.describe(level)}) from {stages[resume].name}")
+                continue
+            self._close_attempt(attempt, "ok", stages[-1], None, gpu.vram())
+            result.attempts.append(attempt)
+            self._accept_output(job, state, request, params, level, result)
+            return
+
+    def _run_stages(self, job, stages, resume, state, params, level, outputs, attempt, emit,
+                    cancelled) -> None:
+        count = len(stages)
+        for index in range(resume, count):
+            stage = stages[index]
+
+            def report(name: str, step: int, total: int, message: str, _i: int = index) -> None:
+                fraction = (_i + (step / total if total else 0.0)) / count
+                progress = {
+                    "job_id": job.id, "stage": name, "label": stages[_i].label, "step": step,
+                    "total": total, "fraction": round(min(1.0, fraction), 4), "stage_index": _i,
+                    "stage_count": count, "level": level, "message": message,
+                }
+                self.current = progress
+                emit("job_progress", progress)
+
+            ctx = StageContext(stage.name, report, cancelled)
+            ctx.progress(0, 1, stage.label)
+            before = dict(state)
+            began = self.clock()
+            failure = None
+            try:
+                self.engine.run_stage(stage.name, state, params, ctx)
+            except (JobCancelled, BackendError):
+                raise
+            except Exception as exc:
+                # Keep text only: the exception's traceback pins frames and GPU tensors, so
+                # it must not outlive this block (raised below, outside it, with no context).
+                failure = _Failure(gpu.classify_error(exc), index, f"{type(exc).__name__}: {exc}",
+                                   traceback.format_exc())
+                traceback.clear_frames(exc.__traceback__)
+            finally:
+                attempt["stage_seconds"][stage.name] = round(self.clock() - began, 4)
+            if failure is not None:
+                del before
+                raise failure
+            outputs[index] = {k: v for k, v in state.items() if k not in before or before[k] is not v}
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _initial_state(self, job: JobRecord) -> dict[str, Any]:
+        folder = self.store.folder(job.id)
+        state: dict[str, Any] = {"output_path": folder / RESULT_TMP, "job_dir": folder}
+        if job.kind == "reexport":
+            if not job.parent:
+                raise BackendError(ErrorCode.BAD_PARAMS, "reexport needs a parent job")
+            state.update(self.engine.load_cache(self.store.folder(job.parent)))
+            return state
+        source = self.store.input_path(job.id)
+        if source is None:
+            raise BackendError(ErrorCode.NOT_FOUND, f"job {job.id} has no input image")
+        state["image"] = validate.load_image(source.read_bytes())
+        if job.kind == "texture":
+            mesh = self.store.input_path(job.id, stem="mesh")
+            if mesh is None:
+                raise BackendError(ErrorCode.BAD_MESH_INPUT, f"job {job.id} has no input mesh")
+            state["mesh_bytes"] = mesh.read_bytes()
+            state["mesh_format"] = mesh.suffix.lstrip(".").lower()
+        return state
+
+    def _start_level(self, request: GenerationParams) -> tuple[int, str]:
+        if not (self.config.adaptive_start and self.profile and self.engine.uses_gpu):
+            return 0, "as requested"
+        figures = gpu.vram()
+        if not figures:
+            return 0, "no VRAM figures"
+        return self.profile.choose_start_level(
+            self.engine.name, request, self.engine.capabilities, figures["free"]
+        )
+
+    def _attempt_record(self, job, number, level, params) -> dict[str, Any]:
+        gpu.reset_peak()
+        figures = gpu.vram() or {}
+        return {
+            "job_id": job.id, "engine": self.engine.name, "attempt": number, "level": level,
+            "params": params.to_dict(), "stage_seconds": {}, "started": self.clock(),
+            "free_before": figures.get("free"), "_params": params,
+        }
+
+    def _close_attempt(self, attempt, outcome, stage: Stage, error, figures) -> None:
+        params = attempt.pop("_params")
+        attempt["seconds"] = round(self.clock() - attempt.pop("started"), 4)
+        attempt.update(outcome=outcome, stage=stage.name, error=error,
+                       error_code=None if outcome == "ok" else outcome,
+                       vram_peak=(figures or {}).get("peak"))
+        self.stats.append("attempt", **attempt)
+        if self.profile is not None and outcome in ("ok", "oom"):
+            try:
+                self.profile.record(self.engine.name, attempt["level"], params,
+                                    attempt["vram_peak"], attempt["free_before"] or 0, outcome == "ok")
+            except Exception:  # the profile is an optimisation; never fail a job over it
+                log.exception("memory profile update failed")
+
+    def _accept_output(self, job, state, request, params, level, result: JobResult) -> None:
+        """Validate mesh and GLB; only then publish result.glb. Never report a bad GLB."""
+        for key in ("glb_path", "mesh_stats", "mesh_arrays"):
+            if key not in state:
+                raise OutputError(ErrorCode.INVALID_MESH, f"engine produced no {key}")
+        vertices, faces = state["mesh_arrays"]
+        warnings = validate.validate_mesh(vertices, faces)
+        report = validate.validate_glb_file(state["glb_path"])
+        warnings += report.get("warnings", [])
+        final = self.store.publish_result(job.id, state["glb_path"])
+        if job.kind == "generate":
+            try:
+                self.engine.save_cache(state, self.store.folder(job.id))
+            except Exception as exc:  # re-export is a convenience; the GLB is what matters
+                self.store.append_log(job.id, f"could not cache state for re-export: {exc}")
+        result.outcome = "done"
+        result.level = level
+        result.params = params.to_dict()
+        result.glb_path = str(final)
+        result.mesh_stats = dict(state["mesh_stats"], glb_bytes=final.stat().st_size)
+        result.warnings = warnings
+        if level:
+            failed = [a for a in result.attempts if a["outcome"] == "oom"]
+            where = failed[-1]["stage"] if failed else "start"
+            cause = "ran out of GPU memory" if failed else "predicted not to fit in free VRAM"
+            result.degraded_reason = (
+                f"Quality reduced to level {level} ({ladder.describe(level)}): "
+                f"the requested settings {cause} at {where}."
+            )
+
+    def _discard_tmp(self, job_id: str) -> None:
+        try:
+            (self.store.folder(job_id) / RESULT_TMP).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _finish(self, job: JobRecord, result: JobResult, emit: Emit) -> None:
+        summary = {
+            "job_id": job.id, "kind": job.kind, "engine": self.engine.name,
+            "outcome": result.outcome, "oom_quality_degradation_level": result.level,
+            "final_params": result.params, "attempts": result.attempts,
+            "mesh_stats": result.mesh_stats, "warnings": result.warnings,
+            "degraded_reason": result.degraded_reason, "seconds": round(result.seconds, 4),
+            "error": result.error,
+        }
+        try:
+            self.store.write_json(job.id, "stats.json", summary)
+        except BackendError as exc:
+            log.warning("cannot write stats.json for %s: %s", job.id, exc.message)
+        stage_seconds: dict[str, float] = {}
+        for attempt in result.attempts:
+            for name, secs in attempt["stage_seconds"].items():
+                stage_seconds[name] = round(stage_seconds.get(name, 0.0) + secs, 4)
+        mesh = result.mesh_stats or {}
+        peaks = [a["vram_peak"] for a in result.attempts if a.get("vram_peak") is not None]
+        if result.outcome == "interrupted":
+            self.store.transition(job.id, "requeue", attempts=len(result.attempts))
+            self.store.append_log(job.id, "backend stopping; the job runs again after a restart")
+            emit("job_queued", {"job_id": job.id, "reason": "interrupted by a backend stop"})
+            return
+        if result.poisoned and job.recoveries < MAX_RECOVERIES:
+            result.outcome = "requeued"
+            self.store.transition(job.id, "requeue", recoveries=job.recoveries + 1,
+                                  attempts=len(result.attempts), error=result.error)
+            self.store.append_log(job.id, "GPU context poisoned; the job runs again on a fresh backend")
+            emit("job_retry", {"job_id": job.id, "reason": "gpu_poisoned",
+                               "message": "retrying on a fresh backend"})
+            return
+        self.stats.append(
+            "job", job_id=job.id, engine=self.engine.name, job_kind=job.kind, params=job.params,
+            final_params=result.params, level=result.level, attempts=len(result.attempts),
+            outcome=result.outcome, error_code=(result.error or {}).get("code"),
+            seconds=round(result.seconds, 4), stage_seconds=stage_seconds,
+            vertices=mesh.get("vertices"), faces=mesh.get("faces"),
+            texture_size=mesh.get("texture_size"), vram_peak=max(peaks) if peaks else None,
+        )
+        common = {"attempts": len(result.attempts), "level": result.level,
+                  "final_params": result.params}
+        if result.outcome == "done":
+            self.store.transition(job.id, "finish", result={
+                "glb_path": result.glb_path, "mesh_stats": result.mesh_stats,
+                "warnings": result.warnings, "degraded_reason": result.degraded_reason,
+                "seconds": round(result.seconds, 4),
+            }, **common)
+            self.store.append_log(job.id, f"done in {result.seconds:.2f} s at level {result.level}")
+            emit("job_done", {
+                "job_id": job.id, "glb_path": result.glb_path, "mesh_stats": result.mesh_stats,
+                "oom_quality_degradation_level": result.level, "degraded": result.level > 0,
+                "degraded_reason": result.degraded_reason, "final_params": result.params,
+                "warnings": result.warnings, "seconds": round(result.seconds, 4),
+            })
+        elif result.outcome == "cancelled":
+            self.store.transition(job.id, "cancel", error=result.error, **common)
+            self.store.append_log(job.id, "cancelled")
+            emit("job_cancelled", {"job_id": job.id})
+        else:
+            self.store.transition(job.id, "fail", error=result.error, **common)
+            self.store.append_log(job.id, f"failed: {result.error}")
+            emit("job_failed", {"job_id": job.id, **(result.error or {})})

@@ -1,0 +1,598 @@
+"""The backend server: a ZeroMQ control loop that never blocks, a bounded job queue, worker
+threads that run the hardened runner, and an event stream (PUB) for every client."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import __version__, gpu, protocol, validate
+from .engines import create as create_engine
+from .errors import BackendError, ErrorCode, ProtocolError
+from .jobs import JobRecord, JobStore
+from .params import parse_params
+from .procutil import pid_alive
+from .runner import MAX_RECOVERIES, Runner, RunnerConfig, check_disk
+from .stats import StatsLog, aggregate
+
+log = logging.getLogger(__name__)
+
+EVENTS_URL = "inproc://backend-events"
+EXPORT_PARAMS = ("texture_size", "decimation_target", "remesh")
+MESH_FORMATS = ("glb", "ply")
+MAX_MESH_BYTES = 512 << 20
+
+
+class BackendState(str, Enum):
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+    POISONED = "poisoned"
+    STOPPING = "stopping"
+    FAILED = "failed"  # the engine could not load; requests still answered
+
+
+@dataclass
+class ServerConfig:
+    connection_file: Path
+    output_dir: Path
+    state_dir: Path | None = None
+    engine: str = "preview"
+    engine_options: dict[str, str] = field(default_factory=dict)
+    queue_depth: int = 8
+    max_concurrent: int = 1  # MAX_CONCURRENT_GENERATIONS
+    heartbeat_interval: float = 1.0
+    min_free_disk: int = 1 << 30
+    image_limits: validate.ImageLimits = field(default_factory=validate.ImageLimits)
+    parent_pid: int | None = None  # exit when this process dies (no orphans)
+    recover: bool = True  # rerun jobs a dead backend left behind
+    vram_cap_bytes: int | None = None  # emulate a smaller card
+    shutdown_grace: float = 30.0  # seconds to let the running job reach a checkpoint
+
+    def __post_init__(self) -> None:
+        self.connection_file = Path(self.connection_file)
+        self.output_dir = Path(self.output_dir)
+        self.state_dir = Path(self.state_dir) if self.state_dir else self.output_dir / "state"
+
+
+class Server:
+    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.clock = clock
+        self.started_at = time.monotonic()
+        self.key = protocol.new_key()
+        self.session = protocol.Session(self.key, clock=clock)
+        self.store = JobStore(config.output_dir)
+        self.stats = StatsLog(config.state_dir / "stats.jsonl")
+        self.state = BackendState.STARTING
+        self.state_reason = "starting"
+        self.engine = create_engine(config.engine, **config.engine_options)
+        self.engine_error: dict[str, Any] | None = None
+        self.profile = self._open_profile()
+        self.runner = Runner(
+            self.engine, self.store, self.stats, self.profile,
+            RunnerConfig(min_free_disk=config.min_free_disk),
+        )
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self._queue: deque[str] = deque()
+        self._queue_cv = threading.Condition()
+        self._running: dict[str, threading.Event] = {}
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.exit_code = 0
+        self.ctx = zmq.Context()
+        self.shell: zmq.Socket | None = None
+        self.iopub: zmq.Socket | None = None
+        self.events_in: zmq.Socket | None = None
+        self._local = threading.local()
+        self.connection: protocol.ConnectionInfo | None = None
+        n = max(1, int(config.max_concurrent))
+        if n > 1 and self.engine.uses_gpu:
+            log.warning("GPU engines are not thread-safe; running one job at a time")
+            n = 1
+        self.max_concurrent = n
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _open_profile(self):
+        if not self.engine.uses_gpu:
+            return None
+        from .memprofile import MemoryProfile
+
+        return MemoryProfile(self.config.state_dir / "memory_profile.json", gpu_key="cuda")
+
+    def bind(self) -> protocol.ConnectionInfo:
+        """Bind on loopback with ports chosen at bind time, then write the connection file."""
+        self.shell = self.ctx.socket(zmq.ROUTER)
+        self.shell.setsockopt(zmq.LINGER, 0)
+        self.shell.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BUFFER_FRAME + (1 << 20))
+        self.shell.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        shell_port = self.shell.bind_to_random_port("tcp://127.0.0.1")
+        self.iopub = self.ctx.socket(zmq.PUB)
+        self.iopub.setsockopt(zmq.LINGER, 1000)
+        self.iopub.setsockopt(zmq.SNDHWM, 10_000)
+        iopub_port = self.iopub.bind_to_random_port("tcp://127.0.0.1")
+        self.events_in = self.ctx.socket(zmq.PULL)
+        self.events_in.bind(EVENTS_URL)
+        self.connection = protocol.ConnectionInfo(
+            shell_port=shell_port, iopub_port=iopub_port, key=self.key,
+            session=self.session.session_id, pid=os.getpid(), engine=self.engine.name,
+            extra={"output_dir": str(self.config.output_dir.resolve()),
+                   "state_dir": str(self.config.state_dir.resolve()),
+                   "backend_version": __version__},
+        )
+        protocol.write_connection_file(self.config.connection_file, self.connection)
+        return self.connection
+
+    def start(self) -> None:
+        if self.shell is None:
+            self.bind()
+        if self.config.vram_cap_bytes:
+            gpu.set_memory_cap(self.config.vram_cap_bytes)
+        if self.config.recover:
+            self._recover_jobs()
+        self._spawn(self._load_engine, "engine-loader")
+        for i in range(self.max_concurrent):
+            self._spawn(self._worker, f"worker-{i}")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def serve_forever(self) -> int:
+        self.start()
+        poller = zmq.Poller()
+        poller.register(self.shell, zmq.POLLIN)
+        poller.register(self.events_in, zmq.POLLIN)
+        next_beat = 0.0
+        try:
+            while not (self._stopping.is_set() and not self._running_threads_busy()):
+                for sock, _ in poller.poll(timeout=100):
+                    if sock is self.shell:
+                        self._drain_shell()
+                    else:
+                        self._drain_events()
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.config.heartbeat_interval
+                    self._heartbeat()
+                    self._watch_parent()
+            self._drain_events()
+        finally:
+            self._close()
+        return self.exit_code
+
+    def _running_threads_busy(self) -> bool:
+        return bool(self._running) and time.monotonic() < self._stop_deadline
+
+    def request_stop(self, reason: str, exit_code: int = 0) -> None:
+        if self._stopping.is_set():
+            return
+        self.exit_code = exit_code
+        self._stop_deadline = time.monotonic() + self.config.shutdown_grace
+        if self.state is not BackendState.POISONED:
+            self._set_state(BackendState.STOPPING, reason)
+        self._stopping.set()
+        with self._queue_cv:
+            self._queue_cv.notify_all()
+
+    def _close(self) -> None:
+        self._publish("backend_state", {"state": "stopped", "reason": self.state_reason})
+        time.sleep(0.05)  # let the last events leave
+        for sock in (self.shell, self.iopub, self.events_in):
+            if sock is not None:
+                sock.close(linger=200)
+        self._remove_connection_file()
+        self.ctx.term()
+
+    def _remove_connection_file(self) -> None:
+        try:
+            current = protocol.read_connection_file(self.config.connection_file)
+        except BackendError:
+            return
+        if current.session == self.session.session_id:  # a newer backend may own it now
+            try:
+                self.config.connection_file.unlink()
+            except OSError:
+                pass
+
+    def _watch_parent(self) -> None:
+        pid = self.config.parent_pid
+        if pid and not pid_alive(pid):
+            log.warning("parent process %s is gone; shutting down", pid)
+            self.request_stop("parent process exited")
+
+    # -- state and events --------------------------------------------------------------
+
+    def _set_state(self, state: BackendState, reason: str) -> None:
+        self.state = state
+        self.state_reason = reason
+        self._emit("backend_state", {"state": state.value, "reason": reason})
+
+    def _emit(self, msg_type: str, content: dict[str, Any], parent: dict | None = None) -> None:
+        """Thread-safe: every thread pushes through its own inproc socket to the loop."""
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(EVENTS_URL)
+            self._local.push = sock
+        sock.send_multipart([msg_type.encode(), json.dumps(content, default=str).encode(),
+                             json.dumps(parent or {}).encode()])
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                frames = self.events_in.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = frames[0].decode()
+            content = json.loads(frames[1])
+            parent = json.loads(frames[2])
+            if kind == "__reply__":
+                identity = bytes.fromhex(content.pop("__identity__"))
+                request_type = content.pop("__request_type__")
+                self._send_reply(identity, request_type, content, parent)
+            else:
+                self._publish(kind, content, parent)
+
+    def _publish(self, msg_type: str, content: dict[str, Any], parent: dict | None = None) -> None:
+        message = self.session.msg(msg_type, content, parent)
+        frames = self.session.serialize(message)
+        try:
+            self.iopub.send_multipart([msg_type.encode(), *frames], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("event %s not published: %s", msg_type, exc)
+
+    def _heartbeat(self) -> None:
+        self._publish("heartbeat", {
+            "state": self._current_state().value, "session": self.session.session_id,
+            "pid": os.getpid(), "queue": len(self._queue), "running": list(self._running),
+        })
+
+    def _current_state(self) -> BackendState:
+        if self.state is BackendState.READY and self._running:
+            return BackendState.BUSY
+        return self.state
+
+    # -- the control loop --------------------------------------------------------------
+
+    def _drain_shell(self) -> None:
+        while True:
+            try:
+                frames = self.shell.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self._handle_frames(frames)
+
+    def _handle_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self._reject(ErrorCode.BAD_MESSAGE)
+            return
+        identity, body = frames[0], frames[1:]
+        try:
+            message = self.session.deserialize(body)
+            protocol.check_request(message)
+        except ProtocolError as exc:
+            self._reject(exc.code)
+            self._send_reply(identity, "error", protocol.error_reply(exc), {})
+            return
+        self.counters[message.msg_type] += 1
+        handler = getattr(self, f"_on_{message.msg_type}")
+        try:
+            content = handler(message, identity)
+        except BackendError as exc:
+            content = protocol.error_reply(exc)
+        except Exception as exc:  # nothing a client sends may take the backend down
+            log.exception("handler %s failed", message.msg_type)
+            content = protocol.error_reply(BackendError(ErrorCode.INTERNAL, f"{exc!r}"))
+        if content is not None:  # None: the reply comes later (deferred)
+            self._send_reply(identity, message.msg_type, content, message.header)
+
+    def _reject(self, code: ErrorCode) -> None:
+        self.rejected[code.value] += 1
+
+    def _send_reply(self, identity: bytes, request_type: str, content: dict, parent: dict) -> None:
+        message = self.session.msg(protocol.reply_type(request_type), content, parent)
+        try:
+            self.shell.send_multipart([identity, *self.session.serialize(message)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("reply to %s dropped: %s", request_type, exc)
+
+    def _defer(self, identity: bytes, message: protocol.Message, work: Callable[[], dict]) -> None:
+        """Run slow work off the loop; the reply is posted back through the event channel."""
+
+        def run() -> None:
+            try:
+                content = work()
+            except BackendError as exc:
+                content = protocol.error_reply(exc)
+            except Exception as exc:
+                log.exception("deferred %s failed", message.msg_type)
+                content = protocol.error_reply(BackendError(ErrorCode.INTERNAL, repr(exc)))
+            content = dict(content, __identity__=identity.hex(),
+                           __request_type__=message.msg_type)
+            self._emit("__reply__", content, message.header)
+
+        threading.Thread(target=run, name=f"deferred-{message.msg_type}", daemon=True).start()
+
+    # -- request handlers (each returns quickly) ---------------------------------------
+
+    def _on_hello(self, message, identity) -> dict:
+        return protocol.ok_reply(
+            protocol_version=protocol.PROTOCOL_VERSION, backend_version=__version__,
+            session=self.session.session_id, pid=os.getpid(), state=self._current_state().value,
+            engine=self.engine.describe(), python=platform.python_version(),
+            platform=sys.platform,
+        )
+
+    def _on_ping(self, message, identity) -> dict:
+        return protocol.ok_reply(pong=True, time=self.clock())
+
+    def _on_status(self, message, identity) -> dict:
+        with self._queue_cv:
+            queue = list(self._queue)
+        return protocol.ok_reply(
+            state=self._current_state().value, reason=self.state_reason,
+            session=self.session.session_id, pid=os.getpid(),
+            uptime=round(time.monotonic() - self.started_at, 3),
+            engine=self.engine.describe(), engine_error=self.engine_error,
+            queue=queue, queue_depth=self.config.queue_depth,
+            max_concurrent=self.max_concurrent, running=list(self._running),
+            current=self.runner.current, vram=gpu.vram(), gpu_health=gpu.probe_health(0.5),
+            output_dir=str(self.config.output_dir), rejected=dict(self.rejected),
+        )
+
+    def _on_generate(self, message, identity) -> dict:
+        params = parse_params(message.content.get("params"))
+        image_bytes = message.buffers[0]
+        image = validate.load_image(image_bytes, self.config.image_limits)
+        return self._submit(
+            "generate", params.to_dict(), message, image_bytes=image_bytes, image=image,
+        )
+
+    def _on_texture(self, message, identity) -> dict:
+        self.engine.stages_for("texture")  # typed error if this engine cannot texture
+        params = parse_params(message.content.get("params"))
+        fmt = message.content["mesh_format"].lower()
+        if fmt not in MESH_FORMATS:
+            raise BackendError(ErrorCode.BAD_MESH_INPUT, f"mesh_format must be one of {MESH_FORMATS}")
+        image_bytes, mesh = message.buffers
+        if not mesh or len(mesh) > MAX_MESH_BYTES:
+            raise BackendError(ErrorCode.BAD_MESH_INPUT, f"mesh of {len(mesh)} bytes")
+        image = validate.load_image(image_bytes, self.config.image_limits)
+        return self._submit("texture", params.to_dict(), message, image_bytes=image_bytes,
+                            image=image, mesh=mesh, mesh_ext=fmt)
+
+    def _on_reexport(self, message, identity) -> dict:
+        self.engine.stages_for("reexport")
+        parent = self.store.get(message.content["job_id"])
+        if parent.state.value != "done" or parent.kind == "texture":
+            raise BackendError(ErrorCode.BAD_PARAMS, f"job {parent.id} has no result to re-export")
+        changes = message.content.get("params") or {}
+        unknown = sorted(set(changes) - set(EXPORT_PARAMS))
+        if unknown:
+            raise BackendError(
+                ErrorCode.BAD_PARAMS,
+                f"re-export can change only {', '.join(EXPORT_PARAMS)}; not {', '.join(unknown)}",
+            )
+        base = dict(parent.final_params or parent.params)
+        base.pop("preset", None)
+        params = parse_params({"preset": (parent.params or {}).get("preset", "balanced"),
+                               **base, **changes})
+        thumb = self.store.path(parent.id, "thumbnail.png")
+        return self._submit("reexport", params.to_dict(), message, parent=parent.id,
+                            filename=parent.filename,
+                            thumbnail=thumb.read_bytes() if thumb.exists() else None)
+
+    def _submit(self, kind: str, params: dict, message, *, image_bytes: bytes | None = None,
+                image=None, mesh: bytes | None = None, mesh_ext: str = "glb",
+                parent: str | None = None, filename: str | None = None,
+                thumbnail: bytes | None = None) -> dict:
+        if self._stopping.is_set():
+            raise BackendError(ErrorCode.SHUTTING_DOWN, "the backend is shutting down")
+        if self.state is BackendState.FAILED:
+            raise BackendError(ErrorCode.ENGINE_UNAVAILABLE,
+                               (self.engine_error or {}).get("message", "engine failed to load"))
+        check_disk(self.config.output_dir, self.config.min_free_disk)
+        with self._queue_cv:
+            if len(self._queue) >= self.config.queue_depth:
+                raise BackendError(
+                    ErrorCode.BUSY,
+                    f"the queue is full ({self.config.queue_depth} jobs waiting)",
+                )
+            name = _clean_filename(message.content.get("filename") if filename is None else filename)
+            record = self.store.create(
+                kind, self.engine.name, params, image=image_bytes,
+                image_ext=_image_ext(image_bytes) if image_bytes else "png",
+                filename=name, thumbnail=thumbnail or (_thumbnail(image) if image else None),
+                mesh=mesh, mesh_ext=mesh_ext, parent=parent,
+            )
+            self._queue.append(record.id)
+            position = len(self._queue)
+            self._queue_cv.notify()
+        self._emit("job_queued", {"job_id": record.id, "kind": kind, "position": position,
+                                  "filename": name}, message.header)
+        return protocol.ok_reply(job_id=record.id, position=position, state="queued")
+
+    def _on_cancel(self, message, identity) -> dict:
+        job_id = message.content["job_id"]
+        record = self.store.get(job_id)
+        with self._queue_cv:
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+                self.store.transition(job_id, "cancel")
+                self._emit("job_cancelled", {"job_id": job_id})
+                return protocol.ok_reply(job_id=job_id, state="cancelled")
+        flag = self._running.get(job_id)
+        if flag is not None:
+            flag.set()
+            return protocol.ok_reply(job_id=job_id, state="cancelling")
+        return protocol.ok_reply(job_id=job_id, state=record.state.value)
+
+    def _on_jobs(self, message, identity) -> dict:
+        limit = message.content.get("limit", 50)
+        if not 1 <= limit <= 10_000:
+            raise BackendError(ErrorCode.BAD_PARAMS, "limit must be 1..10000")
+        records, warnings = self.store.list(limit)
+        return protocol.ok_reply(jobs=[_summary(r) for r in records], warnings=warnings)
+
+    def _on_job(self, message, identity) -> dict:
+        record = self.store.get(message.content["job_id"])
+        folder = self.store.folder(record.id)
+        files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        return protocol.ok_reply(job=record.to_dict(), folder=str(folder), files=files,
+                                 log=self.store.log_excerpt(record.id))
+
+    def _on_stats(self, message, identity) -> dict:
+        return protocol.ok_reply(
+            aggregate=aggregate(self.stats.read()), requests=dict(self.counters),
+            rejected=dict(self.rejected), uptime=round(time.monotonic() - self.started_at, 3),
+        )
+
+    def _on_doctor(self, message, identity) -> None:
+        def work() -> dict:
+            from .doctor import run_doctor
+
+            options = {k: v for k, v in self.config.engine_options.items()
+                       if k in ("weights_dir", "dinov3_path", "rembg_path", "trellis_checkout")}
+            return protocol.ok_reply(report=run_doctor(output_dir=str(self.config.output_dir),
+                                                       **options))
+
+        self._defer(identity, message, work)
+        return None
+
+    def _on_shutdown(self, message, identity) -> dict:
+        reason = message.content.get("reason") or "shutdown requested"
+        self.request_stop(reason)
+        return protocol.ok_reply(state="stopping", running=list(self._running))
+
+    # -- background threads ------------------------------------------------------------
+
+    def _load_engine(self) -> None:
+        began = time.monotonic()
+        self._set_state(BackendState.LOADING, f"loading {self.engine.label or self.engine.name}")
+
+        def progress(fraction: float, text: str = "") -> None:
+            self._emit("backend_state", {"state": "loading", "fraction": fraction, "reason": text})
+
+        try:
+            self.engine.load(progress)
+        except Exception as exc:
+            error = exc if isinstance(exc, BackendError) else BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+            self.engine_error = error.to_dict()
+            log.error("engine failed to load: %s", error.message)
+            self._set_state(BackendState.FAILED, error.message)
+            self._fail_queue(error)
+            return
+        seconds = time.monotonic() - began
+        self.stats.append("ready", engine=self.engine.name, seconds=round(seconds, 4))
+        self._set_state(BackendState.READY, f"ready in {seconds:.2f} s")
+        self._ready.set()
+
+    def _fail_queue(self, error: BackendError) -> None:
+        with self._queue_cv:
+            pending = list(self._queue)
+            self._queue.clear()
+        for job_id in pending:
+            self.store.transition(job_id, "fail", error=error.to_dict())
+            self._emit("job_failed", {"job_id": job_id, **error.to_dict()})
+
+    def _worker(self) -> None:
+        while not self._stopping.is_set():
+            if not self._ready.wait(timeout=0.2):
+                continue
+            with self._queue_cv:
+                while not self._queue and not self._stopping.is_set():
+                    self._queue_cv.wait(timeout=0.5)
+                if self._stopping.is_set():
+                    return
+                job_id = self._queue.popleft()
+                cancel = threading.Event()
+                self._running[job_id] = cancel
+            try:
+                record = self.store.get(job_id)
+                result = self.runner.run(record, emit=self._emit, cancelled=cancel.is_set,
+                                         interrupted=self._stopping.is_set)
+            except Exception:
+                log.exception("worker failed on job %s", job_id)
+                result = None
+            finally:
+                self._running.pop(job_id, None)
+            if result is not None and result.poisoned:
+                self._set_state(BackendState.POISONED, f"CUDA context broken during job {job_id}")
+                self.request_stop("gpu poisoned", exit_code=gpu.POISONED_EXIT_CODE)
+                return
+
+    def _recover_jobs(self) -> None:
+        """Jobs a dead backend left queued or running run again (running ones only once)."""
+        for record in self.store.unfinished():
+            if record.state.value == "running":
+                if record.recoveries >= MAX_RECOVERIES:
+                    error = BackendError(ErrorCode.BACKEND_DIED,
+                                         "the backend died twice while running this job")
+                    self.store.transition(record.id, "fail", error=error.to_dict())
+                    self.store.append_log(record.id, "failed: backend died again")
+                    continue
+                self.store.transition(record.id, "requeue", recoveries=record.recoveries + 1)
+                self.store.append_log(record.id, "backend died during this job; running it again")
+            if len(self._queue) < max(self.config.queue_depth, 1) * 4:
+                self._queue.append(record.id)
+
+
+def _summary(record: JobRecord) -> dict[str, Any]:
+    result = record.result or {}
+    return {
+        "job_id": record.id, "kind": record.kind, "state": record.state.value,
+        "engine": record.engine, "filename": record.filename, "created": record.created,
+        "finished": record.finished, "level": record.level, "attempts": record.attempts,
+        "preset": (record.params or {}).get("preset"), "seed": (record.params or {}).get("seed"),
+        "glb_path": result.get("glb_path"), "mesh_stats": result.get("mesh_stats"),
+        "degraded_reason": result.get("degraded_reason"), "error": record.error,
+        "parent": record.parent,
+    }
+
+
+def _clean_filename(name: Any) -> str:
+    if not isinstance(name, str):
+        return ""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(ch for ch in base if ch.isprintable())[:120]
+
+
+def _image_ext(data: bytes) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = (im.format or "png").lower()
+    except Exception:
+        return "img"
+    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
+
+
+def _thumbnail(image) -> bytes:
+    thumb = image.copy()
+    thumb.thumbnail((256, 256))
+    buf = io.BytesIO()
+    thumb.save(buf, format="PNG")
+    return buf.getvalue()

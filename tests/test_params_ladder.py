@@ -1,0 +1,124 @@
+"""Generation parameters and the 13-level degradation ladder (pure data and policy)."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend import ladder
+from backend.engines.base import KNOBS, Stage
+from backend.errors import ErrorCode, InputError
+from backend.params import PRESETS, parse_params
+
+STAGES = (
+    Stage("cond", "Conditioning", frozenset({"image_size"})),
+    Stage("structure", "Structure", frozenset({"resolution", "steps_scale", "guidance"})),
+    Stage("shape", "Shape", frozenset({"resolution", "max_num_tokens", "steps_scale",
+                                       "guidance"})),
+    Stage("texture", "Texture", frozenset({"resolution", "steps_scale", "guidance"})),
+    Stage("export", "Export", frozenset({"texture_size", "decimation_target", "remesh"})),
+)
+
+
+def test_presets_and_overrides():
+    p = parse_params({"preset": "game-asset", "seed": 7})
+    assert (p.resolution, p.texture_size, p.decimation_target, p.seed) == (1536, 4096, 800_000, 7)
+    assert p.samplers["shape"] == {"steps": 24, "guidance_strength": 6.5}
+    p = parse_params({"preset": "game-asset", "samplers": {"shape": {"steps": 30}}})
+    assert p.samplers["shape"] == {"steps": 30, "guidance_strength": 6.5}
+    assert parse_params(None).preset == "balanced"
+    assert set(PRESETS) == {"fast", "balanced", "high", "game-asset"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"preset": "ultra"},
+        {"resolution": 2048},
+        {"resolution": True},
+        {"texture_size": 3000},
+        {"seed": -1},
+        {"seed": 1.5},
+        {"seed": "7"},
+        {"remesh": "yes"},
+        {"colour": "red"},
+        {"samplers": {"shape": {"cfg_strength": 3}}},  # TRELLIS v1 key: TypeError upstream
+        {"samplers": {"mesh": {"steps": 3}}},
+        {"samplers": {"shape": {"steps": 0}}},
+        {"samplers": {"shape": {"guidance_interval": [0.9, 0.1]}}},
+        {"samplers": {"shape": []}},
+        "not a dict",
+    ],
+)
+def test_bad_params_get_typed_errors(raw):
+    with pytest.raises(InputError) as err:
+        parse_params(raw)
+    assert err.value.code is ErrorCode.BAD_PARAMS
+    assert err.value.message
+
+
+def test_ladder_has_13_levels_in_the_documented_order():
+    assert len(ladder.LEVELS) == 13
+    request = parse_params({"preset": "game-asset", "image_size": 1024})
+    at = [ladder.params_at(request, i) for i in range(13)]
+    assert at[0] == request
+    # structure first, then the input image, texture and decimation last
+    assert at[3].resolution == 1024 and at[5].resolution == 512
+    assert at[4].remesh is False and at[6].guidance is False
+    assert [at[i].image_size for i in (6, 7, 8, 9)] == [1024, 768, 512, 384]
+    assert all(at[i].texture_size == 4096 for i in range(10))
+    assert [at[i].texture_size for i in (10, 11, 12)] == [2048, 1024, 512]
+    assert [at[i].decimation_target for i in (9, 10, 11, 12)] == [800_000, 500_000, 250_000,
+                                                                 100_000]
+
+
+def test_caps_never_raise_quality():
+    request = parse_params({"preset": "fast", "texture_size": 512, "image_size": 300})
+    for level in range(13):
+        p = ladder.params_at(request, level)
+        assert p.resolution <= request.resolution
+        assert p.texture_size <= 512 and p.image_size <= 300
+
+
+def test_no_op_levels_are_skipped_for_the_request_and_engine():
+    request = parse_params({"preset": "balanced"})  # 1024: token caps change nothing
+    step = ladder.next_step(request, 0, failed_stage=2, stages=STAGES, capabilities=KNOBS)
+    # token budgets only matter at 1536, resolution is already 1024 at level 3, and remesh
+    # (level 4) is read only by export, after the failed stage: the next useful level is 5.
+    assert step.level == 5 and step.skipped == (1, 2, 3, 4)
+    assert step.params.resolution == 512 and step.resume_stage == 1
+
+
+def test_resume_point_is_the_earliest_stage_reading_a_changed_knob():
+    request = parse_params({"preset": "high"})
+    step = ladder.next_step(request, 0, failed_stage=3, stages=STAGES, capabilities=KNOBS)
+    assert step.level == 1 and step.resume_stage == 2  # token budget: rerun from shape
+    step = ladder.next_step(request, 2, failed_stage=3, stages=STAGES, capabilities=KNOBS)
+    assert step.level == 3 and step.resume_stage == 1  # resolution: rerun from structure
+
+
+def test_export_failure_reaches_texture_levels_only_after_structure_levels():
+    request = parse_params({"preset": "high"})
+    levels, level = [], 0
+    while True:
+        step = ladder.next_step(request, level, failed_stage=4, stages=STAGES,
+                                capabilities=KNOBS)
+        if step is None:
+            break
+        levels.append(step.level)
+        level = step.level
+    assert levels == list(range(1, 13))
+
+
+def test_engine_capabilities_limit_the_useful_levels():
+    only_texture = frozenset({"texture_size"})
+    request = parse_params({"preset": "game-asset"})  # texture 4096
+    assert ladder.useful_levels(request, only_texture) == [0, 10, 11, 12]
+    request = parse_params({"preset": "high"})  # texture 2048: level 10 changes nothing
+    assert ladder.useful_levels(request, only_texture) == [0, 11, 12]
+    assert ladder.next_step(request, 12, 4, STAGES, KNOBS) is None
+
+
+def test_failed_stage_before_any_knob_gets_no_useful_level():
+    request = parse_params({"preset": "high"})
+    stages = (Stage("load", "Load", frozenset()), *STAGES)
+    assert ladder.next_step(request, 0, failed_stage=0, stages=stages, capabilities=KNOBS) is None

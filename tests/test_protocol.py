@@ -1,0 +1,219 @@
+"""The sans-I/O protocol core: envelopes, signatures, replay guard, connection file."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from backend import protocol
+from backend.errors import ErrorCode, ProtocolError
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_800_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def pair(clock=None):
+    key = protocol.new_key()
+    clock = clock or FakeClock()
+    return protocol.Session(key, clock=clock), protocol.Session(key, clock=clock)
+
+
+def test_round_trip_with_binary_buffer():
+    sender, receiver = pair()
+    msg = sender.msg("generate", {"params": {"seed": 3}}, buffers=[b"\x89PNG\x00\xff" * 10])
+    got = receiver.deserialize(sender.serialize(msg))
+    assert got.msg_type == "generate"
+    assert got.content == {"params": {"seed": 3}}
+    assert got.buffers == (b"\x89PNG\x00\xff" * 10,)
+    assert got.header["session"] == sender.session_id
+    assert got.header["version"] == protocol.PROTOCOL_VERSION
+
+
+def test_reply_carries_parent_header():
+    sender, receiver = pair()
+    request = sender.msg("ping")
+    reply = receiver.msg("ping_reply", {"ok": True}, parent=request)
+    got = sender.deserialize(receiver.serialize(reply))
+    assert got.parent_id == request.msg_id
+
+
+def test_each_process_gets_a_new_session_id():
+    key = protocol.new_key()
+    assert protocol.Session(key).session_id != protocol.Session(key).session_id
+
+
+@pytest.mark.parametrize("index", [2, 3, 4, 5])
+def test_tampering_with_any_frame_is_rejected(index):
+    sender, receiver = pair()
+    frames = sender.serialize(sender.msg("generate", {"a": 1}, buffers=[b"image-bytes"]))
+    frames[index] = frames[index][:-1] + bytes([frames[index][-1] ^ 1])
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(frames)
+    assert err.value.code in (ErrorCode.BAD_SIGNATURE,)
+
+
+def test_moving_bytes_between_frames_breaks_the_signature():
+    sender, receiver = pair()
+    frames = sender.serialize(sender.msg("generate", {}, buffers=[b"ab", b"cd"]))
+    frames[5], frames[6] = b"abc", b"d"
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(frames)
+    assert err.value.code is ErrorCode.BAD_SIGNATURE
+
+
+def test_wrong_key_and_unsigned_messages_are_rejected():
+    sender, _ = pair()
+    stranger = protocol.Session(protocol.new_key())
+    frames = sender.serialize(sender.msg("status"))
+    with pytest.raises(ProtocolError) as err:
+        stranger.deserialize(frames)
+    assert err.value.code is ErrorCode.BAD_SIGNATURE
+    unsigned = [frames[0], b"", *frames[2:]]
+    with pytest.raises(ProtocolError):
+        stranger.deserialize(unsigned)
+
+
+def test_replayed_message_is_rejected_once_seen():
+    sender, receiver = pair()
+    frames = sender.serialize(sender.msg("cancel", {"job_id": "x"}))
+    receiver.deserialize(frames)
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(frames)
+    assert err.value.code is ErrorCode.REPLAYED
+
+
+def test_stale_message_is_treated_as_replay():
+    clock = FakeClock()
+    sender, receiver = pair(clock)
+    frames = sender.serialize(sender.msg("status"))
+    clock.t += protocol.MAX_MESSAGE_AGE + 1
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(frames)
+    assert err.value.code is ErrorCode.REPLAYED
+
+
+def test_replay_window_is_bounded():
+    guard = protocol.ReplayGuard(window=3)
+    for i in range(10):
+        guard.check(f"id{i}", 0.0, 0.0)
+    assert len(guard._seen) == 3
+
+
+@pytest.mark.parametrize(
+    "frames, code",
+    [
+        ([], ErrorCode.BAD_MESSAGE),
+        ([b"nope", b"", b"", b"", b""], ErrorCode.BAD_MESSAGE),
+        ([protocol.DELIMITER, b"sig"], ErrorCode.BAD_MESSAGE),
+        ([protocol.DELIMITER, b"s", b"{}", b"{}", b"{}", *[b""] * 5], ErrorCode.TOO_LARGE),
+    ],
+)
+def test_malformed_envelopes_get_typed_errors(frames, code):
+    _, receiver = pair()
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(frames)
+    assert err.value.code is code
+
+
+def _signed(session, header, parent=b"{}", content=b"{}"):
+    body = [header, parent, content]
+    return [protocol.DELIMITER, session.sign(body), *body]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"not json",
+        b"[1, 2]",
+        json.dumps({"msg_id": "a"}).encode(),
+        json.dumps({"msg_id": 1, "msg_type": "x", "session": "s", "date": "d",
+                    "version": "1.0"}).encode(),
+    ],
+)
+def test_signed_but_malformed_headers_are_rejected(header):
+    sender, receiver = pair()
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(_signed(sender, header))
+    assert err.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_incompatible_major_version_is_rejected():
+    sender, receiver = pair()
+    msg = sender.msg("ping")
+    msg.header["version"] = "9.0"
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(sender.serialize(msg))
+    assert err.value.code is ErrorCode.VERSION_MISMATCH
+
+
+def test_oversized_json_frame_is_rejected():
+    sender, receiver = pair()
+    msg = sender.msg("hello", {"client": "x" * (protocol.MAX_JSON_FRAME + 1)})
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(sender.serialize(msg))
+    assert err.value.code is ErrorCode.TOO_LARGE
+
+
+@pytest.mark.parametrize(
+    "msg_type, content, buffers, ok",
+    [
+        ("generate", {"params": {}}, [b"img"], True),
+        ("generate", {"params": {}}, [], False),
+        ("generate", {"params": []}, [b"img"], False),
+        ("cancel", {}, [], False),
+        ("cancel", {"job_id": 5}, [], False),
+        ("jobs", {"limit": True}, [], False),
+        ("texture", {"mesh_format": "glb"}, [b"i", b"m"], True),
+        ("rm -rf", {}, [], False),
+    ],
+)
+def test_request_schema(msg_type, content, buffers, ok):
+    session = protocol.Session(protocol.new_key())
+    message = session.msg(msg_type, content, buffers=buffers)
+    if ok:
+        protocol.check_request(message)
+    else:
+        with pytest.raises(ProtocolError):
+            protocol.check_request(message)
+
+
+def test_connection_file_is_owner_only_and_complete(tmp_path):
+    info = protocol.ConnectionInfo(shell_port=5555, iopub_port=5556, key=protocol.new_key(),
+                                   session="abc", pid=os.getpid())
+    path = protocol.write_connection_file(tmp_path / "run" / "backend.json", info)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    data = json.loads(path.read_text())
+    for name in ("transport", "ip", "shell_port", "iopub_port", "key", "signature_scheme",
+                 "pid", "session"):
+        assert name in data
+    assert data["ip"] == "127.0.0.1"
+    assert protocol.read_connection_file(path) == info
+    assert not list(path.parent.glob(".conn-*"))  # no temp files left behind
+
+
+def test_unreadable_connection_files_give_typed_errors(tmp_path):
+    from backend.errors import BackendError
+
+    with pytest.raises(BackendError) as err:
+        protocol.read_connection_file(tmp_path / "missing.json")
+    assert err.value.code is ErrorCode.NOT_FOUND
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(BackendError):
+        protocol.read_connection_file(bad)
+    bad.write_text(json.dumps({"signature_scheme": "none"}))
+    with pytest.raises(BackendError):
+        protocol.read_connection_file(bad)
+
+
+def test_empty_key_is_refused():
+    with pytest.raises(ValueError):
+        protocol.Session(b"")
