@@ -84,12 +84,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parent_pid=args.parent_pid,
         vram_cap_bytes=int(args.vram_cap_gb * 2**30) if args.vram_cap_gb else None,
         heartbeat_interval=args.heartbeat,
+        standby=args.standby,
+        recover=not args.no_recover,
     )
     server = Server(config)
     info = server.bind()
     logging.getLogger(__name__).info(
         "backend %s serving engine %s on 127.0.0.1:%s/%s (session %s)",
-        __version__, server.engine.name, info.shell_port, info.iopub_port, info.session,
+        __version__,
+        server.engine.name,
+        info.shell_port,
+        info.iopub_port,
+        info.session,
     )
     code = server.serve_forever()
     if code == gpu.POISONED_EXIT_CODE:
@@ -120,11 +126,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     store = JobStore(output_dir)
     stats = StatsLog(output_dir / "state" / "stats.jsonl")
     engine.load(lambda fraction, text="": None)
-    runner = Runner(engine, store, stats, config=RunnerConfig(
-        min_free_disk=int(args.min_free_disk_mb * 2**20)))
+    runner = Runner(
+        engine, store, stats, config=RunnerConfig(min_free_disk=int(args.min_free_disk_mb * 2**20))
+    )
     ext = image_path.suffix.lstrip(".").lower() or "png"
-    record = store.create("generate", engine.name, params, image=data, image_ext=ext,
-                          filename=image_path.name)
+    record = store.create(
+        "generate", engine.name, params, image=data, image_ext=ext, filename=image_path.name
+    )
 
     def emit(kind: str, content: dict[str, Any]) -> None:
         if args.quiet:
@@ -137,14 +145,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = runner.run(record, emit=emit)
     if result.outcome != "done":
         error = result.error or {}
-        raise BackendError(error.get("code", "internal"), error.get("message", result.outcome),
-                           error.get("hint"))
+        raise BackendError(
+            error.get("code", "internal"), error.get("message", result.outcome), error.get("hint")
+        )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.glb_path, out)
     stats_line = result.mesh_stats or {}
-    print(f"{out}  ({stats_line.get('vertices')} vertices, {stats_line.get('faces')} faces, "
-          f"{result.seconds:.2f} s, job {record.id})")
+    print(
+        f"{out}  ({stats_line.get('vertices')} vertices, {stats_line.get('faces')} faces, "
+        f"{result.seconds:.2f} s, job {record.id})"
+    )
     if result.degraded_reason:
         print(result.degraded_reason)
     return 0
@@ -191,9 +202,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import format_report, run_doctor
 
-    report = run_doctor(weights_dir=args.weights_dir, dinov3_path=args.dinov3_path,
-                        rembg_path=args.rembg_path, trellis_checkout=args.trellis_checkout,
-                        output_dir=str(args.output_dir or default_output_dir()))
+    report = run_doctor(
+        weights_dir=args.weights_dir,
+        dinov3_path=args.dinov3_path,
+        rembg_path=args.rembg_path,
+        trellis_checkout=args.trellis_checkout,
+        output_dir=str(args.output_dir or default_output_dir()),
+    )
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0 if report.get("ok") else 1
 
@@ -205,33 +220,68 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m backend", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m backend",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=__version__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show tracebacks and debug logs"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, engine: bool = True) -> None:
-        p.add_argument("--output-dir", help=f"job folders live here (default {default_output_dir()})")
+        p.add_argument(
+            "--output-dir", help=f"job folders live here (default {default_output_dir()})"
+        )
         if engine:
-            p.add_argument("--engine", default="preview",
-                           help="preview (CPU, no GPU), trellis2, or pkg.module:Class")
-            p.add_argument("--engine-opt", action="append", metavar="KEY=VALUE",
-                           help="engine option, e.g. weights_dir=/models/TRELLIS.2-4B (repeatable)")
-            p.add_argument("--min-free-disk-mb", type=float, default=1024,
-                           help="refuse a job when less disk than this is free (default 1024)")
+            p.add_argument(
+                "--engine",
+                default="preview",
+                help="preview (CPU, no GPU), trellis2, or pkg.module:Class",
+            )
+            p.add_argument(
+                "--engine-opt",
+                action="append",
+                metavar="KEY=VALUE",
+                help="engine option, e.g. weights_dir=/models/TRELLIS.2-4B (repeatable)",
+            )
+            p.add_argument(
+                "--min-free-disk-mb",
+                type=float,
+                default=1024,
+                help="refuse a job when less disk than this is free (default 1024)",
+            )
 
     p = sub.add_parser("serve", help="run the backend server")
-    p.add_argument("--connection-file", required=True,
-                   help="where to write ports and the signing key (JSON, owner-only)")
+    p.add_argument(
+        "--connection-file",
+        required=True,
+        help="where to write ports and the signing key (JSON, owner-only)",
+    )
     common(p)
     p.add_argument("--state-dir", help="stats and memory profile (default OUTPUT_DIR/state)")
     p.add_argument("--queue-depth", type=int, default=8, help="jobs waiting before 'busy'")
-    p.add_argument("--max-concurrent", type=int, default=1,
-                   help="jobs running at once (GPU engines always run one)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=1,
+        help="jobs running at once (GPU engines always run one)",
+    )
     p.add_argument("--parent-pid", type=int, help="exit when this process exits")
     p.add_argument("--vram-cap-gb", type=float, help="emulate a smaller GPU (testing)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    p.add_argument(
+        "--standby",
+        action="store_true",
+        help="load the engine, then wait for an `activate` request (warm standby)",
+    )
+    p.add_argument(
+        "--no-recover",
+        action="store_true",
+        help="do not rerun jobs that a previous backend left unfinished",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="turn one image into a GLB, in this process")
@@ -283,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -297,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and friends
+        return 0
 
 
 if __name__ == "__main__":

@@ -68,8 +68,12 @@ class Client:
 
     # -- raw I/O ------------------------------------------------------------------------
 
-    def send(self, msg_type: str, content: dict[str, Any] | None = None,
-             buffers: tuple[bytes, ...] | list[bytes] = ()) -> str:
+    def send(
+        self,
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        buffers: tuple[bytes, ...] | list[bytes] = (),
+    ) -> str:
         """Queue a request; returns its msg_id. Never blocks (ZeroMQ queues it)."""
         message = self.session.msg(msg_type, content, buffers=buffers)
         self.shell.send_multipart(self.session.serialize(message), copy=False)
@@ -112,8 +116,13 @@ class Client:
 
     # -- request / reply ------------------------------------------------------------------
 
-    def request(self, msg_type: str, content: dict[str, Any] | None = None,
-                buffers: tuple[bytes, ...] | list[bytes] = (), timeout: float = 5.0) -> dict:
+    def request(
+        self,
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        buffers: tuple[bytes, ...] | list[bytes] = (),
+        timeout: float = 5.0,
+    ) -> dict:
         """Send and wait for the reply (other messages stay queued for poll()).
         Raises BackendError for an error reply and ClientTimeout when nothing comes back."""
         msg_id = self.send(msg_type, content, buffers)
@@ -146,23 +155,39 @@ class Client:
     def status(self, timeout: float = 5.0) -> dict:
         return self.request("status", timeout=timeout)
 
-    def generate(self, image: bytes, params: dict[str, Any] | None = None,
-                 filename: str = "image.png", timeout: float = 10.0) -> str:
-        reply = self.request("generate", {"params": params or {}, "filename": filename},
-                             [image], timeout=timeout)
+    def generate(
+        self,
+        image: bytes,
+        params: dict[str, Any] | None = None,
+        filename: str = "image.png",
+        timeout: float = 10.0,
+    ) -> str:
+        reply = self.request(
+            "generate", {"params": params or {}, "filename": filename}, [image], timeout=timeout
+        )
         return reply["job_id"]
 
-    def texture(self, image: bytes, mesh: bytes, mesh_format: str,
-                params: dict[str, Any] | None = None, filename: str = "image.png",
-                timeout: float = 10.0) -> str:
-        reply = self.request("texture", {"params": params or {}, "filename": filename,
-                                         "mesh_format": mesh_format}, [image, mesh],
-                             timeout=timeout)
+    def texture(
+        self,
+        image: bytes,
+        mesh: bytes,
+        mesh_format: str,
+        params: dict[str, Any] | None = None,
+        filename: str = "image.png",
+        timeout: float = 10.0,
+    ) -> str:
+        reply = self.request(
+            "texture",
+            {"params": params or {}, "filename": filename, "mesh_format": mesh_format},
+            [image, mesh],
+            timeout=timeout,
+        )
         return reply["job_id"]
 
     def reexport(self, job_id: str, params: dict[str, Any], timeout: float = 5.0) -> str:
-        return self.request("reexport", {"job_id": job_id, "params": params},
-                            timeout=timeout)["job_id"]
+        return self.request("reexport", {"job_id": job_id, "params": params}, timeout=timeout)[
+            "job_id"
+        ]
 
     def cancel(self, job_id: str, timeout: float = 5.0) -> dict:
         return self.request("cancel", {"job_id": job_id}, timeout=timeout)
@@ -190,8 +215,12 @@ class Client:
                 return
             yield from batch
 
-    def wait_for_job(self, job_id: str, timeout: float,
-                     on_event: Callable[[protocol.Message], None] | None = None) -> dict:
+    def wait_for_job(
+        self,
+        job_id: str,
+        timeout: float,
+        on_event: Callable[[protocol.Message], None] | None = None,
+    ) -> dict:
         """Block until the job ends (for scripts and `blender -b`). Returns the final event
         content with "event" added; checks the store if an event was missed."""
         deadline = self.clock() + timeout
@@ -242,12 +271,16 @@ def _event_from_record(record: dict) -> dict:
     state = record["state"]
     result = record.get("result") or {}
     if state == "done":
-        return {"event": "job_done", "job_id": record["id"], "glb_path": result.get("glb_path"),
-                "mesh_stats": result.get("mesh_stats"),
-                "oom_quality_degradation_level": record.get("level") or 0,
-                "degraded": bool(record.get("level")),
-                "degraded_reason": result.get("degraded_reason"),
-                "final_params": record.get("final_params")}
+        return {
+            "event": "job_done",
+            "job_id": record["id"],
+            "glb_path": result.get("glb_path"),
+            "mesh_stats": result.get("mesh_stats"),
+            "oom_quality_degradation_level": record.get("level") or 0,
+            "degraded": bool(record.get("level")),
+            "degraded_reason": result.get("degraded_reason"),
+            "final_params": record.get("final_params"),
+        }
     if state == "failed":
         return {"event": "job_failed", "job_id": record["id"], **(record.get("error") or {})}
     return {"event": "job_cancelled", "job_id": record["id"]}

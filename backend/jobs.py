@@ -193,8 +193,13 @@ class JobStore:
                     atomic_write_bytes(folder / f"{MESH_STEM}.{mesh_ext}", mesh)
                 if thumbnail is not None:
                     atomic_write_bytes(folder / THUMBNAIL, thumbnail)
-                request = {"kind": kind, "engine": engine, "params": params,
-                           "filename": filename, "parent": parent}
+                request = {
+                    "kind": kind,
+                    "engine": engine,
+                    "params": params,
+                    "filename": filename,
+                    "parent": parent,
+                }
                 atomic_write_json(folder / REQUEST, request)
                 self._save(record)
             except OSError as exc:

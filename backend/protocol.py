@@ -55,6 +55,8 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "stats": {"fields": {}, "buffers": (0, 0)},
     "doctor": {"fields": {}, "buffers": (0, 0)},
     "shutdown": {"fields": {"reason": (str, False)}, "buffers": (0, 0)},
+    # A warm standby backend takes over: it recovers the job store's queue and starts work.
+    "activate": {"fields": {}, "buffers": (0, 0)},
 }
 
 EVENTS = (
@@ -328,7 +330,9 @@ def read_connection_file(path: str | Path) -> ConnectionInfo:
             "Start the backend first (python -m backend serve --connection-file ...).",
         ) from None
     except (OSError, ValueError) as exc:
-        raise BackendError(ErrorCode.BAD_MESSAGE, f"unreadable connection file {path}: {exc}") from None
+        raise BackendError(
+            ErrorCode.BAD_MESSAGE, f"unreadable connection file {path}: {exc}"
+        ) from None
     if not isinstance(data, dict):
         raise BackendError(ErrorCode.BAD_MESSAGE, f"connection file {path} is not an object")
     if data.get("signature_scheme") != SIGNATURE_SCHEME:
@@ -339,4 +343,6 @@ def read_connection_file(path: str | Path) -> ConnectionInfo:
     try:
         return ConnectionInfo(**{k: v for k, v in data.items() if k in known})
     except TypeError as exc:
-        raise BackendError(ErrorCode.BAD_MESSAGE, f"incomplete connection file {path}: {exc}") from None
+        raise BackendError(
+            ErrorCode.BAD_MESSAGE, f"incomplete connection file {path}: {exc}"
+        ) from None

@@ -65,7 +65,8 @@ def check_disk(path: os.PathLike | str, min_free: int) -> None:
     if free < min_free:
         raise BackendError(
             ErrorCode.DISK_FULL,
-            f"only {free / 2**20:.0f} MiB free in {path}; at least {min_free / 2**20:.0f} MiB needed",
+            f"only {free / 2**20:.0f} MiB free in {path}; "
+            f"at least {min_free / 2**20:.0f} MiB needed",
         )
 
 
@@ -113,7 +114,9 @@ class Runner:
         try:
             self._run(job, result, emit, cancelled)
         except JobCancelled:
-            result.outcome = "interrupted" if interrupted() and not user_cancelled() else "cancelled"
+            result.outcome = (
+                "interrupted" if interrupted() and not user_cancelled() else "cancelled"
+            )
             result.error = JobCancelled().to_dict()
         except BackendError as exc:
             result.outcome = "failed"
@@ -122,7 +125,9 @@ class Runner:
             log.exception("runner bug on job %s", job.id)
             self.store.append_log(job.id, traceback.format_exc())
             result.outcome = "failed"
-            result.error = BackendError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}").to_dict()
+            result.error = BackendError(
+                ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            ).to_dict()
         finally:
             self.current = None
             gpu.cleanup(self.engine)
@@ -150,16 +155,25 @@ class Runner:
                 state.update(outputs[i])
             attempt = self._attempt_record(job, len(result.attempts) + 1, level, params)
             try:
-                self._run_stages(job, stages, resume, state, params, level, outputs, attempt, emit,
-                                 cancelled)
+                self._run_stages(
+                    job, stages, resume, state, params, level, outputs, attempt, emit, cancelled
+                )
             except _Failure as failure:
                 del state
                 cleanup_vram = gpu.cleanup(self.engine)
-                self._close_attempt(attempt, failure.kind or "error", stages[failure.stage_index],
-                                    failure.message, cleanup_vram)
+                self._close_attempt(
+                    attempt,
+                    failure.kind or "error",
+                    stages[failure.stage_index],
+                    failure.message,
+                    cleanup_vram,
+                )
                 result.attempts.append(attempt)
-                self.store.append_log(job.id, f"attempt {attempt['attempt']} failed at "
-                                              f"{stages[failure.stage_index].name}: {failure.message}")
+                self.store.append_log(
+                    job.id,
+                    f"attempt {attempt['attempt']} failed at "
+                    f"{stages[failure.stage_index].name}: {failure.message}",
+                )
                 if failure.kind == "poison":
                     self.store.append_log(job.id, failure.trace)
                     result.poisoned = True
@@ -167,8 +181,9 @@ class Runner:
                 if failure.kind != "oom":
                     self.store.append_log(job.id, failure.trace)
                     raise BackendError(ErrorCode.ENGINE_ERROR, failure.message) from None
-                step = ladder.next_step(request, level, failure.stage_index, stages,
-                                        self.engine.capabilities)
+                step = ladder.next_step(
+                    request, level, failure.stage_index, stages, self.engine.capabilities
+                )
                 if step is None:
                     raise BackendError(
                         ErrorCode.OUT_OF_MEMORY,
@@ -179,21 +194,32 @@ class Runner:
                     if i >= step.resume_stage:
                         del outputs[i]
                 level, params, resume = step.level, step.params, step.resume_stage
-                emit("job_retry", {
-                    "job_id": job.id, "level": level, "level_name": ladder.describe(level),
-                    "reason": "out_of_memory", "failed_stage": stages[failure.stage_index].name,
-                    "resume_stage": stages[resume].name, "skipped_levels": list(step.skipped),
-                })
-                self.store.append_log(job.id, f"retrying at level {level} "
-                                              f"({ladder.describe(level)}) from {stages[resume].name}")
+                emit(
+                    "job_retry",
+                    {
+                        "job_id": job.id,
+                        "level": level,
+                        "level_name": ladder.describe(level),
+                        "reason": "out_of_memory",
+                        "failed_stage": stages[failure.stage_index].name,
+                        "resume_stage": stages[resume].name,
+                        "skipped_levels": list(step.skipped),
+                    },
+                )
+                self.store.append_log(
+                    job.id,
+                    f"retrying at level {level} "
+                    f"({ladder.describe(level)}) from {stages[resume].name}",
+                )
                 continue
             self._close_attempt(attempt, "ok", stages[-1], None, gpu.vram())
             result.attempts.append(attempt)
             self._accept_output(job, state, request, params, level, result)
             return
 
-    def _run_stages(self, job, stages, resume, state, params, level, outputs, attempt, emit,
-                    cancelled) -> None:
+    def _run_stages(
+        self, job, stages, resume, state, params, level, outputs, attempt, emit, cancelled
+    ) -> None:
         count = len(stages)
         for index in range(resume, count):
             stage = stages[index]
@@ -201,9 +227,16 @@ class Runner:
             def report(name: str, step: int, total: int, message: str, _i: int = index) -> None:
                 fraction = (_i + (step / total if total else 0.0)) / count
                 progress = {
-                    "job_id": job.id, "stage": name, "label": stages[_i].label, "step": step,
-                    "total": total, "fraction": round(min(1.0, fraction), 4), "stage_index": _i,
-                    "stage_count": count, "level": level, "message": message,
+                    "job_id": job.id,
+                    "stage": name,
+                    "label": stages[_i].label,
+                    "step": step,
+                    "total": total,
+                    "fraction": round(min(1.0, fraction), 4),
+                    "stage_index": _i,
+                    "stage_count": count,
+                    "level": level,
+                    "message": message,
                 }
                 self.current = progress
                 emit("job_progress", progress)
@@ -220,15 +253,21 @@ class Runner:
             except Exception as exc:
                 # Keep text only: the exception's traceback pins frames and GPU tensors, so
                 # it must not outlive this block (raised below, outside it, with no context).
-                failure = _Failure(gpu.classify_error(exc), index, f"{type(exc).__name__}: {exc}",
-                                   traceback.format_exc())
+                failure = _Failure(
+                    gpu.classify_error(exc),
+                    index,
+                    f"{type(exc).__name__}: {exc}",
+                    traceback.format_exc(),
+                )
                 traceback.clear_frames(exc.__traceback__)
             finally:
                 attempt["stage_seconds"][stage.name] = round(self.clock() - began, 4)
             if failure is not None:
                 del before
                 raise failure
-            outputs[index] = {k: v for k, v in state.items() if k not in before or before[k] is not v}
+            outputs[index] = {
+                k: v for k, v in state.items() if k not in before or before[k] is not v
+            }
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -266,22 +305,38 @@ class Runner:
         gpu.reset_peak()
         figures = gpu.vram() or {}
         return {
-            "job_id": job.id, "engine": self.engine.name, "attempt": number, "level": level,
-            "params": params.to_dict(), "stage_seconds": {}, "started": self.clock(),
-            "free_before": figures.get("free"), "_params": params,
+            "job_id": job.id,
+            "engine": self.engine.name,
+            "attempt": number,
+            "level": level,
+            "params": params.to_dict(),
+            "stage_seconds": {},
+            "started": self.clock(),
+            "free_before": figures.get("free"),
+            "_params": params,
         }
 
     def _close_attempt(self, attempt, outcome, stage: Stage, error, figures) -> None:
         params = attempt.pop("_params")
         attempt["seconds"] = round(self.clock() - attempt.pop("started"), 4)
-        attempt.update(outcome=outcome, stage=stage.name, error=error,
-                       error_code=None if outcome == "ok" else outcome,
-                       vram_peak=(figures or {}).get("peak"))
+        attempt.update(
+            outcome=outcome,
+            stage=stage.name,
+            error=error,
+            error_code=None if outcome == "ok" else outcome,
+            vram_peak=(figures or {}).get("peak"),
+        )
         self.stats.append("attempt", **attempt)
         if self.profile is not None and outcome in ("ok", "oom"):
             try:
-                self.profile.record(self.engine.name, attempt["level"], params,
-                                    attempt["vram_peak"], attempt["free_before"] or 0, outcome == "ok")
+                self.profile.record(
+                    self.engine.name,
+                    attempt["level"],
+                    params,
+                    attempt["vram_peak"],
+                    attempt["free_before"] or 0,
+                    outcome == "ok",
+                )
             except Exception:  # the profile is an optimisation; never fail a job over it
                 log.exception("memory profile update failed")
 
@@ -323,11 +378,17 @@ class Runner:
 
     def _finish(self, job: JobRecord, result: JobResult, emit: Emit) -> None:
         summary = {
-            "job_id": job.id, "kind": job.kind, "engine": self.engine.name,
-            "outcome": result.outcome, "oom_quality_degradation_level": result.level,
-            "final_params": result.params, "attempts": result.attempts,
-            "mesh_stats": result.mesh_stats, "warnings": result.warnings,
-            "degraded_reason": result.degraded_reason, "seconds": round(result.seconds, 4),
+            "job_id": job.id,
+            "kind": job.kind,
+            "engine": self.engine.name,
+            "outcome": result.outcome,
+            "oom_quality_degradation_level": result.level,
+            "final_params": result.params,
+            "attempts": result.attempts,
+            "mesh_stats": result.mesh_stats,
+            "warnings": result.warnings,
+            "degraded_reason": result.degraded_reason,
+            "seconds": round(result.seconds, 4),
             "error": result.error,
         }
         try:
@@ -347,35 +408,76 @@ class Runner:
             return
         if result.poisoned and job.recoveries < MAX_RECOVERIES:
             result.outcome = "requeued"
-            self.store.transition(job.id, "requeue", recoveries=job.recoveries + 1,
-                                  attempts=len(result.attempts), error=result.error)
-            self.store.append_log(job.id, "GPU context poisoned; the job runs again on a fresh backend")
-            emit("job_retry", {"job_id": job.id, "reason": "gpu_poisoned",
-                               "message": "retrying on a fresh backend"})
+            self.store.transition(
+                job.id,
+                "requeue",
+                recoveries=job.recoveries + 1,
+                attempts=len(result.attempts),
+                error=result.error,
+            )
+            self.store.append_log(
+                job.id, "GPU context poisoned; the job runs again on a fresh backend"
+            )
+            emit(
+                "job_retry",
+                {
+                    "job_id": job.id,
+                    "reason": "gpu_poisoned",
+                    "message": "retrying on a fresh backend",
+                },
+            )
             return
         self.stats.append(
-            "job", job_id=job.id, engine=self.engine.name, job_kind=job.kind, params=job.params,
-            final_params=result.params, level=result.level, attempts=len(result.attempts),
-            outcome=result.outcome, error_code=(result.error or {}).get("code"),
-            seconds=round(result.seconds, 4), stage_seconds=stage_seconds,
-            vertices=mesh.get("vertices"), faces=mesh.get("faces"),
-            texture_size=mesh.get("texture_size"), vram_peak=max(peaks) if peaks else None,
+            "job",
+            job_id=job.id,
+            engine=self.engine.name,
+            job_kind=job.kind,
+            params=job.params,
+            final_params=result.params,
+            level=result.level,
+            attempts=len(result.attempts),
+            outcome=result.outcome,
+            error_code=(result.error or {}).get("code"),
+            seconds=round(result.seconds, 4),
+            stage_seconds=stage_seconds,
+            vertices=mesh.get("vertices"),
+            faces=mesh.get("faces"),
+            texture_size=mesh.get("texture_size"),
+            vram_peak=max(peaks) if peaks else None,
         )
-        common = {"attempts": len(result.attempts), "level": result.level,
-                  "final_params": result.params}
+        common = {
+            "attempts": len(result.attempts),
+            "level": result.level,
+            "final_params": result.params,
+        }
         if result.outcome == "done":
-            self.store.transition(job.id, "finish", result={
-                "glb_path": result.glb_path, "mesh_stats": result.mesh_stats,
-                "warnings": result.warnings, "degraded_reason": result.degraded_reason,
-                "seconds": round(result.seconds, 4),
-            }, **common)
+            self.store.transition(
+                job.id,
+                "finish",
+                result={
+                    "glb_path": result.glb_path,
+                    "mesh_stats": result.mesh_stats,
+                    "warnings": result.warnings,
+                    "degraded_reason": result.degraded_reason,
+                    "seconds": round(result.seconds, 4),
+                },
+                **common,
+            )
             self.store.append_log(job.id, f"done in {result.seconds:.2f} s at level {result.level}")
-            emit("job_done", {
-                "job_id": job.id, "glb_path": result.glb_path, "mesh_stats": result.mesh_stats,
-                "oom_quality_degradation_level": result.level, "degraded": result.level > 0,
-                "degraded_reason": result.degraded_reason, "final_params": result.params,
-                "warnings": result.warnings, "seconds": round(result.seconds, 4),
-            })
+            emit(
+                "job_done",
+                {
+                    "job_id": job.id,
+                    "glb_path": result.glb_path,
+                    "mesh_stats": result.mesh_stats,
+                    "oom_quality_degradation_level": result.level,
+                    "degraded": result.level > 0,
+                    "degraded_reason": result.degraded_reason,
+                    "final_params": result.params,
+                    "warnings": result.warnings,
+                    "seconds": round(result.seconds, 4),
+                },
+            )
         elif result.outcome == "cancelled":
             self.store.transition(job.id, "cancel", error=result.error, **common)
             self.store.append_log(job.id, "cancelled")

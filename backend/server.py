@@ -63,6 +63,7 @@ class ServerConfig:
     recover: bool = True  # rerun jobs a dead backend left behind
     vram_cap_bytes: int | None = None  # emulate a smaller card
     shutdown_grace: float = 30.0  # seconds to let the running job reach a checkpoint
+    standby: bool = False  # load the engine but run nothing until an `activate` request
 
     def __post_init__(self) -> None:
         self.connection_file = Path(self.connection_file)
@@ -85,7 +86,10 @@ class Server:
         self.engine_error: dict[str, Any] | None = None
         self.profile = self._open_profile()
         self.runner = Runner(
-            self.engine, self.store, self.stats, self.profile,
+            self.engine,
+            self.store,
+            self.stats,
+            self.profile,
             RunnerConfig(min_free_disk=config.min_free_disk),
         )
         self.counters: Counter[str] = Counter()
@@ -94,9 +98,11 @@ class Server:
         self._queue_cv = threading.Condition()
         self._running: dict[str, threading.Event] = {}
         self._ready = threading.Event()
+        self._active = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.exit_code = 0
+        self._stop_deadline = 0.0
         self.ctx = zmq.Context()
         self.shell: zmq.Socket | None = None
         self.iopub: zmq.Socket | None = None
@@ -132,11 +138,17 @@ class Server:
         self.events_in = self.ctx.socket(zmq.PULL)
         self.events_in.bind(EVENTS_URL)
         self.connection = protocol.ConnectionInfo(
-            shell_port=shell_port, iopub_port=iopub_port, key=self.key,
-            session=self.session.session_id, pid=os.getpid(), engine=self.engine.name,
-            extra={"output_dir": str(self.config.output_dir.resolve()),
-                   "state_dir": str(self.config.state_dir.resolve()),
-                   "backend_version": __version__},
+            shell_port=shell_port,
+            iopub_port=iopub_port,
+            key=self.key,
+            session=self.session.session_id,
+            pid=os.getpid(),
+            engine=self.engine.name,
+            extra={
+                "output_dir": str(self.config.output_dir.resolve()),
+                "state_dir": str(self.config.state_dir.resolve()),
+                "backend_version": __version__,
+            },
         )
         protocol.write_connection_file(self.config.connection_file, self.connection)
         return self.connection
@@ -146,11 +158,20 @@ class Server:
             self.bind()
         if self.config.vram_cap_bytes:
             gpu.set_memory_cap(self.config.vram_cap_bytes)
-        if self.config.recover:
-            self._recover_jobs()
+        if not self.config.standby:
+            self._activate()
         self._spawn(self._load_engine, "engine-loader")
         for i in range(self.max_concurrent):
             self._spawn(self._worker, f"worker-{i}")
+
+    def _activate(self) -> None:
+        with self._queue_cv:
+            if self._active.is_set():
+                return
+            if self.config.recover:
+                self._recover_jobs()
+            self._active.set()
+            self._queue_cv.notify_all()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -201,7 +222,8 @@ class Server:
             if sock is not None:
                 sock.close(linger=200)
         self._remove_connection_file()
-        self.ctx.term()
+        # destroy() also closes the per-thread PUSH sockets, which term() would wait on forever.
+        self.ctx.destroy(linger=200)
 
     def _remove_connection_file(self) -> None:
         try:
@@ -235,8 +257,16 @@ class Server:
             sock.setsockopt(zmq.LINGER, 1000)
             sock.connect(EVENTS_URL)
             self._local.push = sock
-        sock.send_multipart([msg_type.encode(), json.dumps(content, default=str).encode(),
-                             json.dumps(parent or {}).encode()])
+        try:
+            sock.send_multipart(
+                [
+                    msg_type.encode(),
+                    json.dumps(content, default=str).encode(),
+                    json.dumps(parent or {}).encode(),
+                ]
+            )
+        except zmq.ZMQError as exc:  # the context is gone: the server is stopping
+            log.debug("event %s dropped: %s", msg_type, exc)
 
     def _drain_events(self) -> None:
         while True:
@@ -263,10 +293,16 @@ class Server:
             log.warning("event %s not published: %s", msg_type, exc)
 
     def _heartbeat(self) -> None:
-        self._publish("heartbeat", {
-            "state": self._current_state().value, "session": self.session.session_id,
-            "pid": os.getpid(), "queue": len(self._queue), "running": list(self._running),
-        })
+        self._publish(
+            "heartbeat",
+            {
+                "state": self._current_state().value,
+                "session": self.session.session_id,
+                "pid": os.getpid(),
+                "queue": len(self._queue),
+                "running": list(self._running),
+            },
+        )
 
     def _current_state(self) -> BackendState:
         if self.state is BackendState.READY and self._running:
@@ -328,8 +364,7 @@ class Server:
             except Exception as exc:
                 log.exception("deferred %s failed", message.msg_type)
                 content = protocol.error_reply(BackendError(ErrorCode.INTERNAL, repr(exc)))
-            content = dict(content, __identity__=identity.hex(),
-                           __request_type__=message.msg_type)
+            content = dict(content, __identity__=identity.hex(), __request_type__=message.msg_type)
             self._emit("__reply__", content, message.header)
 
         threading.Thread(target=run, name=f"deferred-{message.msg_type}", daemon=True).start()
@@ -338,9 +373,13 @@ class Server:
 
     def _on_hello(self, message, identity) -> dict:
         return protocol.ok_reply(
-            protocol_version=protocol.PROTOCOL_VERSION, backend_version=__version__,
-            session=self.session.session_id, pid=os.getpid(), state=self._current_state().value,
-            engine=self.engine.describe(), python=platform.python_version(),
+            protocol_version=protocol.PROTOCOL_VERSION,
+            backend_version=__version__,
+            session=self.session.session_id,
+            pid=os.getpid(),
+            state=self._current_state().value,
+            engine=self.engine.describe(),
+            python=platform.python_version(),
             platform=sys.platform,
         )
 
@@ -351,14 +390,23 @@ class Server:
         with self._queue_cv:
             queue = list(self._queue)
         return protocol.ok_reply(
-            state=self._current_state().value, reason=self.state_reason,
-            session=self.session.session_id, pid=os.getpid(),
+            state=self._current_state().value,
+            reason=self.state_reason,
+            session=self.session.session_id,
+            pid=os.getpid(),
+            active=self._active.is_set(),
             uptime=round(time.monotonic() - self.started_at, 3),
-            engine=self.engine.describe(), engine_error=self.engine_error,
-            queue=queue, queue_depth=self.config.queue_depth,
-            max_concurrent=self.max_concurrent, running=list(self._running),
-            current=self.runner.current, vram=gpu.vram(), gpu_health=gpu.probe_health(0.5),
-            output_dir=str(self.config.output_dir), rejected=dict(self.rejected),
+            engine=self.engine.describe(),
+            engine_error=self.engine_error,
+            queue=queue,
+            queue_depth=self.config.queue_depth,
+            max_concurrent=self.max_concurrent,
+            running=list(self._running),
+            current=self.runner.current,
+            vram=gpu.vram(),
+            gpu_health=gpu.probe_health(0.5),
+            output_dir=str(self.config.output_dir),
+            rejected=dict(self.rejected),
         )
 
     def _on_generate(self, message, identity) -> dict:
@@ -366,7 +414,11 @@ class Server:
         image_bytes = message.buffers[0]
         image = validate.load_image(image_bytes, self.config.image_limits)
         return self._submit(
-            "generate", params.to_dict(), message, image_bytes=image_bytes, image=image,
+            "generate",
+            params.to_dict(),
+            message,
+            image_bytes=image_bytes,
+            image=image,
         )
 
     def _on_texture(self, message, identity) -> dict:
@@ -374,13 +426,22 @@ class Server:
         params = parse_params(message.content.get("params"))
         fmt = message.content["mesh_format"].lower()
         if fmt not in MESH_FORMATS:
-            raise BackendError(ErrorCode.BAD_MESH_INPUT, f"mesh_format must be one of {MESH_FORMATS}")
+            raise BackendError(
+                ErrorCode.BAD_MESH_INPUT, f"mesh_format must be one of {MESH_FORMATS}"
+            )
         image_bytes, mesh = message.buffers
         if not mesh or len(mesh) > MAX_MESH_BYTES:
             raise BackendError(ErrorCode.BAD_MESH_INPUT, f"mesh of {len(mesh)} bytes")
         image = validate.load_image(image_bytes, self.config.image_limits)
-        return self._submit("texture", params.to_dict(), message, image_bytes=image_bytes,
-                            image=image, mesh=mesh, mesh_ext=fmt)
+        return self._submit(
+            "texture",
+            params.to_dict(),
+            message,
+            image_bytes=image_bytes,
+            image=image,
+            mesh=mesh,
+            mesh_ext=fmt,
+        )
 
     def _on_reexport(self, message, identity) -> dict:
         self.engine.stages_for("reexport")
@@ -396,22 +457,46 @@ class Server:
             )
         base = dict(parent.final_params or parent.params)
         base.pop("preset", None)
-        params = parse_params({"preset": (parent.params or {}).get("preset", "balanced"),
-                               **base, **changes})
+        params = parse_params(
+            {"preset": (parent.params or {}).get("preset", "balanced"), **base, **changes}
+        )
         thumb = self.store.path(parent.id, "thumbnail.png")
-        return self._submit("reexport", params.to_dict(), message, parent=parent.id,
-                            filename=parent.filename,
-                            thumbnail=thumb.read_bytes() if thumb.exists() else None)
+        return self._submit(
+            "reexport",
+            params.to_dict(),
+            message,
+            parent=parent.id,
+            filename=parent.filename,
+            thumbnail=thumb.read_bytes() if thumb.exists() else None,
+        )
 
-    def _submit(self, kind: str, params: dict, message, *, image_bytes: bytes | None = None,
-                image=None, mesh: bytes | None = None, mesh_ext: str = "glb",
-                parent: str | None = None, filename: str | None = None,
-                thumbnail: bytes | None = None) -> dict:
+    def _submit(
+        self,
+        kind: str,
+        params: dict,
+        message,
+        *,
+        image_bytes: bytes | None = None,
+        image=None,
+        mesh: bytes | None = None,
+        mesh_ext: str = "glb",
+        parent: str | None = None,
+        filename: str | None = None,
+        thumbnail: bytes | None = None,
+    ) -> dict:
         if self._stopping.is_set():
             raise BackendError(ErrorCode.SHUTTING_DOWN, "the backend is shutting down")
+        if not self._active.is_set():
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                "this is a standby backend",
+                "Send jobs to the active backend; a standby runs after `activate`.",
+            )
         if self.state is BackendState.FAILED:
-            raise BackendError(ErrorCode.ENGINE_UNAVAILABLE,
-                               (self.engine_error or {}).get("message", "engine failed to load"))
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                (self.engine_error or {}).get("message", "engine failed to load"),
+            )
         check_disk(self.config.output_dir, self.config.min_free_disk)
         with self._queue_cv:
             if len(self._queue) >= self.config.queue_depth:
@@ -419,18 +504,29 @@ class Server:
                     ErrorCode.BUSY,
                     f"the queue is full ({self.config.queue_depth} jobs waiting)",
                 )
-            name = _clean_filename(message.content.get("filename") if filename is None else filename)
+            name = _clean_filename(
+                message.content.get("filename") if filename is None else filename
+            )
             record = self.store.create(
-                kind, self.engine.name, params, image=image_bytes,
+                kind,
+                self.engine.name,
+                params,
+                image=image_bytes,
                 image_ext=_image_ext(image_bytes) if image_bytes else "png",
-                filename=name, thumbnail=thumbnail or (_thumbnail(image) if image else None),
-                mesh=mesh, mesh_ext=mesh_ext, parent=parent,
+                filename=name,
+                thumbnail=thumbnail or (_thumbnail(image) if image else None),
+                mesh=mesh,
+                mesh_ext=mesh_ext,
+                parent=parent,
             )
             self._queue.append(record.id)
             position = len(self._queue)
             self._queue_cv.notify()
-        self._emit("job_queued", {"job_id": record.id, "kind": kind, "position": position,
-                                  "filename": name}, message.header)
+        self._emit(
+            "job_queued",
+            {"job_id": record.id, "kind": kind, "position": position, "filename": name},
+            message.header,
+        )
         return protocol.ok_reply(job_id=record.id, position=position, state="queued")
 
     def _on_cancel(self, message, identity) -> dict:
@@ -459,26 +555,40 @@ class Server:
         record = self.store.get(message.content["job_id"])
         folder = self.store.folder(record.id)
         files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
-        return protocol.ok_reply(job=record.to_dict(), folder=str(folder), files=files,
-                                 log=self.store.log_excerpt(record.id))
+        return protocol.ok_reply(
+            job=record.to_dict(),
+            folder=str(folder),
+            files=files,
+            log=self.store.log_excerpt(record.id),
+        )
 
     def _on_stats(self, message, identity) -> dict:
         return protocol.ok_reply(
-            aggregate=aggregate(self.stats.read()), requests=dict(self.counters),
-            rejected=dict(self.rejected), uptime=round(time.monotonic() - self.started_at, 3),
+            aggregate=aggregate(self.stats.read()),
+            requests=dict(self.counters),
+            rejected=dict(self.rejected),
+            uptime=round(time.monotonic() - self.started_at, 3),
         )
 
     def _on_doctor(self, message, identity) -> None:
         def work() -> dict:
             from .doctor import run_doctor
 
-            options = {k: v for k, v in self.config.engine_options.items()
-                       if k in ("weights_dir", "dinov3_path", "rembg_path", "trellis_checkout")}
-            return protocol.ok_reply(report=run_doctor(output_dir=str(self.config.output_dir),
-                                                       **options))
+            options = {
+                k: v
+                for k, v in self.config.engine_options.items()
+                if k in ("weights_dir", "dinov3_path", "rembg_path", "trellis_checkout")
+            }
+            return protocol.ok_reply(
+                report=run_doctor(output_dir=str(self.config.output_dir), **options)
+            )
 
         self._defer(identity, message, work)
         return None
+
+    def _on_activate(self, message, identity) -> dict:
+        self._activate()
+        return protocol.ok_reply(state=self._current_state().value, queue=list(self._queue))
 
     def _on_shutdown(self, message, identity) -> dict:
         reason = message.content.get("reason") or "shutdown requested"
@@ -497,8 +607,11 @@ class Server:
         try:
             self.engine.load(progress)
         except Exception as exc:
-            error = exc if isinstance(exc, BackendError) else BackendError(
-                ErrorCode.ENGINE_UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+            error = (
+                exc
+                if isinstance(exc, BackendError)
+                else BackendError(ErrorCode.ENGINE_UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+            )
             self.engine_error = error.to_dict()
             log.error("engine failed to load: %s", error.message)
             self._set_state(BackendState.FAILED, error.message)
@@ -519,7 +632,7 @@ class Server:
 
     def _worker(self) -> None:
         while not self._stopping.is_set():
-            if not self._ready.wait(timeout=0.2):
+            if not (self._ready.wait(timeout=0.2) and self._active.wait(timeout=0.2)):
                 continue
             with self._queue_cv:
                 while not self._queue and not self._stopping.is_set():
@@ -531,8 +644,12 @@ class Server:
                 self._running[job_id] = cancel
             try:
                 record = self.store.get(job_id)
-                result = self.runner.run(record, emit=self._emit, cancelled=cancel.is_set,
-                                         interrupted=self._stopping.is_set)
+                result = self.runner.run(
+                    record,
+                    emit=self._emit,
+                    cancelled=cancel.is_set,
+                    interrupted=self._stopping.is_set,
+                )
             except Exception:
                 log.exception("worker failed on job %s", job_id)
                 result = None
@@ -548,8 +665,9 @@ class Server:
         for record in self.store.unfinished():
             if record.state.value == "running":
                 if record.recoveries >= MAX_RECOVERIES:
-                    error = BackendError(ErrorCode.BACKEND_DIED,
-                                         "the backend died twice while running this job")
+                    error = BackendError(
+                        ErrorCode.BACKEND_DIED, "the backend died twice while running this job"
+                    )
                     self.store.transition(record.id, "fail", error=error.to_dict())
                     self.store.append_log(record.id, "failed: backend died again")
                     continue
@@ -562,12 +680,21 @@ class Server:
 def _summary(record: JobRecord) -> dict[str, Any]:
     result = record.result or {}
     return {
-        "job_id": record.id, "kind": record.kind, "state": record.state.value,
-        "engine": record.engine, "filename": record.filename, "created": record.created,
-        "finished": record.finished, "level": record.level, "attempts": record.attempts,
-        "preset": (record.params or {}).get("preset"), "seed": (record.params or {}).get("seed"),
-        "glb_path": result.get("glb_path"), "mesh_stats": result.get("mesh_stats"),
-        "degraded_reason": result.get("degraded_reason"), "error": record.error,
+        "job_id": record.id,
+        "kind": record.kind,
+        "state": record.state.value,
+        "engine": record.engine,
+        "filename": record.filename,
+        "created": record.created,
+        "finished": record.finished,
+        "level": record.level,
+        "attempts": record.attempts,
+        "preset": (record.params or {}).get("preset"),
+        "seed": (record.params or {}).get("seed"),
+        "glb_path": result.get("glb_path"),
+        "mesh_stats": result.get("mesh_stats"),
+        "degraded_reason": result.get("degraded_reason"),
+        "error": record.error,
         "parent": record.parent,
     }
 

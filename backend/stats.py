@@ -110,8 +110,7 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             Counter(str(j.get("error_code")) for j in jobs if j.get("outcome") == "failed")
         ),
         "level_distribution": {
-            str(k): v
-            for k, v in sorted(Counter(int(j.get("level") or 0) for j in done).items())
+            str(k): v for k, v in sorted(Counter(int(j.get("level") or 0) for j in done).items())
         },
         "mean_retries": _mean([float(r) for r in retries]),
         "attempts": len(attempts),

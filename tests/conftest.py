@@ -22,7 +22,9 @@ def png_bytes(size=(128, 128), mode="RGBA", subject=True) -> bytes:
     if subject:
         draw = ImageDraw.Draw(image)
         w, h = size
-        draw.ellipse((w // 4, h // 6, 3 * w // 4, 5 * h // 6), fill=(40, 120, 220, 255)[: len(mode)])
+        draw.ellipse(
+            (w // 4, h // 6, 3 * w // 4, 5 * h // 6), fill=(40, 120, 220, 255)[: len(mode)]
+        )
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
@@ -42,9 +44,9 @@ class RunningServer:
 
         config.setdefault("min_free_disk", 1 << 20)
         config.setdefault("heartbeat_interval", 0.2)
+        config.setdefault("output_dir", tmp_path / "out")
         self.config = ServerConfig(
             connection_file=tmp_path / "runtime" / "backend.json",
-            output_dir=tmp_path / "out",
             engine=engine,
             **config,
         )

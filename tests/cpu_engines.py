@@ -27,8 +27,11 @@ def write_textured_box(path, texture_size: int = 64) -> dict[str, Any]:
         f.write(data)
     return {
         "glb_path": path,
-        "mesh_stats": {"vertices": len(box.vertices), "faces": len(box.faces),
-                       "texture_size": texture_size},
+        "mesh_stats": {
+            "vertices": len(box.vertices),
+            "faces": len(box.faces),
+            "texture_size": texture_size,
+        },
         "mesh_arrays": (np.asarray(box.vertices), np.asarray(box.faces)),
     }
 
@@ -47,8 +50,13 @@ class SlowEngine(Engine):
     )
     thread_safe = True
 
-    def __init__(self, steps: str | int = 5, step_seconds: str | float = 0.05,
-                 load_seconds: str | float = 0.0, **_: Any):
+    def __init__(
+        self,
+        steps: str | int = 5,
+        step_seconds: str | float = 0.05,
+        load_seconds: str | float = 0.0,
+        **_: Any,
+    ):
         self.steps = int(steps)
         self.step_seconds = float(step_seconds)
         self.load_seconds = float(load_seconds)
@@ -57,8 +65,9 @@ class SlowEngine(Engine):
     def load(self, progress=None) -> None:
         time.sleep(self.load_seconds)
 
-    def run_stage(self, stage: str, state: dict[str, Any], params: GenerationParams,
-                  ctx: StageContext) -> None:
+    def run_stage(
+        self, stage: str, state: dict[str, Any], params: GenerationParams, ctx: StageContext
+    ) -> None:
         self.calls[stage] = self.calls.get(stage, 0) + 1
         if os.environ.get("SLOW_ENGINE_EXIT_AT") == stage:
             os._exit(int(os.environ.get("SLOW_ENGINE_EXIT_CODE", "9")))

@@ -1,0 +1,236 @@
+"""The server through a real ZeroMQ client: jobs end to end, control while busy, queue limits,
+cancel, bad input, forged messages, stop and recovery."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import zmq
+
+from backend import protocol
+from backend.errors import BackendError, ErrorCode
+from tests.conftest import png_bytes
+
+SLOW = "tests.cpu_engines:SlowEngine"
+
+
+def collect_until(
+    client, job_id, terminal=("job_done", "job_failed", "job_cancelled"), timeout=20.0
+):
+    events = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for m in client.poll(0.2):
+            if m.content.get("job_id") == job_id:
+                events.append(m)
+                if m.msg_type in terminal:
+                    return events
+    raise AssertionError(f"no terminal event for {job_id}; got {[e.msg_type for e in events]}")
+
+
+def test_generate_end_to_end_emits_events_and_writes_a_valid_glb(make_server, image_png):
+    from backend.validate import validate_glb_file
+
+    s = make_server(SLOW, engine_options={"steps": "3", "step_seconds": "0.01"})
+    job_id = s.client.generate(image_png, {"preset": "fast", "seed": 5}, filename="disc.png")
+    events = collect_until(s.client, job_id)
+    types = [e.msg_type for e in events]
+    assert types[-1] == "job_done", events[-1].content
+    assert "job_started" in types and "job_progress" in types
+    progress = [e.content for e in events if e.msg_type == "job_progress"]
+    assert progress[-1]["fraction"] <= 1.0
+    assert [p["fraction"] for p in progress] == sorted(p["fraction"] for p in progress)
+    done = events[-1].content
+    report = validate_glb_file(done["glb_path"])
+    assert report["triangles"] > 0
+    assert done["oom_quality_degradation_level"] == 0 and done["degraded"] is False
+    record = s.client.job(job_id)
+    assert record["job"]["state"] == "done"
+    assert {
+        "input.png",
+        "request.json",
+        "result.glb",
+        "stats.json",
+        "thumbnail.png",
+        "log.txt",
+        "job.json",
+    } <= set(record["files"])
+    assert record["job"]["params"]["seed"] == 5 and record["job"]["filename"] == "disc.png"
+
+
+def test_control_requests_are_answered_while_a_job_runs(make_server, image_png):
+    s = make_server(SLOW, engine_options={"steps": "40", "step_seconds": "0.05"})
+    job_id = s.client.generate(image_png)
+    deadline = time.monotonic() + 10
+    while (s.client.status()["current"] or {}).get("job_id") != job_id:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    for request in ("ping", "status", "jobs", "stats", "hello"):
+        reply = s.client.request(request, timeout=2.0)
+        assert reply["ok"] is True
+    status = s.client.status(timeout=2.0)
+    assert status["state"] == "busy" and status["current"]["job_id"] == job_id
+    assert s.client.job(job_id, timeout=2.0)["job"]["state"] == "running"
+    s.client.cancel(job_id)
+    assert collect_until(s.client, job_id)[-1].msg_type == "job_cancelled"
+
+
+def test_full_queue_answers_busy_and_loses_nothing(make_server, image_png):
+    s = make_server(SLOW, queue_depth=2, engine_options={"steps": "20", "step_seconds": "0.05"})
+    accepted = [s.client.generate(image_png)]
+    deadline = time.monotonic() + 10
+    while not s.client.status()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    accepted += [s.client.generate(image_png), s.client.generate(image_png)]
+    with pytest.raises(BackendError) as err:
+        s.client.generate(image_png)
+    assert err.value.code is ErrorCode.BUSY and err.value.retryable
+    assert len(s.client.jobs()["jobs"]) == 3  # the refused one left no folder behind
+    for job_id in accepted:
+        s.client.cancel(job_id)
+
+
+def test_cancel_of_a_queued_job_and_of_a_running_job(make_server, image_png):
+    s = make_server(SLOW, engine_options={"steps": "100", "step_seconds": "0.02"})
+    running = s.client.generate(image_png)
+    queued = s.client.generate(image_png)
+    assert s.client.cancel(queued)["state"] == "cancelled"
+    assert s.client.job(queued)["job"]["state"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while s.client.status()["running"] != [running]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert s.client.cancel(running)["state"] == "cancelling"
+    assert collect_until(s.client, running)[-1].msg_type == "job_cancelled"
+    record = s.client.job(running)["job"]
+    assert record["state"] == "cancelled" and record["error"]["code"] == "cancelled"
+    assert not (s.config.output_dir / "jobs" / running / "result.glb").exists()
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"", ErrorCode.BAD_IMAGE),
+        (b"definitely not an image", ErrorCode.BAD_IMAGE),
+        (png_bytes()[:200], ErrorCode.BAD_IMAGE),
+        (png_bytes(subject=False), ErrorCode.EMPTY_ALPHA),
+    ],
+)
+def test_bad_images_are_refused_with_typed_errors(make_server, data, code):
+    s = make_server(SLOW)
+    with pytest.raises(BackendError) as err:
+        s.client.generate(data)
+    assert err.value.code is code and err.value.hint
+    assert s.client.jobs()["jobs"] == []
+    assert s.client.ping()["pong"] is True
+
+
+def test_bad_params_are_refused(make_server, image_png):
+    s = make_server(SLOW)
+    with pytest.raises(BackendError) as err:
+        s.client.generate(image_png, {"samplers": {"shape": {"cfg_strength": 3}}})
+    assert err.value.code is ErrorCode.BAD_PARAMS
+
+
+def test_disk_threshold_refuses_before_anything_is_queued(make_server, image_png):
+    s = make_server(SLOW, min_free_disk=1 << 60)
+    with pytest.raises(BackendError) as err:
+        s.client.generate(image_png)
+    assert err.value.code is ErrorCode.DISK_FULL
+    assert s.client.jobs()["jobs"] == []
+
+
+def _raw_dealer(s):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 3000)
+    sock.connect(s.info.shell_url)
+    return sock
+
+
+def test_forged_unsigned_and_replayed_messages_are_rejected(make_server):
+    s = make_server(SLOW)
+    sock = _raw_dealer(s)
+    honest = protocol.Session(s.info.key)
+    forger = protocol.Session(protocol.new_key())
+    reader = protocol.Session(s.info.key)
+    try:
+        # forged: signed with the wrong key
+        sock.send_multipart(forger.serialize(forger.msg("shutdown")))
+        reply = reader.deserialize(sock.recv_multipart())
+        assert reply.content["error"]["code"] == "bad_signature"
+        # unsigned
+        frames = honest.serialize(honest.msg("shutdown"))
+        frames[1] = b""
+        sock.send_multipart(frames)
+        assert reader.deserialize(sock.recv_multipart()).content["error"]["code"] == "bad_signature"
+        # replayed: the same signed frames twice
+        frames = honest.serialize(honest.msg("ping"))
+        sock.send_multipart(frames)
+        assert reader.deserialize(sock.recv_multipart()).content["ok"] is True
+        sock.send_multipart(frames)
+        assert reader.deserialize(sock.recv_multipart()).content["error"]["code"] == "replayed"
+        # garbage frames
+        sock.send_multipart([b"\x00" * 3])
+        assert reader.deserialize(sock.recv_multipart()).content["error"]["code"] == "bad_message"
+    finally:
+        sock.close()
+    assert s.client.ping()["pong"] is True
+    rejected = s.client.status()["rejected"]
+    assert rejected == {"bad_signature": 2, "replayed": 1, "bad_message": 1}
+    assert s.thread.is_alive()
+
+
+def test_events_are_signed_and_carry_the_session(make_server, image_png):
+    s = make_server(SLOW, engine_options={"steps": "2", "step_seconds": "0.01"})
+    job_id = s.client.generate(image_png)
+    events = collect_until(s.client, job_id)
+    assert {e.session for e in events} == {s.info.session}
+    assert s.client.rejected == 0
+
+
+def test_history_survives_a_backend_restart(make_server, tmp_path, image_png):
+    s = make_server(SLOW, engine_options={"steps": "2", "step_seconds": "0.01"})
+    job_id = s.client.generate(image_png)
+    assert collect_until(s.client, job_id)[-1].msg_type == "job_done"
+    output_dir = s.config.output_dir
+    s.stop()
+    s2 = make_server(SLOW, output_dir=output_dir)
+    assert s2.info.session != s.info.session
+    jobs = s2.client.jobs()["jobs"]
+    assert [j["job_id"] for j in jobs] == [job_id] and jobs[0]["state"] == "done"
+
+
+def test_stop_mid_job_requeues_it_and_the_next_backend_finishes_it(make_server, image_png):
+    s = make_server(SLOW, engine_options={"steps": "200", "step_seconds": "0.02"})
+    job_id = s.client.generate(image_png)
+    deadline = time.monotonic() + 10
+    while s.client.status()["running"] != [job_id]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    s.client.shutdown("test")
+    s.thread.join(timeout=20)
+    assert not s.thread.is_alive()
+    on_disk = json.loads((s.config.output_dir / "jobs" / job_id / "job.json").read_text())
+    assert on_disk["state"] == "queued"
+    assert not s.config.connection_file.exists()
+    s2 = make_server(
+        SLOW, output_dir=s.config.output_dir, engine_options={"steps": "2", "step_seconds": "0.01"}
+    )
+    final = s2.client.wait_for_job(job_id, timeout=20)
+    assert final["event"] == "job_done"
+    assert s2.client.job(job_id)["job"]["recoveries"] == 0  # a clean stop is not a crash
+
+
+def test_stats_aggregate_after_jobs(make_server, image_png):
+    s = make_server(SLOW, engine_options={"steps": "1", "step_seconds": "0"})
+    ids = [s.client.generate(image_png) for _ in range(3)]
+    for job_id in ids:
+        s.client.wait_for_job(job_id, timeout=20)
+    agg = s.client.stats()["aggregate"]
+    assert agg["jobs"] == 3 and agg["success_rate"] == 1.0
+    assert agg["seconds_p95"] >= agg["seconds_p50"] > 0
+    assert agg["level_distribution"] == {"0": 3}
