@@ -97,6 +97,7 @@ class Server:
         self._queue: deque[str] = deque()
         self._queue_cv = threading.Condition()
         self._running: dict[str, threading.Event] = {}
+        self._decoded: dict[str, Any] = {}  # job id -> input decoded at submit (saves a decode)
         self._ready = threading.Event()
         self._active = threading.Event()
         self._stopping = threading.Event()
@@ -520,6 +521,8 @@ class Server:
                 parent=parent,
             )
             self._queue.append(record.id)
+            if image is not None:
+                self._decoded[record.id] = image
             position = len(self._queue)
             self._queue_cv.notify()
         self._emit(
@@ -535,6 +538,7 @@ class Server:
         with self._queue_cv:
             if job_id in self._queue:
                 self._queue.remove(job_id)
+                self._decoded.pop(job_id, None)
                 self.store.transition(job_id, "cancel")
                 self._emit("job_cancelled", {"job_id": job_id})
                 return protocol.ok_reply(job_id=job_id, state="cancelled")
@@ -640,6 +644,7 @@ class Server:
                 if self._stopping.is_set():
                     return
                 job_id = self._queue.popleft()
+                image = self._decoded.pop(job_id, None)
                 cancel = threading.Event()
                 self._running[job_id] = cancel
             try:

@@ -116,7 +116,7 @@ class PreviewEngine(Engine):
 
 def _save_png_atomic(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
+    image.save(tmp, format="PNG", compress_level=1)  # a cache: speed over size
     os.replace(tmp, path)
 
 
