@@ -158,19 +158,38 @@ class Runner:
             for i in range(resume):
                 state.update(outputs[i])
             attempt = self._attempt_record(job, len(result.attempts) + 1, level, params)
+            attempt["resumed_at"] = stages[resume].name
             try:
                 self._run_stages(
                     job, stages, resume, state, params, level, outputs, attempt, emit, cancelled
                 )
+            except (JobCancelled, BackendError) as exc:
+                outcome = "cancelled" if isinstance(exc, JobCancelled) else "error"
+                self._close_attempt(
+                    attempt,
+                    outcome,
+                    stages[attempt.pop("_stage", resume)],
+                    exc.message,
+                    gpu.vram(init=False),
+                    partial=resume > 0,
+                    error_code=exc.code.value,
+                )
+                result.attempts.append(attempt)
+                raise
             except _Failure as failure:
                 del state
                 cleanup_vram = gpu.cleanup(self.engine)
+                read_so_far = frozenset().union(
+                    *(s.knobs for s in stages[: failure.stage_index + 1])
+                )
                 self._close_attempt(
                     attempt,
                     failure.kind or "error",
                     stages[failure.stage_index],
                     failure.message,
                     cleanup_vram,
+                    partial=resume > 0,
+                    depends_on=read_so_far,
                 )
                 result.attempts.append(attempt)
                 self.store.append_log(
@@ -216,7 +235,7 @@ class Runner:
                     f"({ladder.describe(level)}) from {stages[resume].name}",
                 )
                 continue
-            self._close_attempt(attempt, "ok", stages[-1], None, gpu.vram())
+            self._close_attempt(attempt, "ok", stages[-1], None, gpu.vram(), partial=resume > 0)
             result.attempts.append(attempt)
             self._accept_output(job, state, request, params, level, result)
             return
@@ -227,6 +246,7 @@ class Runner:
         count = len(stages)
         for index in range(resume, count):
             stage = stages[index]
+            attempt["_stage"] = index
 
             def report(name: str, step: int, total: int, message: str, _i: int = index) -> None:
                 fraction = (_i + (step / total if total else 0.0)) / count
@@ -298,13 +318,13 @@ class Runner:
         return state
 
     def _start_level(self, request: GenerationParams) -> tuple[int, str]:
-        if not (self.config.adaptive_start and self.profile and self.engine.uses_gpu):
+        if not (self.config.adaptive_start and self.profile is not None and self.engine.uses_gpu):
             return 0, "as requested"
         figures = gpu.vram()
         if not figures:
             return 0, "no VRAM figures"
         return self.profile.choose_start_level(
-            self.engine.name, request, self.engine.capabilities, figures["free"]
+            self.engine.name, request, self.engine.capabilities, figures["available"]
         )
 
     def _attempt_record(self, job, number, level, params) -> dict[str, Any]:
@@ -318,18 +338,29 @@ class Runner:
             "params": params.to_dict(),
             "stage_seconds": {},
             "started": self.clock(),
-            "free_before": figures.get("free"),
+            "free_before": figures.get("available"),
             "_params": params,
         }
 
-    def _close_attempt(self, attempt, outcome, stage: Stage, error, figures) -> None:
+    def _close_attempt(
+        self,
+        attempt,
+        outcome,
+        stage: Stage,
+        error,
+        figures,
+        partial=False,
+        depends_on=None,
+        error_code=None,
+    ) -> None:
         params = attempt.pop("_params")
+        attempt.pop("_stage", None)
         attempt["seconds"] = round(self.clock() - attempt.pop("started"), 4)
         attempt.update(
             outcome=outcome,
             stage=stage.name,
             error=error,
-            error_code=None if outcome == "ok" else outcome,
+            error_code=error_code or (None if outcome == "ok" else outcome),
             vram_peak=(figures or {}).get("peak"),
         )
         self.stats.append("attempt", **attempt)
@@ -342,6 +373,8 @@ class Runner:
                     attempt["vram_peak"],
                     attempt["free_before"] or 0,
                     outcome == "ok",
+                    partial=partial,
+                    depends_on=depends_on,
                 )
             except Exception:  # the profile is an optimisation; never fail a job over it
                 log.exception("memory profile update failed")

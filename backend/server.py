@@ -92,6 +92,7 @@ class Server:
             self.profile,
             RunnerConfig(min_free_disk=config.min_free_disk),
         )
+        self._health: dict[str, Any] = {"ok": True, "gpu": False}  # last GPU probe
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self._queue: deque[str] = deque()
@@ -119,11 +120,13 @@ class Server:
     # -- lifecycle -------------------------------------------------------------------
 
     def _open_profile(self):
-        if not self.engine.uses_gpu:
+        """The adaptive-start memory profile of this GPU (None for CPU engines)."""
+        key = gpu.device_key() if self.engine.uses_gpu else None
+        if key is None:
             return None
         from .memprofile import MemoryProfile
 
-        return MemoryProfile(self.config.state_dir / "memory_profile.json", gpu_key="cuda")
+        return MemoryProfile(self.config.state_dir / "memory_profile.json", gpu_key=key)
 
     def bind(self) -> protocol.ConnectionInfo:
         """Bind on loopback with ports chosen at bind time, then write the connection file."""
@@ -164,6 +167,8 @@ class Server:
         self._spawn(self._load_engine, "engine-loader")
         for i in range(self.max_concurrent):
             self._spawn(self._worker, f"worker-{i}")
+        if self.engine.uses_gpu:
+            self._spawn(self._watch_gpu, "gpu-health")
 
     def _activate(self) -> None:
         with self._queue_cv:
@@ -622,6 +627,7 @@ class Server:
             self._fail_queue(error)
             return
         seconds = time.monotonic() - began
+        self.runner.profile = self._open_profile()
         self.stats.append("ready", engine=self.engine.name, seconds=round(seconds, 4))
         self._set_state(BackendState.READY, f"ready in {seconds:.2f} s")
         self._ready.set()
@@ -654,6 +660,7 @@ class Server:
                     emit=self._emit,
                     cancelled=cancel.is_set,
                     interrupted=self._stopping.is_set,
+                    image=image,
                 )
             except Exception:
                 log.exception("worker failed on job %s", job_id)
@@ -664,6 +671,12 @@ class Server:
                 self._set_state(BackendState.POISONED, f"CUDA context broken during job {job_id}")
                 self.request_stop("gpu poisoned", exit_code=gpu.POISONED_EXIT_CODE)
                 return
+
+    def _watch_gpu(self, interval: float = 5.0) -> None:
+        """Probe the GPU off the control loop, so `status` reports a hung GPU without hanging."""
+        while not self._stopping.wait(interval):
+            if self._ready.is_set():
+                self._health = dict(gpu.probe_health(2.0), checked=self.clock())
 
     def _recover_jobs(self) -> None:
         """Jobs a dead backend left queued or running run again (running ones only once)."""

@@ -12,8 +12,15 @@ from backend.jobs import JobState, JobStore
 
 def test_job_folder_holds_inputs_and_request(tmp_path):
     store = JobStore(tmp_path)
-    record = store.create("generate", "preview", {"seed": 1}, image=b"PNGDATA", image_ext="png",
-                          filename="mug.png", thumbnail=b"THUMB")
+    record = store.create(
+        "generate",
+        "preview",
+        {"seed": 1},
+        image=b"PNGDATA",
+        image_ext="png",
+        filename="mug.png",
+        thumbnail=b"THUMB",
+    )
     folder = store.folder(record.id)
     assert (folder / "input.png").read_bytes() == b"PNGDATA"
     assert (folder / "thumbnail.png").read_bytes() == b"THUMB"
@@ -56,8 +63,18 @@ def test_corrupt_job_folder_is_skipped_with_a_warning(tmp_path):
     assert len(warnings) == 1 and bad.id in warnings[0]
 
 
-@pytest.mark.parametrize("job_id", ["../../etc", "..", "/etc/passwd", "20260101-000000-zzzzzz",
-                                    "20260101-000000-abcdef/../x", "", 5])
+@pytest.mark.parametrize(
+    "job_id",
+    [
+        "../../etc",
+        "..",
+        "/etc/passwd",
+        "20260101-000000-zzzzzz",
+        "20260101-000000-abcdef/../x",
+        "",
+        5,
+    ],
+)
 def test_ids_cannot_escape_the_store(tmp_path, job_id):
     store = JobStore(tmp_path)
     with pytest.raises(BackendError) as err:

@@ -12,8 +12,7 @@ from backend.params import PRESETS, parse_params
 STAGES = (
     Stage("cond", "Conditioning", frozenset({"image_size"})),
     Stage("structure", "Structure", frozenset({"resolution", "steps_scale", "guidance"})),
-    Stage("shape", "Shape", frozenset({"resolution", "max_num_tokens", "steps_scale",
-                                       "guidance"})),
+    Stage("shape", "Shape", frozenset({"resolution", "max_num_tokens", "steps_scale", "guidance"})),
     Stage("texture", "Texture", frozenset({"resolution", "steps_scale", "guidance"})),
     Stage("export", "Export", frozenset({"texture_size", "decimation_target", "remesh"})),
 )
@@ -67,8 +66,12 @@ def test_ladder_has_13_levels_in_the_documented_order():
     assert [at[i].image_size for i in (6, 7, 8, 9)] == [1024, 768, 512, 384]
     assert all(at[i].texture_size == 4096 for i in range(10))
     assert [at[i].texture_size for i in (10, 11, 12)] == [2048, 1024, 512]
-    assert [at[i].decimation_target for i in (9, 10, 11, 12)] == [800_000, 500_000, 250_000,
-                                                                 100_000]
+    assert [at[i].decimation_target for i in (9, 10, 11, 12)] == [
+        800_000,
+        500_000,
+        250_000,
+        100_000,
+    ]
 
 
 def test_caps_never_raise_quality():
@@ -100,8 +103,7 @@ def test_export_failure_reaches_texture_levels_only_after_structure_levels():
     request = parse_params({"preset": "high"})
     levels, level = [], 0
     while True:
-        step = ladder.next_step(request, level, failed_stage=4, stages=STAGES,
-                                capabilities=KNOBS)
+        step = ladder.next_step(request, level, failed_stage=4, stages=STAGES, capabilities=KNOBS)
         if step is None:
             break
         levels.append(step.level)

@@ -134,8 +134,9 @@ def _signed(session, header, parent=b"{}", content=b"{}"):
         b"not json",
         b"[1, 2]",
         json.dumps({"msg_id": "a"}).encode(),
-        json.dumps({"msg_id": 1, "msg_type": "x", "session": "s", "date": "d",
-                    "version": "1.0"}).encode(),
+        json.dumps(
+            {"msg_id": 1, "msg_type": "x", "session": "s", "date": "d", "version": "1.0"}
+        ).encode(),
     ],
 )
 def test_signed_but_malformed_headers_are_rejected(header):
@@ -186,13 +187,22 @@ def test_request_schema(msg_type, content, buffers, ok):
 
 
 def test_connection_file_is_owner_only_and_complete(tmp_path):
-    info = protocol.ConnectionInfo(shell_port=5555, iopub_port=5556, key=protocol.new_key(),
-                                   session="abc", pid=os.getpid())
+    info = protocol.ConnectionInfo(
+        shell_port=5555, iopub_port=5556, key=protocol.new_key(), session="abc", pid=os.getpid()
+    )
     path = protocol.write_connection_file(tmp_path / "run" / "backend.json", info)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     data = json.loads(path.read_text())
-    for name in ("transport", "ip", "shell_port", "iopub_port", "key", "signature_scheme",
-                 "pid", "session"):
+    for name in (
+        "transport",
+        "ip",
+        "shell_port",
+        "iopub_port",
+        "key",
+        "signature_scheme",
+        "pid",
+        "session",
+    ):
         assert name in data
     assert data["ip"] == "127.0.0.1"
     assert protocol.read_connection_file(path) == info
