@@ -76,7 +76,10 @@ class Client:
     ) -> str:
         """Queue a request; returns its msg_id. Never blocks (ZeroMQ queues it)."""
         message = self.session.msg(msg_type, content, buffers=buffers)
-        self.shell.send_multipart(self.session.serialize(message), copy=False)
+        try:
+            self.shell.send_multipart(self.session.serialize(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # the send queue is full: the backend has not read for a long time
+            raise ClientTimeout(f"sending {msg_type}", 0.0) from None
         return message.msg_id
 
     def poll(self, timeout: float = 0.0) -> list[protocol.Message]:
