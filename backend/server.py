@@ -581,16 +581,36 @@ class Server:
 
     def _on_doctor(self, message, identity) -> None:
         def work() -> dict:
-            from .doctor import run_doctor
+            # A child process: doctor imports trellis2, which reads its attention settings
+            # once at import; doing that here could race the engine's own import.
+            import subprocess
 
-            options = {
-                k: v
-                for k, v in self.config.engine_options.items()
-                if k in ("weights_dir", "dinov3_path", "rembg_path", "trellis_checkout")
-            }
-            return protocol.ok_reply(
-                report=run_doctor(output_dir=str(self.config.output_dir), **options)
+            options = self.config.engine_options
+            cmd = [
+                sys.executable,
+                "-m",
+                "backend",
+                "doctor",
+                "--json",
+                "--output-dir",
+                str(self.config.output_dir),
+            ]
+            for key in ("weights_dir", "dinov3_path", "rembg_path", "trellis_checkout"):
+                if options.get(key):
+                    cmd += [f"--{key.replace('_', '-')}", options[key]]
+            package_root = str(Path(__file__).resolve().parent.parent)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (package_root, env.get("PYTHONPATH")) if p
             )
+            try:
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=180, env=env, cwd=package_root
+                )
+                report = json.loads(proc.stdout)
+            except (subprocess.TimeoutExpired, ValueError, OSError) as exc:
+                raise BackendError(ErrorCode.INTERNAL, f"doctor did not report: {exc}") from None
+            return protocol.ok_reply(report=report)
 
         self._defer(identity, message, work)
         return None

@@ -234,3 +234,14 @@ def test_stats_aggregate_after_jobs(make_server, image_png):
     assert agg["jobs"] == 3 and agg["success_rate"] == 1.0
     assert agg["seconds_p95"] >= agg["seconds_p50"] > 0
     assert agg["level_distribution"] == {"0": 3}
+
+
+def test_doctor_request_reports_without_blocking_the_loop(make_server):
+    s = make_server(SLOW)
+    msg_id = s.client.send("doctor")
+    assert s.client.ping(timeout=2)["pong"] is True  # answered while doctor runs
+    reply = s.client.wait_reply(msg_id, timeout=120, what="doctor").content
+    assert reply["ok"] is True
+    checks = {c["name"]: c for c in reply["report"]["checks"]}
+    assert "python" in checks and checks["python"]["ok"] is True
+    assert "trellis2" in checks and all("hint" in c for c in checks.values())

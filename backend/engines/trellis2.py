@@ -1,0 +1,1192 @@
+"""The TRELLIS.2 engine: runs the real pipeline stage by stage from a local weights folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import attention
+from ..errors import BackendError, ErrorCode, InputError
+from ..params import SAMPLER_KEYS, GenerationParams
+from .base import KNOBS, Engine, Stage, StageContext
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Our resolution tiers -> upstream pipeline types (the official demo's mapping, §3).
+PIPELINE_TYPES = {512: "512", 1024: "1024_cascade", 1536: "1536_cascade"}
+# Sparse-structure grid: 32 for all three types we use (only the plain "1024" type uses 64).
+SS_RESOLUTION = 32
+MODEL_NAMES = (
+    "sparse_structure_flow_model",
+    "sparse_structure_decoder",
+    "shape_slat_flow_model_512",
+    "shape_slat_flow_model_1024",
+    "shape_slat_decoder",
+    "tex_slat_flow_model_512",
+    "tex_slat_flow_model_1024",
+    "tex_slat_decoder",
+)
+DEFAULT_SHAPE_ENCODER = "ckpts/shape_enc_next_dc_f16c32_fp16"
+DINOV3_ID = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+# Places inside the weights folder where a DINOv3 / background-removal copy may live.
+DINOV3_DIRS = (DINOV3_ID, "dinov3", "dinov3-vitl16-pretrain-lvd1689m")
+REMBG_DIRS = ("briaai/RMBG-2.0", "ZhengPeng7/BiRefNet", "rembg", "BiRefNet", "RMBG-2.0")
+NVDIFFRAST_FACE_LIMIT = 16_777_216  # app.py simplifies to this before baking
+ALPHA_THRESHOLD = 0.8 * 255  # upstream crops to pixels above this alpha
+AABB = [[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]]
+CACHE_FILE = "trellis2_latents.npz"
+CACHE_META = "trellis2_latents.json"
+_SAMPLER_ATTRS = {
+    "sparse_structure": "sparse_structure_sampler",
+    "shape": "shape_slat_sampler",
+    "texture": "tex_slat_sampler",
+}
+
+# One-line fixes for missing upstream modules; doctor uses the same table.
+FIX_HINTS = {
+    "torch": "Install PyTorch with CUDA in the TRELLIS.2 environment (setup.sh --new-env).",
+    "transformers": "pip install 'transformers>=4.56,<5'",
+    "trellis2": "Set TRELLIS2_CHECKOUT (or --engine-opt trellis_checkout=...) to your "
+    "TRELLIS.2 clone.",
+    "o_voxel": "Install o-voxel from the TRELLIS.2 clone: pip install ./o-voxel "
+    "--no-build-isolation (setup.sh --o-voxel).",
+    "cumesh": "Build CuMesh: git clone --recursive https://github.com/JeffreyXiang/CuMesh && "
+    "pip install ./CuMesh --no-build-isolation.",
+    "flex_gemm": "Build FlexGEMM: git clone --recursive https://github.com/JeffreyXiang/FlexGEMM "
+    "&& pip install ./FlexGEMM --no-build-isolation.",
+    "nvdiffrast": "pip install git+https://github.com/NVlabs/nvdiffrast.git@v0.4.0 "
+    "--no-build-isolation",
+    "safetensors": "pip install safetensors",
+    "huggingface_hub": "pip install huggingface_hub",
+    "easydict": "pip install easydict",
+    "cv2": "pip install opencv-python-headless",
+    "torchvision": "Install torchvision matching your torch build.",
+    "trimesh": "pip install trimesh",
+}
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """One trellis2 / o_voxel callable and the keyword arguments this adapter passes it."""
+
+    module: str
+    qualname: str
+    args: tuple[str, ...]
+    method: bool = True  # bound method or constructor: the first parameter is self
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}.{self.qualname}"
+
+
+_P = "trellis2.pipelines.trellis2_image_to_3d"
+_PC = "Trellis2ImageTo3DPipeline"
+_T = "trellis2.pipelines.trellis2_texturing"
+_TC = "Trellis2TexturingPipeline"
+# Every upstream call site of this module, by the argument names it uses (all calls below
+# pass these as keywords), so `doctor` can check them against the installed code.
+UPSTREAM_CALLS: tuple[UpstreamCall, ...] = (
+    UpstreamCall("trellis2.models", "from_pretrained", ("path",), method=False),
+    UpstreamCall(
+        _P,
+        f"{_PC}.__init__",
+        (
+            "models",
+            "sparse_structure_sampler",
+            "shape_slat_sampler",
+            "tex_slat_sampler",
+            "sparse_structure_sampler_params",
+            "shape_slat_sampler_params",
+            "tex_slat_sampler_params",
+            "shape_slat_normalization",
+            "tex_slat_normalization",
+            "image_cond_model",
+            "rembg_model",
+            "low_vram",
+            "default_pipeline_type",
+        ),
+    ),
+    UpstreamCall(_P, f"{_PC}.to", ("device",)),
+    UpstreamCall(_P, f"{_PC}.get_cond", ("image", "resolution", "include_neg_cond")),
+    UpstreamCall(
+        _P,
+        f"{_PC}.sample_sparse_structure",
+        ("cond", "resolution", "num_samples", "sampler_params"),
+    ),
+    UpstreamCall(
+        _P, f"{_PC}.sample_shape_slat", ("cond", "flow_model", "coords", "sampler_params")
+    ),
+    UpstreamCall(
+        _P,
+        f"{_PC}.sample_shape_slat_cascade",
+        (
+            "lr_cond",
+            "cond",
+            "flow_model_lr",
+            "flow_model",
+            "lr_resolution",
+            "resolution",
+            "coords",
+            "sampler_params",
+            "max_num_tokens",
+        ),
+    ),
+    UpstreamCall(
+        _P, f"{_PC}.sample_tex_slat", ("cond", "flow_model", "shape_slat", "sampler_params")
+    ),
+    UpstreamCall(_P, f"{_PC}.decode_latent", ("shape_slat", "tex_slat", "resolution")),
+    # Wrapped (not called) for per-step progress; the wrapper passes arguments through.
+    UpstreamCall(
+        "trellis2.pipelines.samplers",
+        "FlowEulerSampler.sample_once",
+        ("model", "x_t", "t", "t_prev", "cond"),
+    ),
+    UpstreamCall(
+        "trellis2.pipelines.samplers", "FlowEulerGuidanceIntervalSampler.__init__", ("sigma_min",)
+    ),
+    UpstreamCall(
+        "trellis2.modules.image_feature_extractor",
+        "DinoV3FeatureExtractor.__init__",
+        ("model_name",),
+    ),
+    UpstreamCall("trellis2.pipelines.rembg", "BiRefNet.__init__", ("model_name",)),
+    UpstreamCall("trellis2.modules.sparse", "SparseTensor.__init__", ("feats", "coords")),
+    UpstreamCall("trellis2.representations", "MeshWithVoxel.simplify", ("target",)),
+    UpstreamCall(
+        "o_voxel.postprocess",
+        "to_glb",
+        (
+            "vertices",
+            "faces",
+            "attr_volume",
+            "coords",
+            "attr_layout",
+            "aabb",
+            "grid_size",
+            "decimation_target",
+            "texture_size",
+            "remesh",
+            "remesh_band",
+            "remesh_project",
+        ),
+        method=False,
+    ),
+    UpstreamCall(
+        _T,
+        f"{_TC}.__init__",
+        (
+            "models",
+            "tex_slat_sampler",
+            "tex_slat_sampler_params",
+            "shape_slat_normalization",
+            "tex_slat_normalization",
+            "image_cond_model",
+            "rembg_model",
+            "low_vram",
+        ),
+    ),
+    UpstreamCall(_T, f"{_TC}.to", ("device",)),
+    UpstreamCall(_T, f"{_TC}.preprocess_mesh", ("mesh",)),
+    UpstreamCall(_T, f"{_TC}.get_cond", ("image", "resolution", "include_neg_cond")),
+    UpstreamCall(_T, f"{_TC}.encode_shape_slat", ("mesh", "resolution")),
+    UpstreamCall(
+        _T, f"{_TC}.sample_tex_slat", ("cond", "flow_model", "shape_slat", "sampler_params")
+    ),
+    UpstreamCall(_T, f"{_TC}.decode_tex_slat", ("slat",)),
+    UpstreamCall(
+        _T, f"{_TC}.postprocess_mesh", ("mesh", "pbr_voxel", "resolution", "texture_size")
+    ),
+)
+
+
+# -- helpers shared with doctor ----------------------------------------------------------
+
+
+def configure_allocator() -> None:
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True must be set before torch loads."""
+    try:
+        from .. import gpu
+
+        gpu.configure_allocator()
+    except ImportError:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file (u64 little-endian length + JSON); no import of
+    safetensors needed. Raises ValueError on a truncated or malformed file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path.name}: shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(size - 8, 100_000_000):
+            raise ValueError(f"{path.name}: header length {length} exceeds the file")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            raise ValueError(f"{path.name}: unreadable header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: header is not an object")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise ValueError(
+            f"{path.name}: truncated ({size} bytes, the header describes {8 + length + end})"
+        )
+    return header
+
+
+def safetensors_keys(path: str | Path) -> set[str]:
+    return {k for k in read_safetensors_header(path) if k != "__metadata__"}
+
+
+def check_weight_keys(name: str, model: Any, path: str | Path) -> None:
+    """Upstream loads with strict=False, so a mismatching checkpoint loads silently into
+    random weights; compare the model's keys with the file's and fail loudly instead."""
+    file_keys = safetensors_keys(path)
+    model_keys = set(model.state_dict().keys())
+    missing = sorted(model_keys - file_keys)
+    unexpected = sorted(file_keys - model_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise BackendError(
+            ErrorCode.WEIGHTS_MISMATCH,
+            f"weights of {name} do not match the model code: {'; '.join(parts)} in {path}",
+            "Download the weights again for the TRELLIS.2 revision you run (or update the "
+            "checkout); never use the spconv/torchsparse conv backends with released weights.",
+        )
+
+
+def read_pipeline_config(weights_dir: str | Path, name: str = "pipeline.json") -> dict[str, Any]:
+    """The `args` object of pipeline.json (or texturing_pipeline.json) in the weights folder."""
+    path = Path(weights_dir) / name
+    if not path.is_file():
+        raise BackendError(
+            ErrorCode.ENGINE_UNAVAILABLE,
+            f"{path} not found",
+            "Download microsoft/TRELLIS.2-4B into the weights folder (see docs/TRELLIS2.md).",
+        )
+    try:
+        args = json.loads(path.read_text(encoding="utf-8"))["args"]
+        if not isinstance(args.get("models"), dict):
+            raise KeyError("models")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BackendError(
+            ErrorCode.ENGINE_UNAVAILABLE,
+            f"{path} is not a TRELLIS.2 pipeline file ({exc})",
+            "Download pipeline.json again from microsoft/TRELLIS.2-4B.",
+        ) from None
+    return args
+
+
+def resolve_model_path(weights_dir: str | Path, value: str) -> Path:
+    """A pipeline.json model entry -> the local checkpoint stem (…/name without suffix)."""
+    candidate = Path(value)
+    return candidate if candidate.is_absolute() else Path(weights_dir) / value
+
+
+def model_files(weights_dir: str | Path, args: dict[str, Any]) -> dict[str, Path]:
+    return {
+        name: resolve_model_path(weights_dir, args["models"][name])
+        for name in MODEL_NAMES
+        if name in args["models"]
+    }
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def resolve_aux_paths(
+    weights_dir: str | Path | None,
+    dinov3_path: str | None,
+    rembg_path: str | None,
+    args: dict[str, Any] | None = None,
+) -> tuple[str | None, str | None]:
+    """Local folders for DINOv3 and the background-removal model: the explicit paths, else
+    conventional places inside the weights folder, else the config's hub id (which then loads
+    only from the local Hugging Face cache, as HF_HUB_OFFLINE is set). None if unknown."""
+
+    def pick(explicit: str | None, names: tuple[str, ...], config_key: str) -> str | None:
+        if explicit:
+            return str(explicit)
+        if weights_dir:
+            configured = ((args or {}).get(config_key) or {}).get("args", {}).get("model_name")
+            for name in ((configured,) if configured else ()) + names:
+                if _is_model_dir(Path(weights_dir) / name):
+                    return str(Path(weights_dir) / name)
+        configured = ((args or {}).get(config_key) or {}).get("args", {}).get("model_name")
+        return configured or None
+
+    dinov3 = pick(dinov3_path, DINOV3_DIRS, "image_cond_model")
+    rembg = pick(rembg_path, REMBG_DIRS, "rembg_model")
+    return dinov3, rembg
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise BackendError(ErrorCode.BAD_PARAMS, f"engine option {name} must be true or false")
+
+
+def _missing_module_hint(exc: BaseException) -> tuple[str, str]:
+    name = getattr(exc, "name", None) or ""
+    text = str(exc)
+    for module, hint in FIX_HINTS.items():
+        if name.split(".")[0] == module or f"'{module}" in text or f"{module}." in text:
+            return module, hint
+    if "DINOv3" in text:
+        return "transformers", FIX_HINTS["transformers"]
+    return name or "?", "Run `python -m backend doctor` to see what is missing."
+
+
+def _to(obj: Any, device: Any) -> Any:
+    """Move tensors, sparse tensors and meshes (also inside dicts/lists) to a device."""
+    if obj is None or isinstance(obj, (str, bytes, int, float, Path)):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    mover = getattr(obj, "to", None)
+    return mover(device) if callable(mover) else obj
+
+
+def _on_accelerator(obj: Any) -> bool:
+    if isinstance(obj, dict):
+        return any(_on_accelerator(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_on_accelerator(v) for v in obj)
+    for attr in ("feats", "vertices"):
+        if hasattr(obj, attr):
+            obj = getattr(obj, attr)
+            break
+    device = getattr(obj, "device", None)
+    return getattr(device, "type", "cpu") != "cpu"
+
+
+def _crop_premultiply(rgba: Image.Image) -> Image.Image:
+    """Upstream's crop: a square around the pixels above 80% alpha, RGB times alpha."""
+    import numpy as np
+    from PIL import Image
+
+    alpha = np.asarray(rgba)[:, :, 3]
+    found = np.argwhere(alpha > ALPHA_THRESHOLD)
+    x0, y0 = found[:, 1].min(), found[:, 0].min()
+    x1, y1 = found[:, 1].max(), found[:, 0].max()
+    cx, cy, size = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0)
+    cropped = rgba.crop((cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2))
+    arr = np.asarray(cropped).astype(np.float32) / 255
+    return Image.fromarray((arr[:, :, :3] * arr[:, :, 3:4] * 255).astype(np.uint8))
+
+
+def _parse_mesh(data: bytes, fmt: str) -> Any:
+    import numpy as np
+    import trimesh
+
+    fmt = (fmt or "").lower().lstrip(".")
+    if fmt not in ("glb", "ply"):
+        raise InputError(ErrorCode.BAD_MESH_INPUT, f"unsupported mesh format {fmt!r}")
+    try:
+        loaded = trimesh.load(io.BytesIO(data), file_type=fmt, process=False)
+    except Exception as exc:  # trimesh raises many types on bad files
+        raise InputError(ErrorCode.BAD_MESH_INPUT, f"cannot read the {fmt} mesh: {exc}") from None
+    if isinstance(loaded, trimesh.Scene):
+        meshes = [g for g in loaded.dump() if isinstance(g, trimesh.Trimesh)]
+        loaded = trimesh.util.concatenate(meshes) if meshes else None
+    if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
+        raise InputError(ErrorCode.BAD_MESH_INPUT, "the mesh has no triangles")
+    vertices = np.asarray(loaded.vertices, dtype=np.float64)
+    if not np.isfinite(vertices).all():
+        raise InputError(ErrorCode.BAD_MESH_INPUT, "the mesh has non-finite vertex positions")
+    if (vertices.max(0) - vertices.min(0)).max() <= 0:
+        raise InputError(ErrorCode.BAD_MESH_INPUT, "the mesh has zero size")
+    return trimesh.Trimesh(vertices=vertices, faces=np.asarray(loaded.faces), process=False)
+
+
+# -- the engine ----------------------------------------------------------------------------
+
+
+class Trellis2Engine(Engine):
+    """Real TRELLIS.2 through its staging API, one resumable stage per pipeline step."""
+
+    name = "trellis2"
+    label = "TRELLIS.2"
+    uses_gpu = True
+    capabilities = KNOBS
+    stages = (
+        Stage("conditioning", "Preparing the image", frozenset({"image_size"})),
+        Stage(
+            "sparse_structure",
+            "Sampling the sparse structure",
+            frozenset({"steps_scale", "guidance"}),
+        ),
+        Stage(
+            "shape",
+            "Sampling the shape",
+            frozenset({"resolution", "max_num_tokens", "steps_scale", "guidance"}),
+        ),
+        Stage(
+            "texture", "Sampling the texture", frozenset({"resolution", "steps_scale", "guidance"})
+        ),
+        Stage("decode", "Decoding the mesh", frozenset()),
+        Stage(
+            "export",
+            "Baking textures and writing the GLB",
+            frozenset({"texture_size", "decimation_target", "remesh"}),
+        ),
+    )
+    texture_stages = (
+        Stage(
+            "tex_prepare", "Preparing the image and mesh", frozenset({"image_size", "resolution"})
+        ),
+        Stage("tex_encode", "Encoding the mesh", frozenset({"resolution"})),
+        Stage(
+            "tex_sample",
+            "Sampling the texture",
+            frozenset({"resolution", "steps_scale", "guidance"}),
+        ),
+        Stage("tex_decode", "Decoding the texture", frozenset()),
+        Stage("tex_bake", "Baking textures and writing the GLB", frozenset({"texture_size"})),
+    )
+
+    def __init__(
+        self,
+        weights_dir: str | None = None,
+        dinov3_path: str | None = None,
+        rembg_path: str | None = None,
+        trellis_checkout: str | None = None,
+        device: str = "cuda",
+        low_vram: Any = True,
+        attention: str = "auto",
+        **ignored: Any,
+    ):
+        env = os.environ.get
+        self.weights_dir = weights_dir or env("TRELLIS2_WEIGHTS") or None
+        self.dinov3_path = dinov3_path or env("TRELLIS2_DINOV3") or None
+        self.rembg_path = rembg_path or env("TRELLIS2_REMBG") or None
+        self.trellis_checkout = trellis_checkout or env("TRELLIS2_CHECKOUT") or None
+        self.device = str(device)
+        self.low_vram = _bool(low_vram, "low_vram")
+        self.attention_choice = str(attention or "auto")
+        if self.attention_choice not in ("auto", *attention_backends()):
+            raise BackendError(
+                ErrorCode.BAD_PARAMS,
+                f"unknown attention backend {self.attention_choice!r}",
+                "Use auto, flash_attn or xformers.",
+            )
+        if ignored:
+            log.info("trellis2 engine: ignoring options %s", sorted(ignored))
+        self.attention_backend: str | None = None
+        self.pipeline: Any = None
+        self.texturing: Any = None
+        self._up: dict[str, Any] = {}
+        self._resolved: dict[str, str | None] = {}
+        self._active_state: dict[str, Any] | None = None
+        self._resident = False
+        self.last_effective_resolution: int | None = None
+        self.last_pipeline_type: str | None = None
+
+    # -- loading -----------------------------------------------------------------------
+
+    def _weights(self) -> Path:
+        if not self.weights_dir:
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                "no TRELLIS.2 weights folder configured",
+                "Set TRELLIS2_WEIGHTS or --engine-opt weights_dir=<folder> (see docs/TRELLIS2.md).",
+            )
+        path = Path(self.weights_dir).expanduser()
+        if not path.is_dir():
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                f"weights folder {path} does not exist",
+                "Point weights_dir at the folder holding pipeline.json and ckpts/.",
+            )
+        return path
+
+    def _choose_attention(self) -> str:
+        if self.attention_choice != "auto":
+            return self.attention_choice
+        return attention.choose(attention.detect())
+
+    def _import_upstream(self) -> None:
+        if self.trellis_checkout:
+            checkout = str(Path(self.trellis_checkout).expanduser())
+            if checkout not in sys.path:
+                sys.path.insert(0, checkout)
+        try:
+            import o_voxel.postprocess as postprocess
+            import trellis2.models as t2models
+            import trellis2.modules.image_feature_extractor as features
+            import trellis2.pipelines.rembg as rembg
+            import trellis2.pipelines.samplers as samplers
+            from trellis2.modules.sparse import SparseTensor
+            from trellis2.pipelines.trellis2_image_to_3d import Trellis2ImageTo3DPipeline
+        except (ImportError, OSError) as exc:
+            module, hint = _missing_module_hint(exc)
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                f"cannot import TRELLIS.2 ({module}): {exc}",
+                hint,
+            ) from None
+        self._up = {
+            "models": t2models,
+            "features": features,
+            "rembg": rembg,
+            "samplers": samplers,
+            "SparseTensor": SparseTensor,
+            "Pipeline": Trellis2ImageTo3DPipeline,
+            "postprocess": postprocess,
+        }
+
+    def _load_model(self, name: str, stem: Path) -> Any:
+        for suffix in (".json", ".safetensors"):
+            if not stem.with_suffix(suffix).is_file():
+                raise BackendError(
+                    ErrorCode.ENGINE_UNAVAILABLE,
+                    f"{name}: {stem.with_suffix(suffix)} is missing",
+                    "Download the missing checkpoint into the weights folder "
+                    "(see docs/TRELLIS2.md for the layout).",
+                )
+        try:
+            model = self._up["models"].from_pretrained(path=str(stem))
+        except RuntimeError as exc:
+            if "size mismatch" in str(exc):
+                raise BackendError(
+                    ErrorCode.WEIGHTS_MISMATCH, f"{name}: {exc}".splitlines()[0]
+                ) from None
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                f"cannot load {name} from {stem}: {exc}",
+                "The checkpoint looks damaged; download it again.",
+            ) from None
+        check_weight_keys(name, model, stem.with_suffix(".safetensors"))
+        return model
+
+    def _aux_model(self, kind: str, cfg: dict[str, Any], path: str | None) -> Any:
+        module = self._up["features" if kind == "image_cond_model" else "rembg"]
+        try:
+            return getattr(module, cfg["name"])(**{**cfg.get("args", {}), "model_name": path})
+        except (OSError, ValueError, ImportError, AttributeError) as exc:
+            which = "DINOv3" if kind == "image_cond_model" else "background-removal model"
+            env = "TRELLIS2_DINOV3" if kind == "image_cond_model" else "TRELLIS2_REMBG"
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                f"cannot load the {which} from {path}: {exc}",
+                f"Download it once into a local folder and set {env} to it (see docs/TRELLIS2.md).",
+            ) from None
+
+    def load(self, progress: Callable[[float, str], None] | None = None) -> None:
+        if self.pipeline is not None:
+            return
+        report = progress or (lambda fraction, message: None)
+        weights = self._weights()
+        args = read_pipeline_config(weights)
+        files = model_files(weights, args)
+        absent = [n for n in MODEL_NAMES if n not in files]
+        if absent:
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                f"pipeline.json lists no {', '.join(absent)}",
+                "Download pipeline.json again from microsoft/TRELLIS.2-4B.",
+            )
+        dinov3, rembg_path = resolve_aux_paths(weights, self.dinov3_path, self.rembg_path, args)
+        self._resolved = {"dinov3": dinov3, "rembg": rembg_path}
+        # Never reach the hub at run time: a failed local load must fail, not download.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        configure_allocator()
+        backend = self._choose_attention()
+        attention.apply(backend)  # before trellis2 is imported: its config reads env at import
+        self.attention_backend = backend
+        report(0.02, f"importing TRELLIS.2 (attention: {backend})")
+        self._import_upstream()
+        import torch
+
+        steps = len(MODEL_NAMES) + 2
+        loaded: dict[str, Any] = {}
+        for i, name in enumerate(MODEL_NAMES):
+            report((i + 1) / steps, f"loading {name}")
+            loaded[name] = self._load_model(name, files[name])
+        samplers_mod = self._up["samplers"]
+        built: dict[str, Any] = {}
+        for key, attr in _SAMPLER_ATTRS.items():
+            cfg = args[attr]
+            built[attr] = getattr(samplers_mod, cfg["name"])(**cfg.get("args", {}))
+            built[f"{attr}_params"] = self._clean_defaults(key, cfg.get("params", {}))
+        report((steps - 1) / steps, "loading DINOv3 and background removal")
+        image_cond = self._aux_model("image_cond_model", args["image_cond_model"], dinov3)
+        rembg = None
+        if rembg_path:
+            rembg = self._aux_model("rembg_model", args["rembg_model"], rembg_path)
+        pipeline = self._up["Pipeline"](
+            models=loaded,
+            sparse_structure_sampler=built["sparse_structure_sampler"],
+            shape_slat_sampler=built["shape_slat_sampler"],
+            tex_slat_sampler=built["tex_slat_sampler"],
+            sparse_structure_sampler_params=built["sparse_structure_sampler_params"],
+            shape_slat_sampler_params=built["shape_slat_sampler_params"],
+            tex_slat_sampler_params=built["tex_slat_sampler_params"],
+            shape_slat_normalization=args["shape_slat_normalization"],
+            tex_slat_normalization=args["tex_slat_normalization"],
+            image_cond_model=image_cond,
+            rembg_model=rembg,
+            low_vram=self.low_vram,
+            default_pipeline_type=args.get("default_pipeline_type", "1024_cascade"),
+        )
+        # With low_vram this only records the device; stages move each model in and out.
+        pipeline.to(device=torch.device(self.device))
+        self._resident = not self.low_vram
+        self._tune_flex_gemm()
+        self.pipeline = pipeline
+        report(1.0, "ready")
+
+    def _tune_flex_gemm(self) -> None:
+        # Pre-Ampere GPUs crash in FlexGEMM's default Triton kernel (§4); the explicit GEMM
+        # path works there. Never switch to spconv instead (silently broken weights).
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.get_device_capability(0) < (8, 0):
+                from trellis2.modules.sparse.conv import config as conv_config
+
+                conv_config.FLEX_GEMM_ALGO = "explicit_gemm"
+        except Exception as exc:  # only an optimisation for old GPUs
+            log.debug("FLEX_GEMM_ALGO not adjusted: %s", exc)
+
+    @staticmethod
+    def _clean_defaults(stage: str, params: dict[str, Any]) -> dict[str, Any]:
+        # Upstream merges its defaults into every call; a stray key there would reach the
+        # model's forward() and fail stage 1 with a TypeError.
+        stray = sorted(set(params) - set(SAMPLER_KEYS))
+        if stray:
+            log.warning("ignoring unknown %s sampler keys in pipeline.json: %s", stage, stray)
+        return {k: v for k, v in params.items() if k in SAMPLER_KEYS}
+
+    def _ensure_texturing(self) -> Any:
+        if self.texturing is not None:
+            return self.texturing
+        pipe = self._require_pipeline()
+        weights = self._weights()
+        tex_args: dict[str, Any] = {}
+        if (weights / "texturing_pipeline.json").is_file():
+            tex_args = read_pipeline_config(weights, "texturing_pipeline.json")
+        encoder_rel = tex_args.get("models", {}).get("shape_slat_encoder", DEFAULT_SHAPE_ENCODER)
+        encoder = self._load_model("shape_slat_encoder", resolve_model_path(weights, encoder_rel))
+        try:
+            from trellis2.pipelines.trellis2_texturing import Trellis2TexturingPipeline
+        except (ImportError, OSError) as exc:
+            module, hint = _missing_module_hint(exc)
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE, f"cannot import the texturing pipeline: {exc}", hint
+            ) from None
+        sampler_params = pipe.tex_slat_sampler_params
+        if "tex_slat_sampler" in tex_args:
+            sampler_params = self._clean_defaults(
+                "texture", tex_args["tex_slat_sampler"].get("params", {})
+            )
+        # Share the image-to-3D pipeline's models instead of loading them a second time.
+        texturing = Trellis2TexturingPipeline(
+            models={
+                "shape_slat_encoder": encoder,
+                "tex_slat_decoder": pipe.models["tex_slat_decoder"],
+                "tex_slat_flow_model_512": pipe.models["tex_slat_flow_model_512"],
+                "tex_slat_flow_model_1024": pipe.models["tex_slat_flow_model_1024"],
+            },
+            tex_slat_sampler=pipe.tex_slat_sampler,
+            tex_slat_sampler_params=sampler_params,
+            shape_slat_normalization=pipe.shape_slat_normalization,
+            tex_slat_normalization=pipe.tex_slat_normalization,
+            image_cond_model=pipe.image_cond_model,
+            rembg_model=pipe.rembg_model,
+            low_vram=self.low_vram,
+        )
+        texturing.to(device=self._device())
+        self.texturing = texturing
+        return texturing
+
+    def _require_pipeline(self) -> Any:
+        if self.pipeline is None:
+            self.load()
+        return self.pipeline
+
+    def _device(self) -> Any:
+        import torch
+
+        return torch.device(self.device)
+
+    # -- job kinds and cache -----------------------------------------------------------
+
+    def stages_for(self, kind: str) -> tuple[Stage, ...]:
+        if kind == "generate":
+            return self.stages
+        if kind == "reexport":
+            return self.stages[-2:]  # decode + export from cached latents
+        if kind == "texture":
+            return self.texture_stages
+        return super().stages_for(kind)
+
+    def save_cache(self, state: dict[str, Any], directory: Path) -> None:
+        """Keep the two latents (a few MB) so a re-export reruns only decode and export."""
+
+        directory = Path(directory)
+        if "cached_latents" in state and "shape_slat" not in state:
+            # A re-export's own folder gets the latents too, so it can be re-exported again.
+            self._write_cache(directory, state["cached_latents"], state["cached_meta"])
+            return
+        if "shape_slat" not in state or "tex_slat" not in state:
+            return
+        arrays: dict[str, Any] = {}
+        meta: dict[str, Any] = {
+            "format": 1,
+            "effective_resolution": int(state["effective_resolution"]),
+            "pipeline_type": state.get("pipeline_type"),
+        }
+        for key in ("shape_slat", "tex_slat"):
+            slat = _to(state[key], "cpu")
+            meta[f"{key}_dtype"] = str(slat.feats.dtype).replace("torch.", "")
+            arrays[f"{key}_feats"] = slat.feats.float().numpy()  # bf16/fp16 -> f32 is exact
+            arrays[f"{key}_coords"] = slat.coords.int().numpy()
+        self._write_cache(directory, arrays, meta)
+
+    @staticmethod
+    def _write_cache(directory: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        import numpy as np
+
+        tmp = directory / (CACHE_FILE + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, directory / CACHE_FILE)
+        (directory / CACHE_META).write_text(json.dumps(meta), encoding="utf-8")
+
+    def load_cache(self, directory: Path) -> dict[str, Any]:
+        import numpy as np
+
+        directory = Path(directory)
+        if not (directory / CACHE_FILE).is_file() or not (directory / CACHE_META).is_file():
+            raise BackendError(
+                ErrorCode.NOT_FOUND,
+                f"no TRELLIS.2 latents in {directory}",
+                "Only jobs generated by the TRELLIS.2 engine can be re-exported; generate again.",
+            )
+        try:
+            meta = json.loads((directory / CACHE_META).read_text(encoding="utf-8"))
+            with np.load(directory / CACHE_FILE, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise BackendError(
+                ErrorCode.NOT_FOUND, f"the latent cache in {directory} is damaged: {exc}"
+            ) from None
+        return {
+            "cached_latents": arrays,
+            "cached_meta": meta,
+            "effective_resolution": int(meta["effective_resolution"]),
+            "pipeline_type": meta.get("pipeline_type"),
+        }
+
+    def _latent(self, state: dict[str, Any], key: str) -> Any:
+        if key in state:
+            return state[key]
+        import torch
+
+        arrays, meta = state["cached_latents"], state["cached_meta"]
+        dtype = getattr(torch, meta.get(f"{key}_dtype", "float32"))
+        return self._up["SparseTensor"](
+            feats=torch.from_numpy(arrays[f"{key}_feats"]).to(dtype),
+            coords=torch.from_numpy(arrays[f"{key}_coords"]),
+        )
+
+    # -- running stages ----------------------------------------------------------------
+
+    def run_stage(
+        self, stage: str, state: dict[str, Any], params: GenerationParams, ctx: StageContext
+    ) -> None:
+        runner = getattr(self, f"_stage_{stage}", None)
+        if runner is None:
+            raise BackendError(ErrorCode.INTERNAL, f"unknown stage {stage!r}")
+        pipe = self._require_pipeline()
+        import torch
+
+        self._active_state = state
+        if not self.low_vram and not self._resident:
+            pipe.to(device=self._device())  # after release_gpu, bring the models back
+            self._resident = True
+        # No except here: OOM and CUDA errors reach the runner unchanged; it calls
+        # release_gpu() and decides (ladder, poison). Stage outputs are CPU-resident.
+        with torch.no_grad():
+            runner(state, params, ctx)
+
+    def _sampler_params(
+        self, stage: str, params: GenerationParams, defaults: dict[str, Any]
+    ) -> dict[str, Any]:
+        user = params.samplers.get(stage, {})
+        unknown = sorted(set(user) - set(SAMPLER_KEYS))
+        if unknown:
+            raise InputError(
+                ErrorCode.BAD_PARAMS,
+                f"unknown sampler keys for {stage}: {', '.join(unknown)}",
+                f"Allowed: {', '.join(SAMPLER_KEYS)}.",
+            )
+        merged = {**defaults, **user}
+        merged["steps"] = max(1, round(int(merged.get("steps", 12)) * params.steps_scale))
+        if not params.guidance:
+            merged["guidance_strength"] = 1.0  # upstream skips CFG at exactly 1
+        return {k: v for k, v in merged.items() if k in SAMPLER_KEYS}
+
+    @contextmanager
+    def _steps(self, sampler: Any, ctx: StageContext, total: int) -> Iterator[None]:
+        """Report each sampler step and cancel at the next one, by wrapping the sampler
+        instance's sample_once (the loop in FlowEulerSampler.sample calls it per step)."""
+        original = sampler.sample_once
+        had_own = "sample_once" in vars(sampler)
+        done = [0]
+
+        def stepped(*args: Any, **kwargs: Any) -> Any:
+            ctx.progress(done[0], total)  # raises JobCancelled when cancelled
+            out = original(*args, **kwargs)
+            done[0] += 1
+            return out
+
+        sampler.sample_once = stepped
+        try:
+            yield
+            ctx.progress(total, total)
+        finally:
+            if had_own:
+                sampler.sample_once = original
+            else:
+                del sampler.sample_once
+
+    def _cond(self, pipe: Any, image: Image.Image, resolution: int) -> dict[str, Any]:
+        cond = pipe.get_cond(image=[image], resolution=resolution, include_neg_cond=True)
+        return _to(cond, "cpu")
+
+    def _prepare_image(self, pipe: Any, image: Image.Image, image_size: int) -> Image.Image:
+        """Upstream preprocess_image with our size cap and clear errors: a usable alpha skips
+        background removal; an alpha (or removal result) with nothing opaque is rejected."""
+        import numpy as np
+        from PIL import Image
+
+        if image.mode not in ("RGB", "RGBA"):
+            has_transparency = "A" in image.getbands() or "transparency" in image.info
+            image = image.convert("RGBA" if has_transparency else "RGB")
+        if max(image.size) > image_size:
+            scale = image_size / max(image.size)
+            size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        alpha = np.asarray(image)[:, :, 3] if image.mode == "RGBA" else None
+        if alpha is not None and alpha.min() < 255:
+            if not (alpha > ALPHA_THRESHOLD).any():
+                raise InputError(
+                    ErrorCode.EMPTY_ALPHA,
+                    "the image's alpha channel leaves no pixel more than 80% opaque",
+                )
+            return _crop_premultiply(image)
+        if pipe.rembg_model is None:
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                "the image has no transparency and no background-removal model is configured",
+                "Use an image with a transparent background, or set TRELLIS2_REMBG to a local "
+                "BiRefNet or RMBG-2.0 folder.",
+            )
+        rembg = pipe.rembg_model
+        if self.low_vram:
+            rembg.to(self._device())
+        result = rembg(image.convert("RGB"))  # a copy: BiRefNet writes alpha into its input
+        if self.low_vram:
+            rembg.cpu()
+        if not (np.asarray(result.convert("RGBA"))[:, :, 3] > ALPHA_THRESHOLD).any():
+            raise InputError(
+                ErrorCode.EMPTY_ALPHA,
+                "background removal found no subject in the image",
+                "Crop the image around the object, or supply a PNG with a transparent background.",
+            )
+        return _crop_premultiply(result.convert("RGBA"))
+
+    def _stage_conditioning(self, state, params, ctx) -> None:
+        pipe = self.pipeline
+        prepared = self._prepare_image(pipe, state["image"], params.image_size)
+        ctx.check_cancelled()
+        state["prepared_image"] = prepared
+        state["cond_512"] = self._cond(pipe, prepared, 512)
+
+    def _stage_sparse_structure(self, state, params, ctx) -> None:
+        import torch
+
+        pipe = self.pipeline
+        sp = self._sampler_params("sparse_structure", params, pipe.sparse_structure_sampler_params)
+        torch.manual_seed(params.seed)  # upstream run() seeds here; all noise is drawn on CPU
+        with self._steps(pipe.sparse_structure_sampler, ctx, sp["steps"]):
+            coords = pipe.sample_sparse_structure(
+                cond=_to(state["cond_512"], self._device()),
+                resolution=SS_RESOLUTION,
+                num_samples=1,
+                sampler_params=sp,
+            )
+        if coords.shape[0] == 0:
+            raise BackendError(
+                ErrorCode.EMPTY_STRUCTURE,
+                "the sparse structure is empty: the model found no object in the image",
+            )
+        state["coords"] = coords.cpu()
+        # Later stages restore this, so a resumed stage draws the same noise as a fresh run.
+        state["rng_after_ss"] = torch.get_rng_state()
+
+    def _stage_shape(self, state, params, ctx) -> None:
+        import torch
+
+        pipe = self.pipeline
+        device = self._device()
+        pipeline_type = PIPELINE_TYPES[params.resolution]
+        sp = self._sampler_params("shape", params, pipe.shape_slat_sampler_params)
+        cond_512 = _to(state["cond_512"], device)
+        coords = state["coords"].to(device)
+        if pipeline_type == "512":
+            torch.set_rng_state(state["rng_after_ss"])
+            with self._steps(pipe.shape_slat_sampler, ctx, sp["steps"]):
+                slat = pipe.sample_shape_slat(
+                    cond=cond_512,
+                    flow_model=pipe.models["shape_slat_flow_model_512"],
+                    coords=coords,
+                    sampler_params=sp,
+                )
+            resolution = 512
+        else:
+            state["cond_1024"] = self._cond(pipe, state["prepared_image"], 1024)
+            torch.set_rng_state(state["rng_after_ss"])
+            with self._steps(pipe.shape_slat_sampler, ctx, 2 * sp["steps"]):  # LR + HR pass
+                slat, resolution = pipe.sample_shape_slat_cascade(
+                    lr_cond=cond_512,
+                    cond=_to(state["cond_1024"], device),
+                    flow_model_lr=pipe.models["shape_slat_flow_model_512"],
+                    flow_model=pipe.models["shape_slat_flow_model_1024"],
+                    lr_resolution=512,
+                    resolution=params.resolution,
+                    coords=coords,
+                    sampler_params=sp,
+                    max_num_tokens=params.max_num_tokens,
+                )
+        state["shape_slat"] = _to(slat, "cpu")
+        state["effective_resolution"] = int(resolution)
+        state["pipeline_type"] = pipeline_type
+        state["rng_after_shape"] = torch.get_rng_state()
+        self.last_effective_resolution = int(resolution)
+        self.last_pipeline_type = pipeline_type
+
+    def _stage_texture(self, state, params, ctx) -> None:
+        import torch
+
+        pipe = self.pipeline
+        small = state["pipeline_type"] == "512"
+        sp = self._sampler_params("texture", params, pipe.tex_slat_sampler_params)
+        cond = state["cond_512"] if small else state["cond_1024"]
+        flow = pipe.models["tex_slat_flow_model_512" if small else "tex_slat_flow_model_1024"]
+        torch.set_rng_state(state["rng_after_shape"])
+        with self._steps(pipe.tex_slat_sampler, ctx, sp["steps"]):
+            tex = pipe.sample_tex_slat(
+                cond=_to(cond, self._device()),
+                flow_model=flow,
+                shape_slat=_to(state["shape_slat"], self._device()),
+                sampler_params=sp,
+            )
+        state["tex_slat"] = _to(tex, "cpu")
+
+    def _stage_decode(self, state, params, ctx) -> None:
+        pipe = self.pipeline
+        device = self._device()
+        meshes = pipe.decode_latent(
+            shape_slat=_to(self._latent(state, "shape_slat"), device),
+            tex_slat=_to(self._latent(state, "tex_slat"), device),
+            resolution=state["effective_resolution"],
+        )
+        mesh = meshes[0]
+        if mesh.faces.shape[0] == 0 or mesh.vertices.shape[0] == 0:
+            raise BackendError(ErrorCode.EMPTY_STRUCTURE, "the decoder produced an empty mesh")
+        if mesh.faces.shape[0] > NVDIFFRAST_FACE_LIMIT:
+            mesh.simplify(target=NVDIFFRAST_FACE_LIMIT)
+        state["decoded_mesh"] = mesh.to("cpu")
+
+    def _write_glb(self, glb: Any, state: dict[str, Any], texture_size: int) -> None:
+        import numpy as np
+
+        path = Path(state["output_path"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # PNG textures: WebP needs EXT_texture_webp, which older Blender cannot import.
+        data = glb.export(file_type="glb", extension_webp=False)
+        path.write_bytes(data)
+        state["glb_path"] = path
+        state["mesh_stats"] = {
+            "vertices": int(len(glb.vertices)),
+            "faces": int(len(glb.faces)),
+            "texture_size": int(texture_size),
+        }
+        state["mesh_arrays"] = (np.asarray(glb.vertices), np.asarray(glb.faces))
+
+    def _stage_export(self, state, params, ctx) -> None:
+        mesh = state["decoded_mesh"]
+        device = self._device()
+        glb = self._up["postprocess"].to_glb(
+            vertices=mesh.vertices.to(device),
+            faces=mesh.faces.to(device),
+            attr_volume=mesh.attrs.to(device),
+            coords=mesh.coords.to(device),
+            attr_layout=mesh.layout or self.pipeline.pbr_attr_layout,
+            aabb=AABB,
+            grid_size=int(state["effective_resolution"]),
+            decimation_target=params.decimation_target,
+            texture_size=params.texture_size,
+            remesh=params.remesh,
+            remesh_band=1,
+            remesh_project=0,  # the demo's setting: no projection back onto the raw surface
+        )
+        ctx.check_cancelled()
+        self._write_glb(glb, state, params.texture_size)
+
+    # -- texturing an existing mesh ----------------------------------------------------
+
+    def _stage_tex_prepare(self, state, params, ctx) -> None:
+        import numpy as np
+
+        tex = self._ensure_texturing()
+        if "mesh_bytes" not in state:
+            raise InputError(ErrorCode.BAD_MESH_INPUT, "a texture job needs a mesh")
+        mesh = _parse_mesh(state["mesh_bytes"], state.get("mesh_format", "glb"))
+        prepared = self._prepare_image(tex, state["image"], params.image_size)
+        ctx.check_cancelled()
+        vertices = np.asarray(mesh.vertices)
+        low, high = vertices.min(0), vertices.max(0)
+        # The same normalisation preprocess_mesh applies; its inverse puts the result back.
+        state["tex_transform"] = {
+            "center": ((low + high) / 2).tolist(),
+            "scale": float(0.99999 / (high - low).max()),
+        }
+        state["tex_mesh"] = tex.preprocess_mesh(mesh=mesh)
+        resolution = 512 if params.resolution == 512 else 1024
+        state["tex_cond"] = self._cond(tex, prepared, resolution)
+
+    def _stage_tex_encode(self, state, params, ctx) -> None:
+        tex = self._ensure_texturing()
+        slat = tex.encode_shape_slat(mesh=state["tex_mesh"], resolution=params.resolution)
+        state["tex_shape_slat"] = _to(slat, "cpu")
+
+    def _stage_tex_sample(self, state, params, ctx) -> None:
+        import torch
+
+        tex = self._ensure_texturing()
+        sp = self._sampler_params("texture", params, tex.tex_slat_sampler_params)
+        small = params.resolution == 512
+        flow = tex.models["tex_slat_flow_model_512" if small else "tex_slat_flow_model_1024"]
+        torch.manual_seed(params.seed)
+        with self._steps(tex.tex_slat_sampler, ctx, sp["steps"]):
+            slat = tex.sample_tex_slat(
+                cond=_to(state["tex_cond"], self._device()),
+                flow_model=flow,
+                shape_slat=_to(state["tex_shape_slat"], self._device()),
+                sampler_params=sp,
+            )
+        state["tex_tex_slat"] = _to(slat, "cpu")
+
+    def _stage_tex_decode(self, state, params, ctx) -> None:
+        tex = self._ensure_texturing()
+        voxels = tex.decode_tex_slat(slat=_to(state["tex_tex_slat"], self._device()))
+        state["tex_pbr_voxel"] = _to(voxels, "cpu")
+
+    def _stage_tex_bake(self, state, params, ctx) -> None:
+        import numpy as np
+
+        tex = self._ensure_texturing()
+        out = tex.postprocess_mesh(
+            mesh=state["tex_mesh"],
+            pbr_voxel=_to(state["tex_pbr_voxel"], self._device()),
+            resolution=params.resolution,
+            texture_size=params.texture_size,
+        )
+        transform = state["tex_transform"]
+        matrix = np.eye(4)
+        matrix[:3, :3] /= transform["scale"]
+        matrix[:3, 3] = transform["center"]
+        out.apply_transform(matrix)  # undo the unit-cube normalisation: same place and size
+        self._write_glb(out, state, params.texture_size)
+
+    # -- cleanup and status ------------------------------------------------------------
+
+    def _all_models(self) -> list[Any]:
+        models: list[Any] = []
+        for pipe in (self.pipeline, self.texturing):
+            if pipe is None:
+                continue
+            models.extend(getattr(pipe, "models", {}).values())
+            models.extend(
+                m for m in (pipe.image_cond_model, getattr(pipe, "rembg_model", None)) if m
+            )
+        unique: dict[int, Any] = {id(m): m for m in models}
+        return list(unique.values())
+
+    def release_gpu(self) -> None:
+        """Every model to the CPU (upstream leaves one on the GPU when a stage raises) and
+        drop GPU-resident state. Never raises: it also runs after a broken CUDA context."""
+        for model in self._all_models():
+            try:
+                model.cpu()
+            except Exception as exc:
+                log.warning("could not move %s to the CPU: %s", type(model).__name__, exc)
+        self._resident = False
+        state = self._active_state
+        self._active_state = None
+        if state is not None:
+            for key in [k for k, v in list(state.items()) if _on_accelerator(v)]:
+                state.pop(key, None)
+
+    def unload(self) -> None:
+        self.release_gpu()
+        self.pipeline = None
+        self.texturing = None
+        self._up = {}
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info.update(
+            {
+                "loaded": self.pipeline is not None,
+                "attention_backend": self.attention_backend,
+                "weights_dir": self.weights_dir,
+                "dinov3_path": self._resolved.get("dinov3", self.dinov3_path),
+                "rembg_path": self._resolved.get("rembg", self.rembg_path),
+                "device": self.device,
+                "low_vram": self.low_vram,
+                "effective_resolution": self.last_effective_resolution,
+                "pipeline_type": self.last_pipeline_type,
+                "texturing_loaded": self.texturing is not None,
+            }
+        )
+        return info
+
+
+def attention_backends() -> tuple[str, ...]:
+    return attention.BACKENDS

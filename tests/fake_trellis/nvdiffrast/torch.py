@@ -1,0 +1,1 @@
+"""Stub of nvdiffrast.torch."""

@@ -1,0 +1,2 @@
+class Sampler:
+    """Base class of the samplers (as in the real package)."""
