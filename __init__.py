@@ -1,8 +1,6 @@
 """TRELLIS.2 for Blender: the extension's entry point (the add-on lives in blender_addon/)."""
 
-try:
-    import bpy  # noqa: F401
-except ImportError:  # imported outside Blender (pytest walks up to this package): no add-on
-    pass
-else:
+import sys
+
+if "bpy" in sys.modules:  # inside Blender; pytest may import this folder as a plain package
     from .blender_addon import register, unregister  # noqa: F401

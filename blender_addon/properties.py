@@ -1,0 +1,103 @@
+"""Scene-level generation settings (saved with the .blend): source, preset, seed, import options."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import (
+    BoolProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
+
+from .sources import SOURCES
+
+PRESETS = (
+    ("fast", "Fast", "512 voxels, 1K texture, 200K faces"),
+    ("balanced", "Balanced", "1024 voxels, 2K texture, 500K faces"),
+    ("high", "High", "1536 voxels, 2K texture, 1M faces"),
+    ("game-asset", "Game Asset", "1536 voxels, 4K texture, 800K faces, tuned samplers"),
+)
+RESOLUTIONS = (("512", "512", ""), ("1024", "1024", ""), ("1536", "1536", ""))
+TEXTURES = tuple((s, s, "") for s in ("512", "1024", "2048", "4096"))
+
+
+class TRELLIS2_PG_settings(bpy.types.PropertyGroup):
+    source: EnumProperty(name="Source", items=SOURCES, default="FILE")
+    filepath: StringProperty(name="Image File", subtype="FILE_PATH")
+    image: PointerProperty(name="Image", type=bpy.types.Image)
+    clipboard_image: PointerProperty(name="Pasted Image", type=bpy.types.Image)
+    camera_size: IntProperty(
+        name="Render Size", default=512, min=128, max=2048, description="Longest side, pixels"
+    )
+
+    preset: EnumProperty(name="Preset", items=PRESETS, default="balanced")
+    seed: IntProperty(name="Seed", default=42, min=0, max=2**31 - 1)
+    random_seed: BoolProperty(
+        name="Random Seed", default=True, description="Pick a new seed for every generation"
+    )
+    last_seed: IntProperty(name="Last Seed", default=-1, options={"SKIP_SAVE"})
+
+    use_advanced: BoolProperty(name="Override Preset", default=False)
+    resolution: EnumProperty(name="Resolution", items=RESOLUTIONS, default="1024")
+    texture_size: EnumProperty(name="Texture Size", items=TEXTURES, default="2048")
+    decimation_target: IntProperty(
+        name="Face Target", default=500_000, min=1_000, max=16_000_000, step=1000
+    )
+    remesh: BoolProperty(name="Remesh", default=True)
+    steps_scale: FloatProperty(name="Steps Scale", default=1.0, min=0.05, max=4.0)
+    guidance: BoolProperty(name="Guidance (CFG)", default=True)
+    image_size: IntProperty(name="Conditioning Size", default=1024, min=128, max=2048)
+
+    auto_import: BoolProperty(name="Import When Done", default=True)
+    at_cursor: BoolProperty(name="Place at 3D Cursor", default=True)
+    use_scale: BoolProperty(name="Scale to Size", default=False)
+    scale_to: FloatProperty(name="Size", default=1.0, min=0.001, soft_max=100.0, unit="LENGTH")
+    fix_alpha: BoolProperty(
+        name="Fix Alpha",
+        default=True,
+        description="Use the texture's alpha (TRELLIS.2 marks its materials opaque)",
+    )
+
+
+def params_from(props, seed: int) -> dict:
+    """The request's params: the preset, the seed, and overrides when asked for."""
+    params = {"preset": props.preset, "seed": int(seed)}
+    if props.use_advanced:
+        params.update(
+            resolution=int(props.resolution),
+            texture_size=int(props.texture_size),
+            decimation_target=int(props.decimation_target),
+            remesh=bool(props.remesh),
+            steps_scale=float(props.steps_scale),
+            guidance=bool(props.guidance),
+            image_size=int(props.image_size),
+        )
+    return params
+
+
+def import_options(props):
+    from .importer import ImportOptions
+
+    return ImportOptions(
+        at_cursor=props.at_cursor,
+        scale_to=props.scale_to if props.use_scale else None,
+        fix_alpha=props.fix_alpha,
+    )
+
+
+classes = (TRELLIS2_PG_settings,)
+
+
+def register() -> None:
+    for cls in classes:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.trellis2 = PointerProperty(type=TRELLIS2_PG_settings)
+
+
+def unregister() -> None:
+    del bpy.types.Scene.trellis2
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)
