@@ -326,6 +326,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=sys.executable, help="interpreter for the backend")
     p.add_argument("--fresh-per-job", action="store_true", help="a new process for every job")
     p.add_argument("--standby", action="store_true", help="keep a warm standby backend")
+    p.add_argument("--log-dir", help="backend logs (default OUTPUT_DIR/logs, rotated)")
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        help="seconds without a heartbeat before the backend is restarted (default 5)",
+    )
+    p.add_argument(
+        "--job-watchdog",
+        type=float,
+        help="seconds a job may run before the backend is restarted (default 1800)",
+    )
+    p.add_argument(
+        "--storm-limit",
+        type=int,
+        help="restarts within --storm-window that stop respawning (default 5)",
+    )
+    p.add_argument("--storm-window", type=float, help="seconds (default 120)")
     p.set_defaults(func=cmd_supervise)
     return parser
 

@@ -112,12 +112,18 @@ def _encode(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON: accepted here, they would break every reply that echoes
+    # the header (replies are encoded with allow_nan=False).
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _decode_json_frame(frame: bytes, what: str) -> dict[str, Any]:
     if len(frame) > MAX_JSON_FRAME:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{what} frame is {len(frame)} bytes")
     try:
-        value = json.loads(frame.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        value = json.loads(frame.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting recurses
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{what} is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{what} must be a JSON object")

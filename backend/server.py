@@ -323,7 +323,11 @@ class Server:
                 frames = self.shell.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            self._handle_frames(frames)
+            try:
+                self._handle_frames(frames)
+            except Exception:  # last line of defence: no message may stop the control loop
+                log.exception("message dropped: handling it failed")
+                self._reject(ErrorCode.INTERNAL)
 
     def _handle_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 2:

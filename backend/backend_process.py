@@ -1,0 +1,326 @@
+"""One backend child process: how it is launched (command, environment, process group), its
+log file (rotation, tail), its handshake bookkeeping and the signals that end it. Used by
+`supervisor.py`; stdlib + pyzmq only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .client import Client
+from .errors import BackendError, ErrorCode
+from .lifecycle import LadderWalk
+from .procutil import pid_alive
+
+log = logging.getLogger(__name__)
+
+EXTENSION_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds `backend/`
+LOG_PREFIX = "backend-"
+TAIL_LINES = 40
+TAIL_BYTES = 16_384
+
+
+@dataclass(kw_only=True)
+class BackendSpec:
+    """How to launch a backend process."""
+
+    output_dir: Path
+    connection_file: Path
+    log_dir: Path | None = None  # default OUTPUT_DIR/logs
+    python: str = sys.executable
+    engine: str = "preview"
+    engine_options: dict[str, str] = field(default_factory=dict)
+    extra_pythonpath: list[str] = field(default_factory=list)  # e.g. a bundled-wheels folder
+    env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES
+    queue_depth: int = 8
+    state_dir: Path | None = None
+    min_free_disk_mb: float | None = None
+    heartbeat_interval: float | None = None  # default: a quarter of the heartbeat timeout, <= 1 s
+    status_interval: float = 5.0  # how often a ready backend is asked for `status` (VRAM, queue)
+    keep_logs: int = 10  # backend logs kept in log_dir (oldest removed first)
+    extra_args: list[str] = field(default_factory=list)  # more `serve` arguments
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        self.connection_file = Path(self.connection_file)
+        self.log_dir = Path(self.log_dir) if self.log_dir else self.output_dir / "logs"
+
+    @property
+    def standby_connection_file(self) -> Path:
+        path = self.connection_file
+        return path.with_name(f"{path.stem}.standby{path.suffix or '.json'}")
+
+
+class StartError(BackendError):
+    """The backend did not come up; carries the tail of its log."""
+
+    def __init__(self, message: str, log_path: Path | None, log_tail: str):
+        where = f"the backend log {log_path}" if log_path else "the backend log"
+        hint = f"Last lines of {where}:\n{log_tail}" if log_tail else f"See {where}."
+        super().__init__(ErrorCode.ENGINE_UNAVAILABLE, message, hint)
+        self.log_path = log_path
+        self.log_tail = log_tail
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+
+def log_tail(path: Path | None, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES) -> str:
+    """The last lines of a log file ("" if it cannot be read)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def rotate_logs(log_dir: Path, keep: int, protect: set[Path] = frozenset()) -> list[Path]:
+    """Remove the oldest backend logs so that at most `keep` remain; returns those removed."""
+    try:
+        logs = sorted(log_dir.glob(f"{LOG_PREFIX}*.log"), key=lambda p: (p.stat().st_mtime, p.name))
+    except OSError:
+        return []
+    removed = []
+    for path in logs[: max(0, len(logs) - keep)]:
+        if path in protect:
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+# -- one backend process ------------------------------------------------------------------
+
+
+class BackendProcess:
+    """One spawned backend process: its log, handshake, client and (when going) its ladder."""
+
+    def __init__(
+        self,
+        role: str,
+        proc: subprocess.Popen,
+        log_path: Path,
+        log_file: Any,
+        conn_path: Path,
+        spawned_at: float,
+        stale_session: str | None,
+    ):
+        self.role = role  # "active" | "standby"
+        self.proc = proc
+        self.log_path = log_path
+        self.log_file = log_file
+        self.conn_path = conn_path
+        self.spawned_at = spawned_at
+        self.stale_session = stale_session
+        self.info: protocol.ConnectionInfo | None = None
+        self.client: Client | None = None
+        self.hello: dict[str, Any] | None = None
+        self.connected_at: float | None = None
+        self.loaded = False
+        self.failed: str | None = None  # the engine failed to load
+        self.pending: dict[str, tuple[str, float]] = {}  # msg_id -> (request, sent at)
+        self.last_status: dict[str, Any] = {}
+        self.last_heartbeat: dict[str, Any] = {}
+        self.next_status = spawned_at
+        self.activating_since: float | None = None
+        self.walk: LadderWalk | None = None
+        self.why_gone = ""
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.info.pid if self.info else self.proc.pid
+
+    @property
+    def session(self) -> str | None:
+        return self.info.session if self.info else None
+
+    def poll_exit(self) -> int | None:
+        if self.exit_code is None:
+            self.exit_code = self.proc.poll()
+        return self.exit_code
+
+    def send(self, msg_type: str, now: float, content: dict[str, Any] | None = None) -> str | None:
+        if self.client is None:
+            return None
+        try:
+            msg_id = self.client.send(msg_type, content)
+        except zmq.ZMQError as exc:
+            log.debug("cannot send %s to pid %s: %s", msg_type, self.pid, exc)
+            return None
+        self.pending[msg_id] = (msg_type, now)
+        return msg_id
+
+    def waiting_for(self, msg_type: str) -> bool:
+        return any(kind == msg_type for kind, _ in self.pending.values())
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.log_file is not None:
+            try:
+                self.log_file.close()
+            except OSError:
+                pass
+            self.log_file = None
+
+
+# -- launching -------------------------------------------------------------------------------
+
+
+def spawn(
+    spec: BackendSpec, role: str, now: float, heartbeat: float, protect: set[Path]
+) -> BackendProcess:
+    """Launch one backend (`role` "active" or "standby") with its own log file."""
+    conn_path = spec.connection_file if role == "active" else spec.standby_connection_file
+    stale = read_conn(conn_path)
+    if stale is not None and not pid_alive(stale.pid):
+        unlink_quietly(conn_path)  # a dead backend's file must not describe anything
+    spec.log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    rotate_logs(spec.log_dir, max(1, spec.keep_logs) - 1, protect)
+    log_path = spec.log_dir / f"{LOG_PREFIX}{stamp}-{role}.log"
+    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by BackendProcess.close()
+    command = backend_command(spec, conn_path, role, heartbeat)
+    log_file.write(f"# {' '.join(command)}\n".encode())
+    log_file.flush()
+    try:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=backend_environment(spec),
+            cwd=str(EXTENSION_ROOT),
+            close_fds=True,
+            **process_group_options(),
+        )
+    except OSError as exc:
+        log_file.close()
+        raise StartError(
+            f"cannot run the backend interpreter {spec.python}: {exc}", log_path, ""
+        ) from None
+    final = log_path.with_name(f"{LOG_PREFIX}{stamp}-{proc.pid}.log")
+    try:  # name the log after the pid (Windows cannot rename an open file: keep the name)
+        os.replace(log_path, final)
+        log_path = final
+    except OSError:
+        pass
+    b = BackendProcess(
+        role, proc, log_path, log_file, conn_path, now, stale.session if stale else None
+    )
+    log.info("spawned %s backend pid %s (log %s)", role, proc.pid, log_path)
+    return b
+
+
+def backend_command(spec: BackendSpec, conn_path: Path, role: str, heartbeat: float) -> list[str]:
+    """`python -m backend serve ...` for one backend; the key never appears here."""
+    command = [
+        spec.python,
+        "-m",
+        "backend",
+        "serve",
+        "--connection-file",
+        str(conn_path),
+        "--output-dir",
+        str(spec.output_dir),
+        "--engine",
+        spec.engine,
+        "--parent-pid",
+        str(os.getpid()),
+        "--heartbeat",
+        f"{heartbeat:g}",
+        "--queue-depth",
+        str(spec.queue_depth),
+    ]
+    for key, value in spec.engine_options.items():
+        command += ["--engine-opt", f"{key}={value}"]
+    if spec.state_dir:
+        command += ["--state-dir", str(spec.state_dir)]
+    if spec.min_free_disk_mb is not None:
+        command += ["--min-free-disk-mb", f"{spec.min_free_disk_mb:g}"]
+    if role == "standby":
+        command.append("--standby")
+    return command + list(spec.extra_args)
+
+
+def backend_environment(spec: BackendSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(EXTENSION_ROOT), *spec.extra_pythonpath]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"  # the log shows the last words of a crash
+    if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    env.update(spec.env)
+    return env
+
+
+# -- platform helpers -----------------------------------------------------------------------
+
+
+def process_group_options() -> dict[str, Any]:
+    """Own process group: a Ctrl-C in the terminal reaches the supervisor, not the backend."""
+    if sys.platform == "win32":
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        return {"creationflags": flags}
+    return {"start_new_session": True}
+
+
+def signal_group(proc: subprocess.Popen, terminate: bool) -> None:
+    if proc.poll() is not None:
+        return
+    if sys.platform == "win32":
+        if terminate:  # CTRL_BREAK reaches only our own process group
+            proc.send_signal(signal.CTRL_BREAK_EVENT)
+        else:
+            proc.kill()
+        return
+    sig = signal.SIGTERM if terminate else signal.SIGKILL
+    try:
+        os.killpg(proc.pid, sig)  # the backend leads its own session; helpers die with it
+    except (ProcessLookupError, PermissionError):
+        proc.send_signal(sig)
+
+
+def read_conn(path: Path) -> protocol.ConnectionInfo | None:
+    try:
+        return protocol.read_connection_file(path)
+    except BackendError:
+        return None
+
+
+def is_ours(info: protocol.ConnectionInfo, b: BackendProcess) -> bool:
+    if info.pid == b.proc.pid:
+        return True
+    # A Windows venv's python.exe is a launcher whose child is the real backend.
+    return sys.platform == "win32" and info.session != b.stale_session
+
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
