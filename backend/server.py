@@ -160,8 +160,6 @@ class Server:
     def start(self) -> None:
         if self.shell is None:
             self.bind()
-        if self.config.vram_cap_bytes:
-            gpu.set_memory_cap(self.config.vram_cap_bytes)
         if not self.config.standby:
             self._activate()
         self._spawn(self._load_engine, "engine-loader")
@@ -638,6 +636,10 @@ class Server:
             self._emit("backend_state", {"state": "loading", "fraction": fraction, "reason": text})
 
         try:
+            if self.config.vram_cap_bytes:
+                import torch  # noqa: F401  (the allocator was configured before this import)
+
+                gpu.set_memory_cap(self.config.vram_cap_bytes)
             self.engine.load(progress)
         except Exception as exc:
             error = (
