@@ -13,6 +13,7 @@ from typing import Any
 
 from . import __version__, gpu
 from .errors import BackendError
+from .files import default_output_dir
 
 DESCRIPTION = """\
 TRELLIS.2 for Blender - the backend.
@@ -27,19 +28,6 @@ use these commands for scripts, batch jobs and troubleshooting.
   doctor     check a TRELLIS.2 installation (packages, GPU, weights) and say how to fix it
   supervise  keep a backend alive for scripts: restart it when it crashes
 """
-
-
-def default_output_dir() -> Path:
-    env = os.environ.get("TRELLIS2_OUTPUT_DIR")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return base / "trellis2-blender"
 
 
 def _engine_options(pairs: list[str]) -> dict[str, str]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import ladder
+from .files import atomic_write_bytes
 from .params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -148,19 +147,7 @@ class MemoryProfile:
             data[self.gpu_key] = {"entries": self._entries, "stage_ooms": self._stage_ooms}
             payload = json.dumps({"version": FORMAT_VERSION, "gpus": data}, indent=1)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".memprofile-", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            atomic_write_bytes(self.path, payload.encode("utf-8"))
 
     # -- learning ----------------------------------------------------------------------
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendError, ErrorCode, ProtocolError
+from .files import atomic_write_bytes
 
 PROTOCOL_VERSION = "1.0"
 DELIMITER = b"<TRELLIS2|MSG>"
@@ -308,20 +307,7 @@ def write_connection_file(path: str | Path, info: ConnectionInfo) -> Path:
     """Write atomically with owner-only permissions (0600) from the first byte."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".conn-", suffix=".json", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(asdict(info), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(path, json.dumps(asdict(info), indent=2).encode("utf-8"), mode=0o600)
     return path
 
 

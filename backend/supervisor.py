@@ -871,7 +871,7 @@ def main(args: Any) -> int:
     """`python -m backend supervise`: keep a backend alive for scripts and batch use."""
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is None:
-        from .__main__ import default_output_dir
+        from .files import default_output_dir
 
         output_dir = default_output_dir()
     options: dict[str, str] = {}

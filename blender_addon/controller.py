@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backend.errors import BackendError
+from ..backend.files import default_output_dir
 from ..backend.jobs import JobStore
 
 ADDON_ROOT = Path(__file__).resolve().parent.parent  # holds backend/, so `-m backend` works
@@ -90,20 +91,6 @@ class _Pending:
     image: bytes
     params: dict[str, Any]
     filename: str
-
-
-def default_output_dir() -> Path:
-    """The backend CLI's default (TRELLIS2_OUTPUT_DIR, else the platform's data folder)."""
-    env = os.environ.get("TRELLIS2_OUTPUT_DIR")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return base / "trellis2-blender"
 
 
 def bundled_site_dirs(modules: tuple[str, ...] = ("zmq", "PIL", "trimesh", "numpy")) -> list[str]:
