@@ -761,9 +761,15 @@ def _image_ext(data: bytes) -> str:
     return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
 
 
-def _thumbnail(image) -> bytes:
-    thumb = image.copy()
-    thumb.thumbnail((256, 256))
+def _thumbnail(image, side: int = 256) -> bytes:
+    """A small PNG for the history list; speed over size (it is made while the client waits)."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = side / max(width, height)
+    if scale < 1:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(size, Image.BILINEAR, reducing_gap=2.0)
     buf = io.BytesIO()
-    thumb.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from backend.client import Client  # noqa: E402
 from backend.engines.base import StageContext  # noqa: E402
 from backend.engines.preview import PreviewEngine  # noqa: E402
 from backend.params import parse_params  # noqa: E402
-from backend.server import Server, ServerConfig  # noqa: E402
 from backend.validate import load_image  # noqa: E402
 
 
@@ -85,18 +84,33 @@ def main() -> int:
     params = parse_params({"preset": "balanced"})
     tmp = Path(tempfile.mkdtemp(prefix="bench-backend-"))
     engine = PreviewEngine()
-    server = Server(
-        ServerConfig(
-            connection_file=tmp / "conn.json",
-            output_dir=tmp / "out",
-            engine="preview",
-            min_free_disk=1 << 20,
-            queue_depth=64,
-        )
+    # The server runs as its own process, as it does for users (one GIL each).
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backend",
+            "serve",
+            "--connection-file",
+            str(tmp / "conn.json"),
+            "--output-dir",
+            str(tmp / "out"),
+            "--engine",
+            "preview",
+            "--min-free-disk-mb",
+            "1",
+            "--queue-depth",
+            "64",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    server.bind()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    deadline = time.monotonic() + 60
+    while not (tmp / "conn.json").exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the backend did not start")
+        time.sleep(0.05)
     client = Client(tmp / "conn.json")
     client.hello(timeout=10)
     through_server(client, data)  # warm-up both paths
@@ -138,7 +152,7 @@ def main() -> int:
     p50 = statistics.median(rtts)
     p99 = rtts[int(len(rtts) * 0.99) - 1]
     client.shutdown("benchmark done")
-    thread.join(timeout=60)
+    server.wait(timeout=60)
     client.close()
 
     d, h, s = statistics.median(direct), statistics.median(hardened), statistics.median(served)
