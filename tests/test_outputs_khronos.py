@@ -71,6 +71,6 @@ def test_all_produced_glbs_have_zero_khronos_errors(tmp_path):
 
     reports = khronos_reports(produced)
     assert len(reports) == len(produced)
-    for path, report in zip(produced, reports):
+    for path, report in zip(produced, reports, strict=True):
         assert report["issues"]["numErrors"] == 0, (path, error_codes(report))
         assert report["info"]["totalTriangleCount"] > 0
