@@ -92,11 +92,12 @@ def main() -> int:
     parser.add_argument("--cap-gb", type=float, default=16)
     parser.add_argument("--jobs", type=int, default=12)
     parser.add_argument("--json")
+    parser.add_argument("--workdir", help="keep job folders and stats.jsonl here")
     args = parser.parse_args()
     engine = CudaLoadEngine(weights_gb=2.0)
     engine.load()
     gpu.set_memory_cap(int(args.cap_gb * 2**30))
-    tmp = Path(tempfile.mkdtemp(prefix="bench-adaptive-"))
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-adaptive-"))
     run_batch(engine, tmp / "warmup", 1, adaptive=False)  # CUDA and cuBLAS warm-up
     blind = run_batch(engine, tmp / "blind", args.jobs, adaptive=False)
     adaptive = run_batch(engine, tmp / "adaptive", args.jobs, adaptive=True)
