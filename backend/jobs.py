@@ -95,6 +95,21 @@ class JobRecord:
         return self.state in TERMINAL
 
 
+_FIELD_TYPES = {"kind": str, "engine": str, "params": dict, "filename": str, "recoveries": int}
+_OPTIONAL_DICTS = ("final_params", "result", "error")
+
+
+def _checked(record: JobRecord) -> JobRecord:
+    """A record read from disk, with the types the server relies on (else TypeError)."""
+    for name, kind in _FIELD_TYPES.items():
+        if not isinstance(getattr(record, name), kind):
+            raise TypeError(f"{name} is not a {kind.__name__}")
+    for name in _OPTIONAL_DICTS:
+        if getattr(record, name) is not None and not isinstance(getattr(record, name), dict):
+            raise TypeError(f"{name} is not an object")
+    return record
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
 
@@ -194,7 +209,9 @@ class JobStore:
         folder = self.folder(job_id)
         try:
             data = json.loads((folder / RECORD).read_text(encoding="utf-8"))
-            return JobRecord.from_dict(data)
+            if not isinstance(data, dict) or data.get("id") != job_id:
+                raise ValueError("not this job's record")  # a foreign id would escape the store
+            return _checked(JobRecord.from_dict(data))
         except FileNotFoundError:
             raise BackendError(ErrorCode.NOT_FOUND, f"no job {job_id}") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:

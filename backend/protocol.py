@@ -130,19 +130,23 @@ def _decode_json_frame(frame: bytes, what: str) -> dict[str, Any]:
 
 
 class ReplayGuard:
-    """Remembers recent message ids; a second sighting, or a stale date, is a replay."""
+    """Remembers message ids until their date can no longer pass the age check; a second
+    sighting, or a date outside the window, is a replay. Memory stays bounded by the message
+    rate over MAX_MESSAGE_AGE (and by `window` ids at most)."""
 
     def __init__(self, window: int = REPLAY_WINDOW, max_age: float = MAX_MESSAGE_AGE):
         self.window = window
         self.max_age = max_age
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, float] = OrderedDict()  # msg_id -> when it may be forgotten
 
     def check(self, msg_id: str, sent_at: float, now: float) -> None:
         if now - sent_at > self.max_age or sent_at - now > self.max_age:
             raise ProtocolError(ErrorCode.REPLAYED, "message date outside the accepted window")
         if msg_id in self._seen:
             raise ProtocolError(ErrorCode.REPLAYED, f"message {msg_id} was already received")
-        self._seen[msg_id] = None
+        while self._seen and next(iter(self._seen.values())) < now:
+            self._seen.popitem(last=False)  # its date would be refused as stale anyway
+        self._seen[msg_id] = sent_at + self.max_age
         if len(self._seen) > self.window:
             self._seen.popitem(last=False)
 

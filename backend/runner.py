@@ -17,6 +17,7 @@ from .engines.base import Engine, Stage, StageContext
 from .errors import BackendError, ErrorCode, JobCancelled, OutputError
 from .jobs import RESULT_TMP, JobRecord, JobStore
 from .params import GenerationParams, parse_params
+from .procutil import trim_heap
 from .stats import StatsLog
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ class _Failure(Exception):
         self.stage_index = stage_index
         self.message = message
         self.trace = trace
+
+
+def _disk_full(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def check_disk(path: os.PathLike | str, min_free: int) -> None:
@@ -136,6 +143,7 @@ class Runner:
             if self.engine.uses_gpu:  # a full gc costs ~20 ms; only VRAM needs it per job
                 gpu.cleanup(self.engine)
             self._discard_tmp(job.id)
+            trim_heap()
         result.seconds = self.clock() - started
         self._finish(job, result, emit)
         return result
@@ -201,6 +209,8 @@ class Runner:
                     self.store.append_log(job.id, failure.trace)
                     result.poisoned = True
                     raise BackendError(ErrorCode.GPU_POISONED, failure.message) from None
+                if failure.kind == "disk_full":  # the user can fix this one: say so
+                    raise BackendError(ErrorCode.DISK_FULL, failure.message) from None
                 if failure.kind != "oom":
                     self.store.append_log(job.id, failure.trace)
                     raise BackendError(ErrorCode.ENGINE_ERROR, failure.message) from None
@@ -278,7 +288,7 @@ class Runner:
                 # Keep text only: the exception's traceback pins frames and GPU tensors, so
                 # it must not outlive this block (raised below, outside it, with no context).
                 failure = _Failure(
-                    gpu.classify_error(exc),
+                    "disk_full" if _disk_full(exc) else gpu.classify_error(exc),
                     index,
                     f"{type(exc).__name__}: {exc}",
                     traceback.format_exc(),

@@ -137,7 +137,9 @@ class Server:
         shell_port = self.shell.bind_to_random_port("tcp://127.0.0.1")
         self.iopub = self.ctx.socket(zmq.PUB)
         self.iopub.setsockopt(zmq.LINGER, 1000)
-        self.iopub.setsockopt(zmq.SNDHWM, 10_000)
+        self.iopub.setsockopt(
+            zmq.SNDHWM, 1000
+        )  # per subscriber; a slow one loses events, not memory
         iopub_port = self.iopub.bind_to_random_port("tcp://127.0.0.1")
         self.events_in = self.ctx.socket(zmq.PULL)
         self.events_in.bind(EVENTS_URL)
@@ -418,6 +420,7 @@ class Server:
         )
 
     def _on_generate(self, message, identity) -> dict:
+        self._admit()
         params = parse_params(message.content.get("params"))
         image_bytes = message.buffers[0]
         image = validate.load_image(image_bytes, self.config.image_limits)
@@ -431,6 +434,7 @@ class Server:
 
     def _on_texture(self, message, identity) -> dict:
         self.engine.stages_for("texture")  # typed error if this engine cannot texture
+        self._admit()
         params = parse_params(message.content.get("params"))
         fmt = message.content["mesh_format"].lower()
         if fmt not in MESH_FORMATS:
@@ -453,6 +457,7 @@ class Server:
 
     def _on_reexport(self, message, identity) -> dict:
         self.engine.stages_for("reexport")
+        self._admit()
         parent = self.store.get(message.content["job_id"])
         if parent.state.value != "done" or parent.kind == "texture":
             raise BackendError(ErrorCode.BAD_PARAMS, f"job {parent.id} has no result to re-export")
@@ -478,6 +483,30 @@ class Server:
             thumbnail=thumb.read_bytes() if thumb.exists() else None,
         )
 
+    def _admit(self) -> None:
+        """Refuse a new job before any work is spent on it (decoding the image costs more
+        than the answer: a client retrying after `busy` must not make the backend busier)."""
+        if self._stopping.is_set():
+            raise BackendError(ErrorCode.SHUTTING_DOWN, "the backend is shutting down")
+        if not self._active.is_set():
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                "this is a standby backend",
+                "Send jobs to the active backend; a standby runs after `activate`.",
+            )
+        if self.state is BackendState.FAILED:
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                (self.engine_error or {}).get("message", "engine failed to load"),
+            )
+        with self._queue_cv:
+            if len(self._queue) >= self.config.queue_depth:
+                raise BackendError(
+                    ErrorCode.BUSY,
+                    f"the queue is full ({self.config.queue_depth} jobs waiting)",
+                )
+        check_disk(self.config.output_dir, self.config.min_free_disk)
+
     def _submit(
         self,
         kind: str,
@@ -492,26 +521,8 @@ class Server:
         filename: str | None = None,
         thumbnail: bytes | None = None,
     ) -> dict:
-        if self._stopping.is_set():
-            raise BackendError(ErrorCode.SHUTTING_DOWN, "the backend is shutting down")
-        if not self._active.is_set():
-            raise BackendError(
-                ErrorCode.ENGINE_UNAVAILABLE,
-                "this is a standby backend",
-                "Send jobs to the active backend; a standby runs after `activate`.",
-            )
-        if self.state is BackendState.FAILED:
-            raise BackendError(
-                ErrorCode.ENGINE_UNAVAILABLE,
-                (self.engine_error or {}).get("message", "engine failed to load"),
-            )
-        check_disk(self.config.output_dir, self.config.min_free_disk)
+        self._admit()  # again: a worker may have failed the engine meanwhile
         with self._queue_cv:
-            if len(self._queue) >= self.config.queue_depth:
-                raise BackendError(
-                    ErrorCode.BUSY,
-                    f"the queue is full ({self.config.queue_depth} jobs waiting)",
-                )
             name = _clean_filename(
                 message.content.get("filename") if filename is None else filename
             )
@@ -565,7 +576,15 @@ class Server:
     def _on_job(self, message, identity) -> dict:
         record = self.store.get(message.content["job_id"])
         folder = self.store.folder(record.id)
-        files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        files = {}
+        for path in folder.iterdir():
+            if path.name.startswith("."):
+                continue  # an atomic write's temp file, renamed away any moment now
+            try:
+                if path.is_file():
+                    files[path.name] = path.stat().st_size
+            except FileNotFoundError:  # the running job replaced it meanwhile
+                pass
         return protocol.ok_reply(
             job=record.to_dict(),
             folder=str(folder),

@@ -227,3 +227,15 @@ def test_unreadable_connection_files_give_typed_errors(tmp_path):
 def test_empty_key_is_refused():
     with pytest.raises(ValueError):
         protocol.Session(b"")
+
+
+def test_replay_guard_forgets_ids_only_once_their_date_is_stale():
+    guard = protocol.ReplayGuard(window=1000, max_age=10.0)
+    guard.check("old", sent_at=0.0, now=0.0)
+    guard.check("new", sent_at=5.0, now=5.0)
+    with pytest.raises(ProtocolError):
+        guard.check("old", sent_at=0.0, now=9.0)  # still remembered: its date still passes
+    guard.check("later", sent_at=11.0, now=11.0)
+    assert "old" not in guard._seen and "new" in guard._seen
+    with pytest.raises(ProtocolError):
+        guard.check("old", sent_at=0.0, now=11.0)  # forgotten, but now refused as stale
