@@ -50,7 +50,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "reexport": {"fields": {"job_id": (str, True), "params": (dict, False)}, "buffers": (0, 0)},
     "cancel": {"fields": {"job_id": (str, True)}, "buffers": (0, 0)},
     "jobs": {"fields": {"limit": (int, False)}, "buffers": (0, 0)},
-    "job": {"fields": {"job_id": (str, True)}, "buffers": (0, 0)},
+    "job": {"fields": {"job_id": (str, True), "log": (bool, False)}, "buffers": (0, 0)},
     "stats": {"fields": {}, "buffers": (0, 0)},
     "doctor": {"fields": {}, "buffers": (0, 0)},
     "shutdown": {"fields": {"reason": (str, False)}, "buffers": (0, 0)},

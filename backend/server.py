@@ -589,7 +589,8 @@ class Server:
             job=record.to_dict(),
             folder=str(folder),
             files=files,
-            log=self.store.log_excerpt(record.id),
+            # The log excerpt (up to 16 KB) only on request: clients poll `job` for its state.
+            log=self.store.log_excerpt(record.id) if message.content.get("log") else None,
         )
 
     def _on_stats(self, message, identity) -> dict:

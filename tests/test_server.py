@@ -58,6 +58,8 @@ def test_generate_end_to_end_emits_events_and_writes_a_valid_glb(make_server, im
         "job.json",
     } <= set(record["files"])
     assert record["job"]["params"]["seed"] == 5 and record["job"]["filename"] == "disc.png"
+    assert record["log"] is None  # state polls stay small; the log comes on request
+    assert "done in" in s.client.request("job", {"job_id": job_id, "log": True})["log"]
 
 
 def test_control_requests_are_answered_while_a_job_runs(make_server, image_png):
