@@ -214,6 +214,7 @@ def _valid_content(msg_type: str, src) -> dict[str, Any]:
             content[name] = {
                 str: src.choice(TRAVERSAL) if name == "job_id" else src.text(0, 10),
                 int: src.integer(1, 100),
+                bool: bool(src.integer(0, 1)),
                 dict: {},
             }[kind]
     return content
