@@ -45,23 +45,3 @@ def _win_pid_alive(pid: int) -> bool:
         return code.value == still_active
     finally:
         kernel32.CloseHandle(handle)
-
-
-_libc_trim = None
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it otherwise: a long-lived backend
-    that builds large arrays per job would grow its RSS with every job). No-op elsewhere."""
-    global _libc_trim
-    if not sys.platform.startswith("linux"):
-        return
-    if _libc_trim is None:
-        try:
-            import ctypes
-
-            _libc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # musl or another libc: nothing to do
-            _libc_trim = False
-    if _libc_trim:
-        _libc_trim(0)

@@ -12,12 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import gpu, ladder, validate
+from . import gpu, heap, ladder, validate
 from .engines.base import Engine, Stage, StageContext
 from .errors import BackendError, ErrorCode, JobCancelled, OutputError
 from .jobs import RESULT_TMP, JobRecord, JobStore
 from .params import GenerationParams, parse_params
-from .procutil import trim_heap
 from .stats import StatsLog
 
 log = logging.getLogger(__name__)
@@ -140,10 +139,10 @@ class Runner:
             ).to_dict()
         finally:
             self.current = None
-            if self.engine.uses_gpu:  # a full gc costs ~20 ms; only VRAM needs it per job
-                gpu.cleanup(self.engine)
+            if self.engine.uses_gpu:
+                gpu.cleanup(self.engine)  # includes a full collection
             self._discard_tmp(job.id)
-            trim_heap()
+            heap.release_after_job(collect=not self.engine.uses_gpu)
         result.seconds = self.clock() - started
         self._finish(job, result, emit)
         return result

@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from . import __version__, gpu, protocol, validate
+from . import __version__, gpu, heap, protocol, validate
 from .engines import create as create_engine
 from .errors import BackendError, ErrorCode, ProtocolError
 from .jobs import JobRecord, JobStore
@@ -64,6 +64,9 @@ class ServerConfig:
     vram_cap_bytes: int | None = None  # emulate a smaller card
     shutdown_grace: float = 30.0  # seconds to let the running job reach a checkpoint
     standby: bool = False  # load the engine but run nothing until an `activate` request
+    # Freeze start-up objects out of the collector (heap.settle). Off only when the server
+    # shares its process with other code, as in the in-thread test server.
+    settle_heap: bool = True
 
     def __post_init__(self) -> None:
         self.connection_file = Path(self.connection_file)
@@ -674,6 +677,8 @@ class Server:
             return
         seconds = time.monotonic() - began
         self.runner.profile = self._open_profile()
+        if self.config.settle_heap:
+            heap.settle()  # what start-up built lives as long as the process
         self.stats.append("ready", engine=self.engine.name, seconds=round(seconds, 4))
         self._set_state(BackendState.READY, f"ready in {seconds:.2f} s")
         self._ready.set()

@@ -45,6 +45,7 @@ class RunningServer:
         config.setdefault("min_free_disk", 1 << 20)
         config.setdefault("heartbeat_interval", 0.2)
         config.setdefault("output_dir", tmp_path / "out")
+        config.setdefault("settle_heap", False)  # never freeze the test process's objects
         self.config = ServerConfig(
             connection_file=tmp_path / "runtime" / "backend.json",
             engine=engine,
