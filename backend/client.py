@@ -47,8 +47,6 @@ class Client:
         self.clock = clock
         self._own_context = context is None
         self.ctx = context or zmq.Context()
-        if self._own_context:
-            self.ctx.setsockopt(zmq.LINGER, 0)  # a closing client never waits on a dead peer
         self.shell = self.ctx.socket(zmq.DEALER)
         self.shell.setsockopt(zmq.LINGER, 0)
         self.shell.connect(connection.shell_url)

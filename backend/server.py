@@ -109,9 +109,6 @@ class Server:
         self.exit_code = 0
         self._stop_deadline = 0.0
         self.ctx = zmq.Context()
-        # Every socket's default: a bounded linger, so that closing (or a context that is
-        # garbage collected) can never wait forever on messages to a peer that is gone.
-        self.ctx.setsockopt(zmq.LINGER, 1000)
         self.shell: zmq.Socket | None = None
         self.iopub: zmq.Socket | None = None
         self.events_in: zmq.Socket | None = None
