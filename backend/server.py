@@ -420,6 +420,7 @@ class Server:
             gpu_health=gpu.probe_health(0.5),
             output_dir=str(self.config.output_dir),
             rejected=dict(self.rejected),
+            memory=heap.figures(),
         )
 
     def _on_generate(self, message, identity) -> dict:

@@ -8,6 +8,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import time
 import weakref
 from pathlib import Path
 
@@ -97,3 +98,31 @@ def test_settle_freezes_start_up_objects_and_later_cycles_are_still_freed():
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_backend_process_freezes_its_start_up_objects_once_ready(tmp_path):
+    from tests.reliability.support import BackendProcess
+
+    b = BackendProcess(tmp_path, "preview")
+    try:
+        deadline = time.monotonic() + 30
+        status = b.client.status()
+        while status["state"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = b.client.status()
+        assert status["state"] == "ready", status
+        memory = status["memory"]
+        assert memory["gc_frozen"] > 1000, memory  # imports and the loaded engine
+        assert memory["rss_bytes"] > 10 << 20, memory
+    finally:
+        assert b.stop() == 0
+
+
+def test_an_in_thread_server_leaves_the_host_process_unfrozen(make_server):
+    frozen_before = gc.get_freeze_count()
+    server = make_server("preview")
+    job = server.client.generate(png_bytes(), {"preset": "fast"})
+    assert server.client.wait_for_job(job, 30)["event"] == "job_done"  # the engine has loaded
+    memory = server.client.status()["memory"]
+    assert memory["gc_frozen"] == frozen_before
+    assert memory["rss_bytes"] is None or memory["rss_bytes"] > 0
