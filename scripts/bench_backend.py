@@ -116,6 +116,7 @@ def main() -> int:
     through_server(client, data)  # warm-up both paths
     in_process(engine, data, params, tmp / "warm.glb")
 
+    from backend import heap
     from backend.jobs import JobStore
     from backend.runner import Runner, RunnerConfig
     from backend.stats import StatsLog
@@ -128,8 +129,6 @@ def main() -> int:
         config=RunnerConfig(min_free_disk=1 << 20),
     )
     in_process_runner(runner, store, data)
-    from backend import heap
-
     heap.settle()  # as the backend process does once its engine is loaded
     direct, hardened, served, stage_times = [], [], [], []
     for i in range(args.runs):

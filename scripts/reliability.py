@@ -334,7 +334,8 @@ def _summary(f: dict) -> list[str]:
             "and CPython runs one rarely, less often still when every request adds objects. "
             "The runner now runs a full collection after each job, and the backend freezes "
             "its start-up objects once the engine is loaded (`backend/heap.py`), so that "
-            "collection costs about 1.5 ms instead of 15-20 ms "
+            "the step after each job (collection and malloc_trim) costs about 1.5 ms instead "
+            "of 19-23 ms "
             "(`scripts/bench_memory.py`, `docs/PERFORMANCE.md`). What remains is bounded: the "
             "replay guard remembers up to 65,536 message ids (about 12 MB when full).",
         ]
