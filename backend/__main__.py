@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="engine option, e.g. weights_dir=/models/TRELLIS.2-4B (repeatable)",
             )
             p.add_argument(
+                "--gpu",
+                type=int,
+                metavar="N",
+                help="run on GPU N only (sets CUDA_VISIBLE_DEVICES for the backend process)",
+            )
+            p.add_argument(
                 "--min-free-disk-mb",
                 type=float,
                 default=1024,
@@ -345,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "gpu", None) is not None and args.command != "supervise":
+        # Before anything imports torch: upstream TRELLIS.2 uses the default CUDA device in
+        # many places, so a process sees only its one GPU (the supervisor passes it on).
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     try:
         return args.func(args)
     except BackendError as exc:

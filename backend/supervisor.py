@@ -888,6 +888,11 @@ def main(args: Any) -> int:
         connection_file=Path(args.connection_file),
         log_dir=getattr(args, "log_dir", None),
         min_free_disk_mb=getattr(args, "min_free_disk_mb", None),
+        env=(
+            {"CUDA_VISIBLE_DEVICES": str(args.gpu)}
+            if getattr(args, "gpu", None) is not None
+            else {}
+        ),
     )
     policy = RespawnPolicy(
         fresh_per_job=bool(getattr(args, "fresh_per_job", False)),
