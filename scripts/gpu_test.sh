@@ -42,7 +42,7 @@ if [ ! -f "$W/weights/pipeline.json" ]; then
 fi
 step "pytest ${TESTS[*]}"
 LEFT=$(( T0 + BUDGET - 40 - $(date +%s) ))
-PYTHONUNBUFFERED=1 timeout "$LEFT" python3 -m pytest -m gpu -p no:cacheprovider -o timeout=1200 \
+PYTHONUNBUFFERED=1 timeout "$LEFT" python3 -m pytest -m gpu -o timeout=1200 \
   -v -rs "${TESTS[@]}" 2>&1 | grep -v -E "it/s\]|s/it\]"
 echo "pytest rc=${PIPESTATUS[0]}"
 step "khronos"
