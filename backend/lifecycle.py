@@ -176,10 +176,19 @@ def liveness(
     heartbeat_timeout: float,
     job_started_at: float | None,
     job_watchdog: float | None,
+    busy_heartbeat_timeout: float | None = None,
 ) -> tuple[Cause, str] | None:
-    """A backend that is silent too long or runs one job too long must be replaced."""
+    """A backend that is silent too long or runs one job too long must be replaced.
+
+    While a job runs, silence is allowed for `busy_heartbeat_timeout`: TRELLIS.2's CUDA
+    extensions (CuMesh's remeshing and UV unwrapping, o-voxel) hold the GIL for tens of
+    seconds per call, so the control loop cannot send heartbeats meanwhile (seen on the real
+    code: the first backend was killed as hung in its first export)."""
     silent = now - last_seen
-    if silent > heartbeat_timeout:
+    limit = heartbeat_timeout
+    if job_started_at is not None and busy_heartbeat_timeout is not None:
+        limit = max(heartbeat_timeout, busy_heartbeat_timeout)
+    if silent > limit:
         return Cause.MISSED_HEARTBEATS, f"no heartbeat for {silent:.1f} s"
     if job_started_at is not None and job_watchdog is not None:
         running = now - job_started_at

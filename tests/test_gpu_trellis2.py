@@ -24,7 +24,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("zmq")
 
 from backend import validate  # noqa: E402
-from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor  # noqa: E402
+from backend.supervisor import (  # noqa: E402
+    BackendSpec,
+    RespawnPolicy,
+    Supervisor,
+    SupervisorEvent,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = os.environ.get("TRELLIS2_WEIGHTS")
@@ -43,9 +48,11 @@ IMAGE = ROOT / "examples" / "robot.png"  # RGBA: no background removal needed
 PRESET_SECONDS = {"fast": 240, "balanced": 300, "high": 300, "game-asset": 360}
 
 
-def need(seconds: float) -> None:
+def need(seconds: float, sup: Supervisor | None = None) -> None:
     if DEADLINE and time.time() + seconds > DEADLINE:
         pytest.skip(f"not enough time left in this device call ({seconds:.0f} s needed)")
+    if sup is not None:
+        sup.wait_ready(timeout=300)  # a respawn from an earlier test must not fail this one
 
 
 def record(name: str, data: dict) -> None:
@@ -79,10 +86,15 @@ def sup(work):
     record("time_to_ready_s", {"seconds": round(time.time() - began, 1)})
     yield supervisor
     supervisor.stop()
+    # What the backends said, for the run's record (docs/gpu_runs/).
+    logs = sorted((work / "out" / "logs").glob("*.log"))
+    record("backend_logs", {log.name: log.read_text(errors="replace")[-6000:] for log in logs})
+    events = [e for e in supervisor._events if isinstance(e, SupervisorEvent)]
+    record("supervisor_events", [f"{e.kind}: {e.reason}" for e in events])
 
 
 def job_files(sup: Supervisor, job_id: str) -> tuple[dict, dict]:
-    folder = sup.spec.output_dir / job_id
+    folder = sup.spec.output_dir / "jobs" / job_id
     return (
         json.loads((folder / "job.json").read_text()),
         json.loads((folder / "stats.json").read_text()),
@@ -155,13 +167,13 @@ def test_an_opaque_image_without_background_removal_is_refused_clearly(sup):
 
 
 def generate(sup: Supervisor, preset: str, **extra) -> tuple[str, dict]:
-    need(PRESET_SECONDS[preset])
+    need(PRESET_SECONDS[preset], sup)
     job_id = sup.submit(IMAGE.read_bytes(), {"preset": preset, "seed": 1, **extra})
     record_ = sup.wait_for_job(job_id, timeout=PRESET_SECONDS[preset] + 120)
     job, stats = job_files(sup, job_id)
     result = summary(job, stats)
     assert record_["state"] == "done", job.get("error")
-    glb = sup.spec.output_dir / job_id / "result.glb"
+    glb = sup.spec.output_dir / "jobs" / job_id / "result.glb"
     result["glb"] = check_glb(glb)
     keep_glb(glb, preset)
     return job_id, result
@@ -183,13 +195,13 @@ def test_fast_preset_gives_a_valid_glb(sup):
 def test_reexport_runs_only_decode_and_export_from_the_cached_latents(sup):
     if not FAST_JOB:
         pytest.skip("needs the fast job")
-    need(120)
+    need(120, sup)
     parent = FAST_JOB[0]
     job_id = sup.client.reexport(parent, {"texture_size": 512, "decimation_target": 50_000})
     sup.wait_for_job(job_id, timeout=240)
     job, stats = job_files(sup, job_id)
     result = summary(job, stats)
-    result["glb"] = check_glb(sup.spec.output_dir / job_id / "result.glb")
+    result["glb"] = check_glb(sup.spec.output_dir / "jobs" / job_id / "result.glb")
     record("reexport", result)
     assert job["state"] == "done", job.get("error")
     assert set(result["stage_seconds"]) == {"decode", "export"}  # no sampling
@@ -200,7 +212,7 @@ def test_reexport_runs_only_decode_and_export_from_the_cached_latents(sup):
 def test_texturing_an_existing_mesh_with_the_real_texturing_pipeline(sup):
     import trimesh
 
-    need(180)
+    need(180, sup)
     mesh = trimesh.creation.icosphere(subdivisions=4, radius=0.8)
     mesh.apply_translation((2.0, 0.0, 1.0))  # placement must survive the round trip
     buf = io.BytesIO()
@@ -212,7 +224,7 @@ def test_texturing_an_existing_mesh_with_the_real_texturing_pipeline(sup):
     job, stats = job_files(sup, job_id)
     result = summary(job, stats)
     assert job["state"] == "done", job.get("error")
-    glb = sup.spec.output_dir / job_id / "result.glb"
+    glb = sup.spec.output_dir / "jobs" / job_id / "result.glb"
     result["glb"] = check_glb(glb)
     keep_glb(glb, "texture")
     record("texture", result)
@@ -223,7 +235,7 @@ def test_texturing_an_existing_mesh_with_the_real_texturing_pipeline(sup):
 
 
 def test_cancel_during_sampling_stops_the_job_and_frees_the_gpu(sup):
-    need(120)
+    need(120, sup)
     before = sup.client.status(timeout=30)["vram"]
     job_id = sup.submit(IMAGE.read_bytes(), {"preset": "balanced", "seed": 3})
     seen = None
