@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -58,6 +59,9 @@ def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     gpu.configure_allocator()  # before anything can import torch
+    # A crash inside a CUDA extension (segfault, abort) then leaves the Python stack in the
+    # backend's log, which the supervisor shows with the failed job.
+    faulthandler.enable()
     from .server import Server, ServerConfig
 
     config = ServerConfig(

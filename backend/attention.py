@@ -85,17 +85,45 @@ def choose(probe: dict[str, Any] | None = None) -> str:
     )
 
 
-def usable(backend: str) -> str | None:
-    """None if `backend` imports; else why not. A wheel built for another torch is found by
-    find_spec but fails here, so this runs before trellis2 is imported, not at the first job."""
+def usable(backend: str, device: str | None = None) -> str | None:
+    """None if `backend` works; else why not. Importing is not enough: a wheel built for
+    another torch imports and then has no operators (PyPI's xformers 0.0.35 on torch
+    2.11+cu130: "xFormers wasn't built with CUDA support", seen on the GPU machine at the
+    first job). So one tiny varlen call runs on the GPU (or on `device`) before trellis2 is
+    imported, not at the first job."""
     module = _MODULES.get(backend)
     if module is None:
         return None
     try:
         importlib.import_module(module)
-    except Exception as exc:  # ImportError, OSError from a .so, RuntimeError from torch ops
-        return f"{type(exc).__name__}: {exc}"
+        if device is None and "torch" in sys.modules:
+            device = "cuda" if sys.modules["torch"].cuda.is_available() else None
+        if device is not None:
+            _PROBES[backend](device)
+    except Exception as exc:  # ImportError, OSError from a .so, NotImplementedError from ops
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
     return None
+
+
+def _probe_xformers(device: str) -> None:
+    import torch
+    import xformers.ops as xops
+
+    q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16)
+    mask = xops.fmha.BlockDiagonalMask.from_seqlens([3, 5])  # how TRELLIS.2 calls it
+    xops.memory_efficient_attention(q, q, q, mask)
+
+
+def _probe_flash_attn(device: str) -> None:
+    import flash_attn
+    import torch
+
+    qkv = torch.randn(8, 3, 2, 64, device=device, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 3, 8], device=device, dtype=torch.int32)
+    flash_attn.flash_attn_varlen_qkvpacked_func(qkv, cu, 5)
+
+
+_PROBES = {"xformers": _probe_xformers, "flash_attn": _probe_flash_attn}
 
 
 def resolve(choice: str) -> tuple[str, str | None]:

@@ -589,6 +589,27 @@ def test_sparse_attention_runs_without_flash_attn_or_xformers(fake, weights, tmp
     assert Path(state["glb_path"]).is_file()
 
 
+def test_an_attention_package_without_working_operators_is_not_used(monkeypatch, tmp_path):
+    """Imports fine, fails at the first call: what a wheel built for another torch does."""
+    _stub_package(
+        tmp_path,
+        "xformers",
+        "class fmha:\n"
+        "    class BlockDiagonalMask:\n"
+        "        from_seqlens = staticmethod(lambda *a: None)\n"
+        "def memory_efficient_attention(*a, **k):\n"
+        '    raise NotImplementedError("xFormers wasn\'t build with CUDA support")\n',
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        reason = attention.usable("xformers", device="cpu")
+        assert reason is not None and "CUDA support" in reason
+        assert attention.usable("sdpa") is None
+    finally:
+        sys.modules.pop("xformers.ops", None)
+        sys.modules.pop("xformers", None)
+
+
 def test_a_broken_attention_package_falls_back_to_sdpa(fake, weights, monkeypatch, tmp_path):
     _purge_fake_modules()
     _stub_package(tmp_path, "xformers", "raise ImportError('built for another torch')\n")
