@@ -234,6 +234,9 @@ def test_cancel_during_sampling_stops_the_job_and_frees_the_gpu(sup):
                 and content.get("step", 0) >= 2
             ):
                 seen = content
+            ended = getattr(event, "msg_type", "") in ("job_failed", "job_done")
+            if ended and content.get("job_id") == job_id:
+                pytest.fail(f"the job ended before it could be cancelled: {content}")
         time.sleep(0.02)
     assert seen is not None, "no shape sampling progress seen"
     sup.cancel(job_id)
