@@ -9,37 +9,11 @@ T0=$(date +%s)
 BUDGET=${1:-570}; shift || true
 TESTS=("$@"); [ ${#TESTS[@]} -gt 0 ] || TESTS=(tests/test_gpu_trellis2.py)
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
-K=$PWD/.gpukit W=${GPU_WORK:-/tmp/t2}
-mkdir -p "$W"
 step() { echo "== $1 ($(( $(date +%s) - T0 )) s)"; }
 {
 step "unpack"
-if [ ! -d "$W/site" ]; then
-  tar -xJf "$K/site312.tar.xz" -C "$W" && mv "$W/site312" "$W/site"
-  # Packages in folders of their own, so doctor can be shown an install without them.
-  mkdir -p "$W/site_cumesh" "$W/site_transformers"
-  mv "$W"/site/cumesh* "$W/site_cumesh/"
-  mv "$W"/site/transformers* "$W"/site/tokenizers* "$W"/site/huggingface_hub* "$W/site_transformers/"
-fi
-[ -d "$W/src" ] || { mkdir -p "$W/src" && tar -xzf "$K/bundle.tar.gz" -C "$W/src"; }
-[ -x "$W/node" ] || { xz -dc "$K/node.xz" > "$W/node" && chmod +x "$W/node"; }
-[ -d "$W/validator" ] || { mkdir -p "$W/validator" && tar -xzf "$K/gltf-validator.tgz" -C "$W/validator"; }
-mkdir -p ~/.flex_gemm
-[ -f ~/.flex_gemm/autotune_cache.json ] || cp "$W/src/FlexGEMM/autotune_cache.json" ~/.flex_gemm/ 2>/dev/null
-if [ -f "$K/triton-cache.tar.xz" ] && [ ! -d ~/.triton/cache ]; then
-  mkdir -p ~/.triton && tar -xJf "$K/triton-cache.tar.xz" -C ~/.triton
-fi
-export GPU_SITE_CUMESH=$W/site_cumesh GPU_SITE_TRANSFORMERS=$W/site_transformers
-export PYTHONPATH=$W/site:$GPU_SITE_CUMESH:$GPU_SITE_TRANSFORMERS:$PWD
-export TRELLIS2_CHECKOUT=$W/src/TRELLIS.2 TRELLIS2_WEIGHTS=$W/weights
+source scripts/gpu/env.sh
 export GPU_RESULTS=$OUT GPU_DEADLINE=$(( T0 + BUDGET - 45 ))
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
-step "weights"
-if [ ! -f "$W/weights/pipeline.json" ]; then
-  python3 scripts/gpu/make_weights.py --trellis "$TRELLIS2_CHECKOUT" --out "$W/weights" \
-    --occupancy "${OCCUPANCY:-0.08}" --report "$OUT/weights.json" || echo "make_weights failed"
-fi
 step "pytest ${TESTS[*]}"
 LEFT=$(( T0 + BUDGET - 40 - $(date +%s) ))
 PYTHONUNBUFFERED=1 timeout "$LEFT" python3 -m pytest -m gpu -o timeout=1200 \
@@ -72,9 +46,12 @@ step "bring back"
 # Khronos reports only. A Triton cache makes the next call skip FlexGEMM's kernel compiles.
 for f in "$OUT"/glb/*.glb; do
   [ -f "$f" ] || continue
-  if [ "$(stat -c %s "$f")" -gt 16000000 ]; then rm "$f"; echo "$(basename "$f") too large to return"; fi
+  if [ "$(stat -c %s "$f")" -gt 16000000 ]; then
+    xz -6 -T16 "$f"
+    if [ "$(stat -c %s "$f.xz")" -gt 16000000 ]; then rm "$f.xz"; echo "$(basename "$f") too large to return"; fi
+  fi
 done
-if [ -d ~/.triton/cache ]; then tar -C ~/.triton -cf - cache | xz -3 -T8 > "$OUT/triton-cache.tar.xz"; fi
+if [ -d ~/.triton/cache ] && [ ! -f "$K/triton-cache.tar.xz" ]; then tar -C ~/.triton -cf - cache | xz -3 -T8 > "$OUT/triton-cache.tar.xz"; fi
 [ "$(stat -c %s "$OUT/triton-cache.tar.xz" 2>/dev/null || echo 0)" -lt 16000000 ] || rm -f "$OUT/triton-cache.tar.xz"
 ls -la "$OUT" "$OUT/glb" 2>/dev/null
 step "end"

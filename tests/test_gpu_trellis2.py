@@ -82,11 +82,15 @@ def sup(work):
     policy = RespawnPolicy(after_failure=False, start_timeout=600, job_watchdog=1200)
     supervisor = Supervisor(spec, policy)
     seen: list[str] = []
+    ids: set[int] = set()
     tick = supervisor.tick
 
-    def recording_tick():
+    def recording_tick():  # wait_for_job hands events back to the next tick: note each once
         events = tick()
-        seen.extend(f"{e.kind}: {e.reason}" for e in events if isinstance(e, SupervisorEvent))
+        for event in events:
+            if isinstance(event, SupervisorEvent) and id(event) not in ids:
+                ids.add(id(event))
+                seen.append(f"{event.kind}: {event.reason}")
         return events
 
     supervisor.tick = recording_tick
