@@ -252,3 +252,15 @@ def test_a_gpu_index_after_cuda_started_is_a_clear_error(monkeypatch):
         adapter.pin_device("cuda:2")
     assert err.value.code is ErrorCode.ENGINE_UNAVAILABLE and "--gpu 2" in err.value.hint
     assert "torch" in sys.modules
+
+
+def test_every_normal_in_the_glb_has_unit_length(engine, fake, tmp_path):
+    """Khronos: ACCESSOR_VECTOR3_NON_UNIT is an error; upstream's export leaves zero normals
+    on vertices of degenerate faces (seen in a real 432k-face GLB)."""
+    from tests.khronos import assert_khronos_valid
+
+    fake.ZERO_NORMALS = 3
+    state = new_state(tmp_path)
+    run(engine, parse_params({"preset": "fast"}), state)
+    assert state["repaired_normals"] == 3
+    assert_khronos_valid(state["glb_path"])

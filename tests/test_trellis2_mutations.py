@@ -64,6 +64,9 @@ MUTATIONS: dict[str, list[tuple[str, str]]] = {
     "no cache release between sampling and decoding": [
         ("        _empty_cache()\n", ""),
     ],
+    "zero normals left in the GLB": [
+        ('state["repaired_normals"] = unit_normals(glb)', 'state["repaired_normals"] = 3'),
+    ],
     "a guessed default for sampler steps": [
         ('merged.get("steps", _default_steps(sampler))', 'merged.get("steps", 12)'),
     ],
@@ -75,9 +78,9 @@ def _copy_repository(target: Path) -> None:
         ".git", ".venv*", "node_modules", "__pycache__", "*.pyc", "docs", "examples", ".gpukit"
     )
     shutil.copytree(ROOT, target, ignore=ignore)
-    examples = ROOT / "examples"
-    if examples.is_dir():
-        (target / "examples").symlink_to(examples)
+    for shared in ("examples", "node_modules"):  # read-only: linked, not copied
+        if (ROOT / shared).is_dir():
+            (target / shared).symlink_to(ROOT / shared)
 
 
 def _pytest(copy: Path) -> subprocess.CompletedProcess:
