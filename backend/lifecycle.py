@@ -180,10 +180,11 @@ def liveness(
 ) -> tuple[Cause, str] | None:
     """A backend that is silent too long or runs one job too long must be replaced.
 
-    While a job runs, silence is allowed for `busy_heartbeat_timeout`: TRELLIS.2's CUDA
-    extensions (CuMesh's remeshing and UV unwrapping, o-voxel) hold the GIL for tens of
-    seconds per call, so the control loop cannot send heartbeats meanwhile (seen on the real
-    code: the first backend was killed as hung in its first export)."""
+    While a job runs, silence is allowed for `busy_heartbeat_timeout`: CuMesh's bindings
+    (remeshing, simplification in TRELLIS.2's export) do not release the GIL, so while one
+    runs the control loop cannot send heartbeats, and the export stage took up to 76 s on the
+    real code. How long a single call holds the GIL was not measured; a hung job is still
+    caught by the job watchdog."""
     silent = now - last_seen
     limit = heartbeat_timeout
     if job_started_at is not None and busy_heartbeat_timeout is not None:
