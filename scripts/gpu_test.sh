@@ -4,6 +4,10 @@
 # with the Khronos glTF-Validator there. Results: $OUT (the device tool's folder) or ./gpu_out.
 # usage (repository root, on the GPU machine, .gpukit carried; scripts/gpu/prepare_kit.sh makes it):
 #   bash scripts/gpu_test.sh [BUDGET_SECONDS] [PYTEST ARGS...]
+# The whole suite needs about 15 minutes of device time (H200), more than one 10-minute call,
+# so run it in stages, one call each (tests that would not finish in time skip themselves):
+#   bash scripts/gpu_test.sh 585 tests/test_gpu_trellis2.py -k "not high and not game"
+#   bash scripts/gpu_test.sh 585 tests/test_gpu_trellis2.py -k "serves or high or game"
 set -uo pipefail
 T0=$(date +%s)
 BUDGET=${1:-570}; shift || true
