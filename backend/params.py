@@ -140,7 +140,7 @@ def parse_params(raw: dict[str, Any] | None) -> GenerationParams:
         raise _bad("params must be an object")
     raw = dict(raw or {})
     preset = raw.pop("preset", "balanced")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise _bad(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
     known = {f.name for f in dataclasses.fields(GenerationParams)} - {"preset"}
@@ -148,10 +148,11 @@ def parse_params(raw: dict[str, Any] | None) -> GenerationParams:
         if name not in known:
             raise _bad(f"unknown parameter {name!r}")
         if name == "resolution":
-            if value not in RESOLUTIONS or isinstance(value, bool):
+            # Whole numbers only: 2048.0 equals 2048 but would reach the engine as a float.
+            if type(value) is not int or value not in RESOLUTIONS:
                 raise _bad(f"resolution must be one of {RESOLUTIONS}, got {value!r}")
         elif name == "texture_size":
-            if value not in TEXTURE_SIZES or isinstance(value, bool):
+            if type(value) is not int or value not in TEXTURE_SIZES:
                 raise _bad(f"texture_size must be one of {TEXTURE_SIZES}, got {value!r}")
         elif name in ("remesh", "guidance"):
             if not isinstance(value, bool):

@@ -46,6 +46,12 @@ def test_presets_and_overrides():
         {"samplers": {"shape": {"guidance_interval": [0.9, 0.1]}}},
         {"samplers": {"shape": []}},
         "not a dict",
+        {"preset": ["fast"]},  # unhashable: once an internal error
+        {"preset": 3},
+        {"texture": {}},
+        {"texture_size": 2048.0},  # equal to 2048, but the engine would get a float
+        {"resolution": 1024.0},
+        {"samplers": "fast"},
     ],
 )
 def test_bad_params_get_typed_errors(raw):
