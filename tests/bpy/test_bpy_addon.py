@@ -157,7 +157,7 @@ def test_generate_async_through_a_real_backend_imports_at_the_cursor(scene, ctrl
     assert obj.select_get() and bpy.context.view_layer.objects.active == obj
     assert submodule("runtime").timer() == 0.5  # idle cadence afterwards
 
-    history = ctrl.refresh_history()
+    history = ctrl.history_blocking()
     assert history[0]["job_id"] == view.job_id and history[0]["seed"] == props.last_seed
     log = draw(bpy.types.TRELLIS2_PT_history, bpy.context)
     assert {"trellis2.import_result", "trellis2.reexport", "trellis2.regenerate"} <= set(
@@ -181,6 +181,7 @@ def test_cancel_a_queued_job(scene, ctrl):
     image = EXAMPLE.read_bytes()
     first = ctrl.submit(image, {"preset": "high", "seed": 1}, "first", auto_import=False)
     second = ctrl.submit(image, {"preset": "fast", "seed": 2}, "second", auto_import=False)
+    tick_until(ctrl, lambda: second.job_id)  # the backend named it
     assert bpy.ops.trellis2.cancel(job_id=second.job_id) == {"FINISHED"}
     tick_until(ctrl, lambda: first.terminal and second.terminal)
     assert second.state == "cancelled"
@@ -205,8 +206,8 @@ def test_restart_from_preferences_gives_a_new_backend_session(scene, ctrl):
 def test_history_survives_a_blender_restart(scene, ctrl):
     scene.trellis2.filepath, scene.trellis2.preset = str(EXAMPLE), "fast"
     assert bpy.ops.trellis2.generate(mode="BLOCKING") == {"FINISHED"}
-    ctrl.stop()  # the history is read from disk, without a backend
-    expected = ctrl.refresh_history()[0]
+    expected = ctrl.history_blocking()[0]
+    ctrl.shutdown()
     script = f"""
 import sys, json
 sys.path.insert(0, {str(ROOT / "tests" / "bpy")!r})
@@ -216,7 +217,9 @@ bpy.context.preferences.extensions.repos.new(name=conftest.REPO, module=conftest
     custom_directory=str(conftest.EXT_REPO_DIR), source="USER")
 bpy.ops.preferences.addon_enable(module=conftest.MODULE)
 ctrl = sys.modules[conftest.MODULE + ".blender_addon.runtime"].get()
-print("HISTORY" + json.dumps(ctrl.refresh_history()))
+bpy.ops.trellis2.backend(action="START")  # the backend keeps the history (blocks: -b)
+print("HISTORY" + json.dumps(ctrl.history_blocking()))
+ctrl.shutdown()
 """
     env = dict(os.environ, TRELLIS2_TEST_OUTPUT_DIR=os.environ["TRELLIS2_OUTPUT_DIR"])
     out = subprocess.run(
