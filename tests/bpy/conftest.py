@@ -107,3 +107,22 @@ def scene(addon):
 
 def submodule(name: str):
     return sys.modules[f"{MODULE}.blender_addon.{name}"]
+
+
+@pytest.fixture(scope="session")
+def rgba_glb(tmp_path_factory):
+    """A textured GLB whose texture has alpha but whose material says OPAQUE (like TRELLIS.2)."""
+    import numpy as np
+    import trimesh
+    from PIL import Image
+    from trimesh.visual.material import PBRMaterial
+    from trimesh.visual.texture import TextureVisuals
+
+    mesh = trimesh.creation.box(extents=(0.5, 1.0, 0.25))
+    uv = np.random.default_rng(0).random((len(mesh.vertices), 2))
+    texture = Image.new("RGBA", (16, 16), (200, 50, 50, 128))
+    material = PBRMaterial(baseColorTexture=texture, alphaMode="OPAQUE")
+    mesh.visual = TextureVisuals(uv=uv, material=material)
+    path = tmp_path_factory.mktemp("glb") / "box.glb"
+    mesh.export(path)
+    return path

@@ -16,52 +16,9 @@ import pytest
 bpy = pytest.importorskip("bpy")
 
 from .conftest import EXAMPLE, MODULE, ROOT, submodule  # noqa: E402
+from .support import FakeLayout, draw, operators_in, props_in, tick_until  # noqa: E402
 
 pytestmark = pytest.mark.bpy
-
-
-class FakeLayout:
-    """Records what a draw() puts on screen; every call returns another recorder."""
-
-    def __init__(self, log):
-        self.log = log
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            self.log.append((name, args, kwargs))
-            return FakeLayout(self.log)
-
-        return call
-
-    def __setattr__(self, name, value):
-        if name == "log":
-            object.__setattr__(self, name, value)
-
-
-def draw(panel_cls, context):
-    log = []
-    panel_cls.draw(SimpleNamespace(layout=FakeLayout(log)), context)
-    return log
-
-
-def operators_in(log):
-    return [args[0] for name, args, _ in log if name == "operator"]
-
-
-def props_in(log):
-    return [args[1] for name, args, _ in log if name == "prop"]
-
-
-def tick_until(ctrl, done, timeout=60.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    intervals = []
-    while not done():
-        assert time.monotonic() < deadline, f"timed out ticking: {ctrl.status()} {ctrl.jobs}"
-        intervals.append(submodule("runtime").timer())
-        time.sleep(0.02)
-    return intervals
 
 
 # -- registration and UI --------------------------------------------------------------------
@@ -233,25 +190,6 @@ ctrl.shutdown()
 
 
 # -- import ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rgba_glb(tmp_path_factory):
-    """A textured GLB whose texture has alpha but whose material says OPAQUE (like TRELLIS.2)."""
-    import numpy as np
-    import trimesh
-    from PIL import Image
-    from trimesh.visual.material import PBRMaterial
-    from trimesh.visual.texture import TextureVisuals
-
-    mesh = trimesh.creation.box(extents=(0.5, 1.0, 0.25))
-    uv = np.random.default_rng(0).random((len(mesh.vertices), 2))
-    texture = Image.new("RGBA", (16, 16), (200, 50, 50, 128))
-    material = PBRMaterial(baseColorTexture=texture, alphaMode="OPAQUE")
-    mesh.visual = TextureVisuals(uv=uv, material=material)
-    path = tmp_path_factory.mktemp("glb") / "box.glb"
-    mesh.export(path)
-    return path
 
 
 def test_import_scales_places_and_fixes_alpha_in_one_undo_step(scene, ctrl, rgba_glb):
