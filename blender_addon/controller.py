@@ -1041,6 +1041,32 @@ class Controller:
         self._wait_until(lambda: not self.history.stale and self.history.request is None, timeout)
         return self.history.entries
 
+    def job_entry_blocking(self, job_id: str, timeout: float = 30.0) -> dict[str, Any] | None:
+        """A job as a history entry, asked for now (scripts: a job not on the history page)."""
+        if not self._answers():
+            return None
+        pending = self.supervisor.request_nowait("job", {"job_id": job_id})
+        self._wait_until(lambda: pending.done, timeout)
+        if not pending.ok:
+            return None
+        record, folder = pending.reply["job"], Path(pending.reply["folder"])
+        names = pending.reply.get("files") or {}
+        inputs = sorted(n for n in names if n.startswith("input."))
+        result = record.get("result") or {}
+        return history_entry(
+            {
+                "job_id": record["id"],
+                "kind": record.get("kind"),
+                "state": record.get("state"),
+                "filename": record.get("filename"),
+                "preset": (record.get("params") or {}).get("preset"),
+                "glb_path": result.get("glb_path"),
+                "parent": record.get("parent"),
+                "folder": str(folder),
+                "input": str(folder / inputs[0]) if inputs else None,
+            }
+        )
+
     def wait_doctor(self, timeout: float = 120.0) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout
         while self._doctor_proc is not None and time.monotonic() < deadline:

@@ -248,6 +248,8 @@ class TRELLIS2_OT_regenerate(bpy.types.Operator):
     def execute(self, context):
         ctrl = _ctrl()
         entry = ctrl.history_entry(self.job_id) if ctrl else None
+        if entry is None and ctrl is not None and bpy.app.background:
+            entry = ctrl.job_entry_blocking(self.job_id)  # a script: not on the history page
         if not entry or not entry.get("input") or not os.path.isfile(entry["input"]):
             self.report({"ERROR"}, "The job's input image is gone")
             return {"CANCELLED"}

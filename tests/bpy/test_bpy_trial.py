@@ -129,11 +129,13 @@ def test_tilde_and_relative_paths_are_expanded_and_no_tilde_folder_appears(
     monkeypatch.chdir(tmp_path)
     prefs.output_dir = "~/trellis-out"
     prefs.weights_dir = "models/weights"
-    prefs.trellis_checkout = "//TRELLIS.2"  # next to the .blend; unsaved: home
+    prefs.trellis_checkout = "~/TRELLIS.2"
     config = submodule("preferences").backend_config(prefs)
     assert config.output_dir == home / "trellis-out"
     assert config.engine_options["weights_dir"] == str(home / "models" / "weights")
     assert config.engine_options["trellis_checkout"] == str(home / "TRELLIS.2")
+    path_setting = submodule("preferences").path_setting  # `//`: next to the .blend, or home
+    assert path_setting("//models") == str(home / "models")
     prefs.python = "~/no-python-here"
     assert submodule("preferences").backend_config(prefs).python == str(home / "no-python-here")
     prefs.python = ""
