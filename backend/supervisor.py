@@ -170,6 +170,7 @@ class Supervisor:
         self._last_error: BackendError | None = None
         self.last_shutdown: dict[str, Any] | None = None  # {pid, rung, exit_code, reason}
         self._store: JobStore | None = None
+        self._zmq: zmq.Context | None = None  # shared by this supervisor's clients
         _SUPERVISORS.add(self)
 
     # -- public properties ---------------------------------------------------------------
@@ -275,6 +276,9 @@ class Supervisor:
             log.error("backend pid %s did not exit", b.pid)
             b.close()
         self._retiring.clear()
+        if self._zmq is not None:  # every client is closed; destroy closes any stray socket
+            self._zmq.destroy(linger=0)
+            self._zmq = None
 
     def submit(self, image: bytes, params: dict | None = None, filename: str = "image.png") -> str:
         """Queue a generation on the live backend; returns the job id."""
@@ -484,7 +488,7 @@ class Supervisor:
             return
         b.info = info
         try:
-            b.client = Client(info, clock=self.clock)
+            b.client = Client(info, context=self._context(), clock=self.clock)
         except (zmq.ZMQError, BackendError) as exc:
             log.warning("cannot connect to pid %s: %s", b.pid, exc)
             b.info = None
@@ -886,6 +890,13 @@ class Supervisor:
     def _emit(self, kind: str, reason: str, **fields: Any) -> None:
         fields.setdefault("state", self._lc.state.value)
         self._events.append(SupervisorEvent(kind, reason, **fields))
+
+    def _context(self) -> zmq.Context:
+        """One ZeroMQ context for all of this supervisor's clients: closing the client of a
+        replaced backend then never waits in the tick for a context's I/O thread to end."""
+        if self._zmq is None:
+            self._zmq = zmq.Context()
+        return self._zmq
 
     def _job_store(self) -> JobStore:
         if self._store is None:

@@ -11,164 +11,39 @@ Scene properties, so progress never dirties the .blend file and drawing never to
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..backend.client import ClientTimeout, Pending
 from ..backend.errors import BackendError, ErrorCode
-from ..backend.files import default_output_dir
 from ..backend.paths import output_dir_problem
-from ..backend.procutil import pid_alive
+from .launch import BackendConfig, DoctorRun, make_supervisor, remove_stale_run_dirs, run_dir
+from .views import (
+    TERMINAL,
+    HistoryView,
+    JobView,
+    Outgoing,
+    engine_label,
+    event_from_record,
+    format_bytes,
+    history_entry,
+    one_line,
+)
 
 log = logging.getLogger("trellis2_blender")
 
-ADDON_ROOT = Path(__file__).resolve().parent.parent  # holds backend/, so `-m backend` works
-TERMINAL = ("done", "failed", "cancelled")
-EVENT_STATE = {"job_done": "done", "job_failed": "failed", "job_cancelled": "cancelled"}
 BUSY_INTERVAL = 0.1  # seconds between ticks while anything is queued, running or changing
 IDLE_INTERVAL = 0.5
 RECONCILE_EVERY = 2.0  # seconds between `job` checks of active jobs (PUB/SUB may drop events)
 SUBMIT_TIMEOUT = 10.0  # a generate/reexport reply (the backend decodes the image first)
-REQUEST_TIMEOUT = 5.0
-HISTORY_PAGE = 8
 QUEUE_LIMIT = 8  # the backend's default queue depth
-RUN_DIR_PREFIX = "trellis2-blender-"
-RESPAWN_CHOICES = ("AFTER_FAILURE", "EVERY_N", "FRESH", "STANDBY")
-ENGINES = (
-    ("preview", "Preview (no GPU)", "A quick CPU proxy with no weights: not TRELLIS.2"),
-    ("trellis2", "TRELLIS.2", "The real model: needs an NVIDIA GPU and a TRELLIS.2 environment"),
-)
-# Engine settings the preview engine ignores (the panel says so).
-PREVIEW_IGNORES = "seed, steps and guidance"
 LIVE = ("loading", "ready", "busy")  # a backend that answers requests
 CHANGING = ("starting", "loading", "restarting", "stopping")
 _PROGRESS = ("state", "stage", "label", "fraction", "level", "position")
-
-
-def engine_label(name: str) -> str:
-    return next((label for key, label, _ in ENGINES if key == name), name)
-
-
-@dataclass
-class BackendConfig:
-    """What the preferences say about the backend; a change applies on the next (re)start."""
-
-    python: str = ""  # empty: the Python Blender runs (preview engine with the bundled wheels)
-    engine: str = "preview"
-    engine_options: dict[str, str] = field(default_factory=dict)
-    output_dir: Path = field(default_factory=lambda: default_output_dir())
-    respawn: str = "AFTER_FAILURE"
-    every_n: int = 10
-    heartbeat_timeout: float = 5.0
-    start_timeout: float = 120.0
-
-    @property
-    def interpreter(self) -> str:
-        return self.python or sys.executable
-
-    @property
-    def own_python(self) -> bool:
-        return not self.python or Path(self.python).resolve() == Path(sys.executable).resolve()
-
-
-@dataclass
-class JobView:
-    """One job as the panel shows it: requests, replies and events folded into a few fields.
-    `key` is the add-on's own id (stable from Generate on); `job_id` is the backend's, once
-    its reply or events named it."""
-
-    key: str
-    name: str
-    kind: str = "generate"
-    job_id: str = ""
-    # waiting (for a backend), submitting (sent, no reply yet), queued, running, done, failed,
-    # cancelled
-    state: str = "waiting"
-    stage: str = ""
-    label: str = ""
-    fraction: float = 0.0
-    level: int = 0
-    seed: int | None = None
-    position: int | None = None
-    glb_path: str | None = None
-    message: str = ""
-    hint: str = ""
-    result: dict[str, Any] = field(default_factory=dict)
-    auto_import: bool = True
-    imported: bool = False
-    submitted: float = 0.0
-    finished: float | None = None
-    cursor: tuple[float, float, float] | None = None  # where the 3D cursor was at Generate
-    engine: str = ""  # the engine it runs on, as the panel names it
-    parent: str = ""  # a re-export's source job
-    on_backend: bool = False  # the backend has it (in its job store): never sent again
-    cancel_requested: bool = False
-    cancel_retry_at: float = 0.0
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
-
-
-@dataclass
-class _Outgoing:
-    """A generate or reexport waiting for a backend that answers."""
-
-    key: str
-    msg_type: str
-    content: dict[str, Any]
-    buffers: tuple[bytes, ...] = ()
-
-
-@dataclass
-class HistoryView:
-    """One page of the job history, as the backend's last `jobs` reply gave it."""
-
-    entries: list[dict[str, Any]] = field(default_factory=list)
-    total: int = 0
-    page: int = 0
-    query: str = ""
-    warnings: list[str] = field(default_factory=list)
-    error: str = ""
-    loaded: bool = False  # a listing arrived at least once
-    stale: bool = True  # ask again as soon as a backend answers
-    request: Pending | None = None
-    prune_days: int = 30
-    prune: dict[str, Any] | None = None  # the dry run: {count, bytes} older than prune_days
-    notice: str = ""  # what the last delete did
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // HISTORY_PAGE))
-
-
-def bundled_site_dirs(modules: tuple[str, ...] = ("zmq", "PIL", "trimesh", "numpy")) -> list[str]:
-    """Folders this Python imports the backend's packages from. Blender installs an extension's
-    wheels into its own site-packages, which a child interpreter would not find by itself."""
-    import importlib.util
-
-    dirs: list[str] = []
-    for name in modules:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        parent = str(Path(list(spec.submodule_search_locations)[0]).parent)
-        if parent not in dirs:
-            dirs.append(parent)
-    return dirs
 
 
 def random_seed() -> int:
@@ -185,31 +60,6 @@ def _msg_parts(message: Any) -> tuple[str, dict[str, Any], str | None]:
         dict(getattr(message, "content", {}) or {}),
         getattr(message, "parent_id", None),
     )
-
-
-def _event_from_record(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The terminal event a finished job record stands for (a missed event, recovered)."""
-    state = record.get("state")
-    result = record.get("result") or {}
-    if state == "done":
-        return "job_done", {
-            "job_id": record.get("id"),
-            "glb_path": result.get("glb_path"),
-            "mesh_stats": result.get("mesh_stats"),
-            "oom_quality_degradation_level": record.get("level") or 0,
-            "final_params": record.get("final_params"),
-        }
-    if state == "failed":
-        return "job_failed", {"job_id": record.get("id"), **(record.get("error") or {})}
-    return "job_cancelled", {"job_id": record.get("id")}
-
-
-def one_line(text: Any, limit: int = 200) -> str:
-    """A message fit for one label: first line, no traceback, bounded."""
-    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
-    if any(ln.startswith("Traceback") for ln in lines):
-        lines = [lines[-1]]  # the exception itself, e.g. "ModuleNotFoundError: No module ..."
-    return (lines[0] if lines else "")[:limit]
 
 
 class Controller:
@@ -231,7 +81,7 @@ class Controller:
         self.jobs: dict[str, JobView] = {}  # this session's jobs by key, oldest first
         self._keys: dict[str, str] = {}  # backend job id -> key
         self._next_key = 0
-        self._outbox: list[_Outgoing] = []
+        self._outbox: list[Outgoing] = []
         self._requests: list[tuple[Pending, Callable[[Pending], None]]] = []
         self._by_request: dict[str, str] = {}  # submit msg_id -> key (job_queued names its job)
         self._abandoned: dict[str, str] = {}  # submits reported failed whose outcome is unknown
@@ -245,9 +95,7 @@ class Controller:
         self.sessions: list[str] = []  # backend sessions seen, in order (a restart adds one)
         self.doctor_report: dict[str, Any] | None = None
         self.doctor_text = ""
-        self.doctor_output = ""  # a doctor that printed no report: its output, for the console
-        self._doctor_proc: subprocess.Popen | None = None
-        self._doctor_out: Any = None
+        self._doctor: DoctorRun | None = None
         self._output_checked: tuple[str, str | None] | None = None  # (path, problem)
         self.tick_errors: list[str] = []
         self._reported: set[str] = set()
@@ -258,8 +106,8 @@ class Controller:
         self.ticks = 0
         self._next_reconcile = 0.0
         self._last_state = "stopped"
-        self.run_dir = Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}{os.getpid()}"
-        _remove_stale_run_dirs(self.run_dir)
+        self.run_dir = run_dir()
+        remove_stale_run_dirs(self.run_dir)
 
     # -- state --------------------------------------------------------------------------
 
@@ -445,7 +293,7 @@ class Controller:
             label="Waiting for the backend",
         )
         self.jobs[view.key] = view
-        self._outbox.append(_Outgoing(view.key, msg_type, content, tuple(buffers)))
+        self._outbox.append(Outgoing(view.key, msg_type, content, tuple(buffers)))
         self._flush_outbox()
         self._changed()
         return view
@@ -689,7 +537,7 @@ class Controller:
         record = pending.reply.get("job") or {}
         state = record.get("state")
         if state in TERMINAL:
-            self._apply_job(view, *_event_from_record(record))
+            self._apply_job(view, *event_from_record(record))
         elif state == "queued" and view.state == "waiting":
             view.state, view.label = "queued", ""
         elif state == "running" and view.state in ("waiting", "queued"):
@@ -822,7 +670,7 @@ class Controller:
         if not h.stale or h.request is not None or not self._answers():
             return
         h.stale = False
-        content: dict[str, Any] = {"limit": HISTORY_PAGE, "offset": h.page * HISTORY_PAGE}
+        content: dict[str, Any] = {"limit": h.page_size, "offset": h.page * h.page_size}
         if h.query:
             content["query"] = h.query
         h.request = self.supervisor.request_nowait("jobs", content)
@@ -920,68 +768,22 @@ class Controller:
             out.update(_backend_figures(sup.get("backend") or {}))
         return out
 
-    def run_doctor(self, extra_args: list[str] | None = None) -> None:
-        """Run `python -m backend doctor --json` with the backend's interpreter, in the
-        background (it imports torch); the tick collects the report."""
-        if self._doctor_proc is not None:
+    def run_doctor(self) -> None:
+        """Run `python -m backend doctor` with the backend's interpreter, in the background
+        (it imports torch); the tick collects the report."""
+        if self._doctor is not None:
             return
-        env = dict(os.environ)
-        paths = [str(ADDON_ROOT)]
-        if self.config.own_python:
-            paths += bundled_site_dirs()
-        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        args = [self.config.interpreter, "-m", "backend", "doctor", "--json", "--for-blender"]
-        args += ["--output-dir", str(self.config.output_dir), "--engine", self.config.engine]
-        for key in ("weights_dir", "trellis_checkout"):
-            if self.config.engine_options.get(key):
-                args += [f"--{key.replace('_', '-')}", self.config.engine_options[key]]
-        args += extra_args or []
-        self._doctor_out = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _poll_doctor
-        self.doctor_text = "Running..."
-        self.doctor_report = None
-        try:
-            self._doctor_proc = subprocess.Popen(
-                args,
-                cwd=str(ADDON_ROOT),
-                env=env,
-                stdout=self._doctor_out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        except OSError as exc:
-            self._doctor_proc = None
-            self._doctor_out.close()
-            self.doctor_text = one_line(f"cannot run {self.config.interpreter}: {exc}")
+        self._doctor = DoctorRun(self.config)
+        self.doctor_text, self.doctor_report = "Running...", None
 
     def _poll_doctor(self) -> bool:
-        proc = self._doctor_proc
-        if proc is None or proc.poll() is None:
+        run = self._doctor
+        if run is None or not run.poll():
             return False
-        self._doctor_proc = None
-        self._doctor_out.seek(0)
-        text = self._doctor_out.read().decode("utf-8", "replace")
-        self._doctor_out.close()
-        start = text.find("{")
-        try:
-            report = json.loads(text[start:]) if start >= 0 else None
-        except ValueError:
-            report = None
-        if not isinstance(report, dict):
-            # No report: say why in one line; the whole output goes to the console only.
-            self.doctor_report = None
-            self.doctor_output = text
-            log.warning("doctor printed no report (exit %s):\n%s", proc.returncode, text)
-            why = one_line(text) or f"it exited with code {proc.returncode}"
-            where = self.config.interpreter
-            self.doctor_text = one_line(f"Doctor could not run with {where}: {why}")
-            return True
-        for check in report.get("checks") or []:
-            if isinstance(check, dict):
-                for key in ("detail", "hint", "message"):
-                    if key in check:
-                        check[key] = one_line(check[key], 300)
-        self.doctor_report = report
-        self.doctor_text = "OK" if report.get("ok") else "Problems found"
+        self._doctor = None
+        self.doctor_report, self.doctor_text = run.report, run.text
+        if run.report is None:
+            log.warning("doctor printed no report:\n%s", run.output)
         return True
 
     # -- blocking mode (blender -b scripts, tests) ---------------------------------------
@@ -1068,19 +870,15 @@ class Controller:
         )
 
     def wait_doctor(self, timeout: float = 120.0) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while self._doctor_proc is not None and time.monotonic() < deadline:
-            self.tick()
-            time.sleep(0.05)
+        self._wait_until(lambda: self._doctor is None, timeout)
         return self.doctor_report
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Everything off (unregister, Blender quitting): no orphan processes. This one waits
         (bounded by the shutdown ladder)."""
-        if self._doctor_proc is not None and self._doctor_proc.poll() is None:
-            self._doctor_proc.kill()
-            self._doctor_proc.wait()
-        self._doctor_proc = None
+        if self._doctor is not None:
+            self._doctor.kill()
+            self._doctor = None
         self._start_wanted = False
         for sup in [*self._retired, self.supervisor]:
             if sup is not None:
@@ -1093,31 +891,6 @@ class Controller:
             self.run_dir.rmdir()  # the connection file is gone; leave no empty folder
         except OSError:
             pass
-
-
-def history_entry(summary: dict[str, Any]) -> dict[str, Any]:
-    """A `jobs` summary as the history shows it (plain data, no disk reads)."""
-    entry = dict(summary)
-    filename = summary.get("filename") or ""
-    entry["name"] = Path(filename).stem if filename else summary.get("job_id", "?")
-    started, finished = summary.get("started"), summary.get("finished")
-    entry["seconds"] = finished - started if started and finished else None
-    entry["mesh_stats"] = summary.get("mesh_stats") or {}
-    entry["label"] = (
-        f"{entry['name']} (re-export of {summary['parent']})"
-        if summary.get("kind") == "reexport" and summary.get("parent")
-        else entry["name"]
-    )
-    return entry
-
-
-def format_bytes(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return "?"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _backend_figures(reply: dict[str, Any]) -> dict[str, Any]:
@@ -1134,47 +907,3 @@ def _backend_figures(reply: dict[str, Any]) -> dict[str, Any]:
 
 def _enum_value(value: Any) -> str:
     return str(getattr(value, "value", value)).lower()
-
-
-def _remove_stale_run_dirs(mine: Path) -> None:
-    """Empty run folders of Blender sessions that have ended (older versions left them)."""
-    try:
-        candidates = list(mine.parent.glob(f"{RUN_DIR_PREFIX}*"))
-    except OSError:
-        return
-    for folder in candidates:
-        pid = folder.name[len(RUN_DIR_PREFIX) :]
-        if folder != mine and pid.isdigit() and not pid_alive(int(pid)):
-            try:
-                folder.rmdir()  # only when empty: never remove what someone still uses
-            except OSError:
-                pass
-
-
-def make_supervisor(config: BackendConfig, run_dir: Path | None = None) -> Any:
-    """The real supervisor for a configuration (imported lazily: it needs pyzmq)."""
-    from ..backend.supervisor import BackendSpec, RespawnPolicy, Supervisor
-
-    run_dir = run_dir or Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}{os.getpid()}"
-    extra = [str(ADDON_ROOT)]
-    if config.own_python:
-        # Blender's Python has the extension's wheels on sys.path; a child needs them spelled out.
-        extra += bundled_site_dirs()
-    spec = BackendSpec(
-        python=config.interpreter,
-        engine=config.engine,
-        engine_options=dict(config.engine_options),
-        output_dir=Path(config.output_dir),
-        connection_file=run_dir / "connection.json",
-        log_dir=Path(config.output_dir) / "logs",
-        extra_pythonpath=extra,
-    )
-    policy = RespawnPolicy(
-        after_failure=True,
-        every_n_jobs=config.every_n if config.respawn == "EVERY_N" else None,
-        fresh_per_job=config.respawn in ("FRESH", "STANDBY"),
-        standby=config.respawn == "STANDBY",
-        heartbeat_timeout=config.heartbeat_timeout,
-        start_timeout=config.start_timeout,
-    )
-    return Supervisor(spec, policy)

@@ -13,10 +13,11 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatVectorProperty, IntProperty, StringProperty
 
 from . import runtime, sources
-from .controller import engine_label, format_bytes, one_line, random_seed
+from .controller import random_seed
 from .importer import import_glb
 from .preferences import backend_config, get_prefs
 from .properties import import_options, params_from
+from .views import engine_label, format_bytes, one_line
 
 MODES = (
     ("AUTO", "Auto", "Wait only in background mode (blender -b), where no timer runs"),

@@ -8,8 +8,8 @@ import time
 import bpy
 
 from . import runtime
-from .controller import HISTORY_PAGE, PREVIEW_IGNORES, format_bytes, one_line
 from .preferences import draw_doctor, draw_error, draw_status, get_prefs
+from .views import PREVIEW_IGNORES, format_bytes, one_line
 
 
 def _fmt_count(n) -> str:
@@ -187,7 +187,7 @@ class TRELLIS2_PT_history(_Base, bpy.types.Panel):
             layout.label(text=one_line(history.error, 120), icon="ERROR")
         if history.loaded and not history.entries:
             layout.label(text="No jobs match" if history.query else "No jobs yet")
-        for entry in history.entries[:HISTORY_PAGE]:
+        for entry in history.entries[: history.page_size]:
             draw_history_entry(layout.box(), entry)
         if history.pages > 1:
             row = layout.row(align=True)

@@ -8,7 +8,8 @@ import bpy
 from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from ..backend.paths import expand
-from .controller import ENGINES, BackendConfig, default_output_dir, one_line
+from .launch import BackendConfig, default_output_dir
+from .views import ENGINES, engine_label, one_line
 
 RESPAWN = (
     ("AFTER_FAILURE", "After Failures", "Restart the backend when a job fails or it crashes"),
@@ -163,8 +164,6 @@ def draw_status(layout, ctrl) -> None:
 
 
 def _next(ctrl) -> str:
-    from .controller import engine_label
-
     return engine_label(ctrl.config.engine)
 
 

@@ -12,7 +12,8 @@ import time
 import bpy
 from bpy.app.handlers import persistent
 
-from .controller import IDLE_INTERVAL, Controller, JobView
+from .controller import IDLE_INTERVAL, Controller
+from .views import JobView
 
 log = logging.getLogger("trellis2_blender")
 

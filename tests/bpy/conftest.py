@@ -77,7 +77,7 @@ def ctrl(addon, prefs):
 
     runtime = import_module(f"{MODULE}.blender_addon.runtime")
     preferences = import_module(f"{MODULE}.blender_addon.preferences")
-    controller_mod = import_module(f"{MODULE}.blender_addon.controller")
+    views = import_module(f"{MODULE}.blender_addon.views")
     controller = runtime.get()
     # tests/conftest.py points TRELLIS2_OUTPUT_DIR at a fresh folder per test: follow it.
     controller.configure(preferences.backend_config(preferences.get_prefs()))
@@ -88,7 +88,7 @@ def ctrl(addon, prefs):
     controller._outbox.clear()
     controller._requests.clear()
     controller._abandoned.clear()
-    controller.history = controller_mod.HistoryView()
+    controller.history = views.HistoryView()
     controller.last_error = controller.last_hint = ""
     controller.last_outcome = None
     controller.tick_errors.clear()

@@ -37,8 +37,8 @@ def history_settled(ctrl) -> bool:
     return not ctrl.history.stale and ctrl.history.request is None
 
 
-def test_every_job_is_reachable_by_pages_and_by_search(scene, ctrl, monkeypatch):
-    monkeypatch.setattr(submodule("controller"), "HISTORY_PAGE", 2)
+def test_every_job_is_reachable_by_pages_and_by_search(scene, ctrl):
+    ctrl.history.page_size = 2
     views = three_jobs(ctrl)
     first = ctrl.history_blocking()
     assert len(first) == 2 and ctrl.history.total == 3 and ctrl.history.pages == 2
@@ -63,7 +63,7 @@ def test_delete_a_job_and_clear_old_ones_seeing_the_space_they_use(scene, ctrl):
     entries = ctrl.history_blocking()
     sizes = {e["job_id"]: e["bytes"] for e in entries}
     assert all(size > 0 for size in sizes.values())
-    fmt = submodule("controller").format_bytes
+    fmt = submodule("views").format_bytes
     log = draw(bpy.types.TRELLIS2_PT_history, bpy.context)
     assert f"{fmt(entries[0]['bytes'])} on disk" in texts(log)
     assert "trellis2.delete_job" in operators_in(log)

@@ -42,7 +42,7 @@ def pause(seconds: float) -> None:
 
 def fast_supervisors(ctrl) -> None:
     """Short heartbeat and shutdown-ladder waits, so a frozen backend is replaced in seconds."""
-    make = submodule("controller").make_supervisor
+    make = submodule("launch").make_supervisor
 
     def factory(config):
         sup = make(dataclasses.replace(config, heartbeat_timeout=1.5))
@@ -222,7 +222,7 @@ def test_no_empty_run_folder_is_left_behind(scene, ctrl, tmp_path):
     assert (run_dir / "connection.json").is_file()
     ctrl.shutdown()
     assert not run_dir.exists()
-    stale = run_dir.with_name(f"{submodule('controller').RUN_DIR_PREFIX}999999999")
+    stale = run_dir.with_name(f"{submodule('launch').RUN_DIR_PREFIX}999999999")
     stale.mkdir(exist_ok=True)
     submodule("controller").Controller()  # a new session sweeps what ended sessions left
     assert not stale.exists()
