@@ -179,7 +179,7 @@ class Controller:
         session = getattr(self.supervisor, "session", None)
         if session and (not self.sessions or self.sessions[-1] != session):
             self.sessions.append(session)
-            self.history.stale = True
+            self.history.stale, self.history.prune = True, None
             self._next_reconcile = 0.0  # a new backend: check what it did with our jobs
 
     # -- backend lifecycle (all return at once) ------------------------------------------
@@ -675,10 +675,11 @@ class Controller:
             content["query"] = h.query
         h.request = self.supervisor.request_nowait("jobs", content)
         self._expect(h.request, self._on_history)
-        preview = self.supervisor.request_nowait(
-            "delete_jobs", {"older_than_days": h.prune_days, "dry_run": True}
-        )
-        self._expect(preview, self._on_prune_preview)
+        if h.prune is None:  # new jobs are never old: ask again only after a delete or a change
+            preview = self.supervisor.request_nowait(
+                "delete_jobs", {"older_than_days": h.prune_days, "dry_run": True}
+            )
+            self._expect(preview, self._on_prune_preview)
 
     def _on_history(self, pending: Pending) -> None:
         h = self.history
@@ -738,6 +739,7 @@ class Controller:
 
     def _on_deleted(self, pending: Pending) -> None:
         h = self.history
+        h.prune = None
         if pending.ok:
             count, size = pending.reply.get("count", 0), pending.reply.get("bytes", 0)
             h.notice = f"Deleted {count} job(s), {format_bytes(size)} freed"

@@ -52,7 +52,20 @@ def timed(fn) -> tuple[float, float]:
     return (time.perf_counter() - wall) * 1000.0, (time.thread_time() - cpu) * 1000.0
 
 
-def run_fault(bpy, runtime, fault: str, repeats: int) -> dict:
+def count_process_starts(spans: list[tuple[float, float]]) -> None:
+    """Record every process start (the backend, doctor) as (wall, CPU) ms: the kernel keeps the
+    parent until the child has called exec, which the parent's CPU time does not show."""
+    import subprocess
+
+    init = subprocess.Popen.__init__
+
+    def timed_init(self, *args, **kwargs):
+        spans.append(timed(lambda: init(self, *args, **kwargs)))
+
+    subprocess.Popen.__init__ = timed_init
+
+
+def run_fault(bpy, runtime, fault: str, repeats: int, starts: list) -> dict:
     ctrl = runtime.get()
     scene = bpy.context.scene
     props = scene.trellis2
@@ -66,6 +79,7 @@ def run_fault(bpy, runtime, fault: str, repeats: int) -> dict:
     os.kill(pid, signal.SIGSTOP if fault == "frozen" else signal.SIGKILL)
 
     stalls: dict[str, list[tuple[float, float]]] = {}
+    starts.clear()
 
     def measure(label: str, fn) -> None:
         stalls.setdefault(label, []).append(timed(fn))
@@ -112,6 +126,7 @@ def run_fault(bpy, runtime, fault: str, repeats: int) -> dict:
     ]
     ctrl.wait_idle(120)
     ctrl.shutdown()
+    stalls["(process starts inside the above)"] = list(starts)
     return {"stalls": stalls, "recovered_s": recovered, "ticks": len(stalls["tick"])}
 
 
@@ -135,11 +150,14 @@ def main() -> int:
     runtime = sys.modules[f"bl_ext.{REPO}.{EXT_ID}.blender_addon.runtime"]
     preferences = sys.modules[f"bl_ext.{REPO}.{EXT_ID}.blender_addon.preferences"]
     results = {}
+    starts: list[tuple[float, float]] = []
     for fault in ("frozen", "gone"):
         os.environ["TRELLIS2_OUTPUT_DIR"] = str(tmp / f"jobs-{fault}")
         bpy.ops.wm.read_homefile(use_empty=True)
         runtime.get().configure(preferences.backend_config(preferences.get_prefs()))
-        results[fault] = run_fault(bpy, runtime, fault, args.repeats)
+        if fault == "frozen":
+            count_process_starts(starts)  # after the set-up's own processes
+        results[fault] = run_fault(bpy, runtime, fault, args.repeats, starts)
 
     print(
         f"Blender {bpy.app.version_string}, Python {sys.version.split()[0]}, "
