@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -58,6 +59,9 @@ def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     gpu.configure_allocator()  # before anything can import torch
+    # A crash inside a CUDA extension (segfault, abort) then leaves the Python stack in the
+    # backend's log, which the supervisor shows with the failed job.
+    faulthandler.enable()
     from .server import Server, ServerConfig
 
     config = ServerConfig(
@@ -238,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="engine option, e.g. weights_dir=/models/TRELLIS.2-4B (repeatable)",
             )
             p.add_argument(
+                "--gpu",
+                type=int,
+                metavar="N",
+                help="run on GPU N only (sets CUDA_VISIBLE_DEVICES for the backend process)",
+            )
+            p.add_argument(
                 "--min-free-disk-mb",
                 type=float,
                 default=1024,
@@ -353,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "gpu", None) is not None and args.command != "supervise":
+        # Before anything imports torch: upstream TRELLIS.2 uses the default CUDA device in
+        # many places, so a process sees only its one GPU (the supervisor passes it on).
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     try:
         return args.func(args)
     except BackendError as exc:

@@ -206,14 +206,26 @@ def _torch_and_gpu(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _attention(report: dict[str, Any]) -> list[dict[str, Any]]:
-    probe = attention.detect()
-    try:
-        backend = attention.choose(probe)
-    except BackendError as exc:
-        report["attention_backend"] = None
-        return [_check("attention", False, exc.message, exc.hint)]
-    report["attention_backend"] = backend
-    return [_check("attention", True, f"{backend} (ATTN_BACKEND and SPARSE_ATTN_BACKEND)")]
+    report["attention_backend"] = None
+    if not _find("torch"):
+        return [
+            _check("attention", False, "needs torch", adapter.FIX_HINTS["torch"]),
+        ]
+    chosen = attention.choose(attention.detect())
+    problem = attention.usable(chosen)
+    note = ""
+    if problem is not None:
+        note = f"{chosen} cannot be used ({problem}); "
+        chosen = "sdpa"
+    report["attention_backend"] = chosen
+    if chosen == "sdpa":
+        detail = (
+            f"{note}sparse attention on torch SDPA (the built-in fallback; flash-attn or "
+            "xformers is faster where installed); dense attention on SDPA"
+        )
+    else:
+        detail = f"sparse attention on {chosen}; dense attention on SDPA"
+    return [_check("attention", True, detail)]
 
 
 def _file_entry(stem: Path) -> tuple[dict[str, Any], str | None]:

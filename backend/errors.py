@@ -23,6 +23,7 @@ class ErrorCode(str, Enum):
     BAD_IMAGE = "bad_image"
     IMAGE_TOO_LARGE = "image_too_large"
     EMPTY_ALPHA = "empty_alpha"
+    NEEDS_TRANSPARENCY = "needs_transparency"
     BAD_MESH_INPUT = "bad_mesh_input"
     # resources
     DISK_FULL = "disk_full"
@@ -73,6 +74,10 @@ _DEFAULTS: dict[ErrorCode, tuple[str, bool]] = {
     ),
     ErrorCode.EMPTY_ALPHA: (
         "The image's alpha channel hides everything; use an image with a visible subject.",
+        False,
+    ),
+    ErrorCode.NEEDS_TRANSPARENCY: (
+        "Use an image with a transparent background, or set up background removal.",
         False,
     ),
     ErrorCode.BAD_MESH_INPUT: ("Use a GLB or PLY file with at least one triangle.", False),

@@ -405,9 +405,13 @@ class Runner:
                 self.store.append_log(job.id, f"could not cache state for re-export: {exc}")
         result.outcome = "done"
         result.level = level
-        result.params = params.to_dict()
+        # What the engine really used (e.g. the resolution after the cascade's token budget),
+        # over what was asked: users and the memory profile need the former.
+        result.params = {**params.to_dict(), **state.get("effective_params", {})}
         result.glb_path = str(final)
         result.mesh_stats = dict(state["mesh_stats"], glb_bytes=final.stat().st_size)
+        if "structure" in state:
+            result.mesh_stats["structure"] = dict(state["structure"])
         result.warnings = warnings
         if level:
             failed = [a for a in result.attempts if a["outcome"] == "oom"]

@@ -87,6 +87,8 @@ class RespawnPolicy:
     fresh_per_job: bool = False
     standby: bool = False  # keep a warm standby process (engine loaded, no GPU work)
     heartbeat_timeout: float = 5.0  # silence (no heartbeat, no reply) before a respawn
+    # ... while a job runs: native calls that hold the GIL silence the backend that long
+    busy_heartbeat_timeout: float = 300.0
     job_watchdog: float | None = 1800.0  # seconds one job may run before a respawn
     storm_limit: int = 5  # automatic restarts allowed within storm_window
     storm_window: float = 120.0
@@ -674,6 +676,7 @@ class Supervisor:
             heartbeat_timeout=self.policy.heartbeat_timeout,
             job_started_at=self._job[1] if self._job else None,
             job_watchdog=self.policy.job_watchdog,
+            busy_heartbeat_timeout=self.policy.busy_heartbeat_timeout,
         )
         if verdict is not None:
             if b.loaded:
@@ -974,6 +977,11 @@ def main(args: Any) -> int:
         connection_file=Path(args.connection_file),
         log_dir=getattr(args, "log_dir", None),
         min_free_disk_mb=getattr(args, "min_free_disk_mb", None),
+        env=(
+            {"CUDA_VISIBLE_DEVICES": str(args.gpu)}
+            if getattr(args, "gpu", None) is not None
+            else {}
+        ),
     )
     policy = RespawnPolicy(
         fresh_per_job=bool(getattr(args, "fresh_per_job", False)),

@@ -139,6 +139,7 @@ def fake_install(clean, tmp_path, monkeypatch):
             "gpu_name": "fake",
         },
     )
+    monkeypatch.setattr(attention, "usable", lambda backend: None)  # as if flash-attn imports
     return root
 
 
@@ -236,3 +237,16 @@ def test_signature_table_matches_the_adapters_call_sites():
         "postprocess_mesh",
     ):
         assert must in sites
+
+
+def test_attention_without_flash_attn_or_xformers_is_the_sdpa_fallback(clean, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(
+        attention,
+        "detect",
+        lambda: {"flash_attn": False, "xformers": False, "compute_capability": (9, 0)},
+    )
+    report = {"versions": {}}
+    (check,) = doctor._attention(report)
+    assert check["ok"] and "fallback" in check["detail"]
+    assert report["attention_backend"] == "sdpa"

@@ -120,6 +120,16 @@ def test_liveness_heartbeat_and_watchdog():
     assert liveness(now=1e6, last_seen=1e6, job_started_at=0.0, **no_watchdog) is None
 
 
+def test_a_job_may_keep_the_backend_silent_longer():
+    """Native calls in a job hold the GIL, so heartbeats pause; idle silence stays short."""
+    kwargs = {"heartbeat_timeout": 5.0, "job_watchdog": 600.0, "busy_heartbeat_timeout": 120.0}
+    assert liveness(now=160.0, last_seen=100.0, job_started_at=90.0, **kwargs) is None
+    cause, text = liveness(now=221.0, last_seen=100.0, job_started_at=90.0, **kwargs)
+    assert cause is Cause.MISSED_HEARTBEATS and "121.0 s" in text
+    cause, _ = liveness(now=106.0, last_seen=100.0, job_started_at=None, **kwargs)
+    assert cause is Cause.MISSED_HEARTBEATS
+
+
 def _policy(**overrides):
     base = {
         "after_failure": True,

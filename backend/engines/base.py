@@ -76,6 +76,11 @@ class Engine(ABC):
       - "glb_path": the written GLB (== output_path)
       - "mesh_stats": {"vertices": int, "faces": int, "texture_size": int}
       - "mesh_arrays": (vertices ndarray [V,3] float, faces ndarray [F,3] int) for validation
+    Optional, reported with the result:
+      - "effective_params": parameters the engine really used where they differ from the
+        request (e.g. {"resolution": 1280} after TRELLIS.2's token budget); they replace the
+        requested values in the job's final_params
+      - "structure": facts about the generated structure (e.g. voxel and token counts)
     """
 
     name: ClassVar[str] = ""

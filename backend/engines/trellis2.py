@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import attention
+from .. import attention, sparse_attention
 from ..errors import BackendError, ErrorCode, InputError
 from ..params import SAMPLER_KEYS, GenerationParams
 from .base import KNOBS, Engine, Stage, StageContext
@@ -254,25 +255,117 @@ def safetensors_keys(path: str | Path) -> set[str]:
     return {k for k in read_safetensors_header(path) if k != "__metadata__"}
 
 
-def check_weight_keys(name: str, model: Any, path: str | Path) -> None:
-    """Upstream loads with strict=False, so a mismatching checkpoint loads silently into
-    random weights; compare the model's keys with the file's and fail loudly instead."""
+def check_weight_keys(name: str, model: Any, path: str | Path) -> dict[str, list[str]]:
+    """Upstream loads with strict=False, so a checkpoint for another architecture loads
+    silently into random weights. Fail on what breaks the model: a parameter the file lacks.
+    Tolerate what upstream tolerates and what cannot hurt: buffers the model computes itself
+    (`rope_phases`, `pos_emb`) and keys the model ignores; both are reported."""
     file_keys = safetensors_keys(path)
+    parameters = {key for key, _ in model.named_parameters()}
     model_keys = set(model.state_dict().keys())
-    missing = sorted(model_keys - file_keys)
-    unexpected = sorted(file_keys - model_keys)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    missing = model_keys - file_keys
+    missing_parameters = sorted(missing & parameters)
+    report = {
+        "missing_buffers": sorted(missing - parameters),
+        "unexpected": sorted(file_keys - model_keys),
+    }
+    if missing_parameters:
+        shown = ", ".join(missing_parameters[:3])
         raise BackendError(
             ErrorCode.WEIGHTS_MISMATCH,
-            f"weights of {name} do not match the model code: {'; '.join(parts)} in {path}",
+            f"weights of {name} do not match the model code: {len(missing_parameters)} "
+            f"parameters missing (e.g. {shown}) in {path}",
             "Download the weights again for the TRELLIS.2 revision you run (or update the "
             "checkout); never use the spconv/torchsparse conv backends with released weights.",
         )
+    if report["unexpected"]:
+        log.warning(
+            "%s: %d keys in %s are not used by the model (e.g. %s)",
+            name,
+            len(report["unexpected"]),
+            Path(path).name,
+            ", ".join(report["unexpected"][:3]),
+        )
+    return report
+
+
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "dirac_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "sparse_",
+)
+
+
+@contextmanager
+def skipped_initialisation() -> Iterator[None]:
+    """Model constructors fill every tensor with random values that load_state_dict then
+    overwrites: about 100 s of CPU for TRELLIS.2's 4B parameters (9 s without; measured on
+    the GPU machine). The init functions do nothing while models are built; buffers computed
+    from arithmetic (positional embeddings) are unaffected, and a parameter the file lacks
+    fails `check_weight_keys` instead of staying uninitialised."""
+    import torch
+
+    saved = {n: getattr(torch.nn.init, n) for n in _INIT_FUNCTIONS if hasattr(torch.nn.init, n)}
+    for name in saved:
+        setattr(torch.nn.init, name, _keep)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _keep(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+    return tensor
+
+
+def pin_device(device: str) -> str:
+    """The device the engine uses inside this process. Upstream hard-codes the default CUDA
+    device (`.cuda()`, "cuda" in the DINOv3 extractor, BiRefNet, `to_glb`, the texturing
+    pipeline), so `cuda:1` would split tensors across cards. Instead the process is pinned to
+    that one GPU with CUDA_VISIBLE_DEVICES, where it is `cuda`. Only possible before CUDA
+    starts; the reliable way is `--gpu N` on the command line."""
+    text = str(device).strip()
+    kind, _, index = text.partition(":")
+    if kind != "cuda":
+        return text
+    if index in ("", "0"):
+        return "cuda"
+    if not index.isdigit():
+        raise BackendError(ErrorCode.BAD_PARAMS, f"bad device {text!r}", "Use cuda or cuda:N.")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [e.strip() for e in visible.split(",")] if visible else None
+    torch = sys.modules.get("torch")
+    started = False
+    if torch is not None:
+        try:
+            started = bool(torch.cuda.is_initialized())
+        except Exception:
+            started = True
+    if started or (entries is not None and int(index) >= len(entries)):
+        raise BackendError(
+            ErrorCode.ENGINE_UNAVAILABLE,
+            f"cannot use {text}: "
+            + (
+                "CUDA has already started in this process"
+                if started
+                else f"only GPUs {visible} are visible"
+            ),
+            f"Start the backend with --gpu {index} (it sets CUDA_VISIBLE_DEVICES) and device cuda.",
+        )
+    os.environ["CUDA_VISIBLE_DEVICES"] = entries[int(index)] if entries else index
+    return "cuda"
 
 
 def read_pipeline_config(weights_dir: str | Path, name: str = "pipeline.json") -> dict[str, Any]:
@@ -427,6 +520,44 @@ def _parse_mesh(data: bytes, fmt: str) -> Any:
     return trimesh.Trimesh(vertices=vertices, faces=np.asarray(loaded.faces), process=False)
 
 
+def unit_normals(mesh: Any) -> int:
+    """glTF requires unit-length normals. Upstream's export leaves zero normals on vertices
+    that only degenerate faces use (seen on the real code: the Khronos validator reported 10
+    ACCESSOR_VECTOR3_NON_UNIT errors in a 432k-face GLB). Those get +Y; the rest are
+    renormalised. Returns how many were repaired."""
+    import numpy as np
+
+    normals = np.asarray(mesh.vertex_normals, dtype=np.float64)
+    if normals.size == 0:
+        return 0
+    length = np.linalg.norm(normals, axis=1)
+    bad = ~np.isfinite(length) | (length < 1e-6)
+    fixed = normals / np.where(bad, 1.0, length)[:, None]
+    fixed[bad] = (0.0, 1.0, 0.0)
+    mesh.vertex_normals = fixed
+    return int(bad.sum())
+
+
+def texturing_resolution(resolution: int) -> int:
+    """Upstream's texturing pipeline has 512 and 1024 models only (run() picks 512 or 1024)."""
+    return 512 if resolution <= 512 else 1024
+
+
+def _default_steps(sampler: Any) -> int:
+    """Upstream's own default when pipeline.json names no steps: the sampler's signature."""
+    try:
+        default = inspect.signature(sampler.sample).parameters["steps"].default
+    except (TypeError, ValueError, KeyError, AttributeError):
+        default = inspect.Parameter.empty
+    return int(default) if isinstance(default, int) else 50
+
+
+def _empty_cache() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 # -- the engine ----------------------------------------------------------------------------
 
 
@@ -489,18 +620,22 @@ class Trellis2Engine(Engine):
         self.dinov3_path = dinov3_path or env("TRELLIS2_DINOV3") or None
         self.rembg_path = rembg_path or env("TRELLIS2_REMBG") or None
         self.trellis_checkout = trellis_checkout or env("TRELLIS2_CHECKOUT") or None
-        self.device = str(device)
+        self.requested_device = str(device)
+        self.device = pin_device(self.requested_device)
         self.low_vram = _bool(low_vram, "low_vram")
         self.attention_choice = str(attention or "auto")
         if self.attention_choice not in ("auto", *attention_backends()):
             raise BackendError(
                 ErrorCode.BAD_PARAMS,
                 f"unknown attention backend {self.attention_choice!r}",
-                "Use auto, flash_attn or xformers.",
+                f"Use auto or one of {', '.join(attention_backends())}.",
             )
         if ignored:
             log.info("trellis2 engine: ignoring options %s", sorted(ignored))
         self.attention_backend: str | None = None
+        self.attention_note: str | None = None
+        self.weight_reports: dict[str, dict[str, list[str]]] = {}
+        self._rembg_cfg: dict[str, Any] = {}
         self.pipeline: Any = None
         self.texturing: Any = None
         self._up: dict[str, Any] = {}
@@ -527,11 +662,6 @@ class Trellis2Engine(Engine):
                 "Point weights_dir at the folder holding pipeline.json and ckpts/.",
             )
         return path
-
-    def _choose_attention(self) -> str:
-        if self.attention_choice != "auto":
-            return self.attention_choice
-        return attention.choose(attention.detect())
 
     def _import_upstream(self) -> None:
         if self.trellis_checkout:
@@ -573,7 +703,8 @@ class Trellis2Engine(Engine):
                     "(see docs/TRELLIS2.md for the layout).",
                 )
         try:
-            model = self._up["models"].from_pretrained(path=str(stem))
+            with skipped_initialisation():
+                model = self._up["models"].from_pretrained(path=str(stem))
         except RuntimeError as exc:
             if "size mismatch" in str(exc):
                 raise BackendError(
@@ -586,7 +717,7 @@ class Trellis2Engine(Engine):
                 f"cannot load {name} from {stem}: {exc}",
                 "The checkpoint looks damaged; download it again.",
             ) from None
-        check_weight_keys(name, model, stem.with_suffix(".safetensors"))
+        self.weight_reports[name] = check_weight_keys(name, model, stem.with_suffix(".safetensors"))
         return model
 
     def _aux_model(self, kind: str, cfg: dict[str, Any], path: str | None) -> Any:
@@ -622,11 +753,13 @@ class Trellis2Engine(Engine):
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         configure_allocator()
-        backend = self._choose_attention()
+        backend, self.attention_note = attention.resolve(self.attention_choice)
         attention.apply(backend)  # before trellis2 is imported: its config reads env at import
         self.attention_backend = backend
-        report(0.02, f"importing TRELLIS.2 (attention: {backend})")
+        report(0.02, f"importing TRELLIS.2 (sparse attention: {backend})")
         self._import_upstream()
+        if backend == sparse_attention.NAME:
+            sparse_attention.install()
         import torch
 
         steps = len(MODEL_NAMES) + 2
@@ -640,11 +773,11 @@ class Trellis2Engine(Engine):
             cfg = args[attr]
             built[attr] = getattr(samplers_mod, cfg["name"])(**cfg.get("args", {}))
             built[f"{attr}_params"] = self._clean_defaults(key, cfg.get("params", {}))
-        report((steps - 1) / steps, "loading DINOv3 and background removal")
+        report((steps - 1) / steps, "loading DINOv3")
         image_cond = self._aux_model("image_cond_model", args["image_cond_model"], dinov3)
-        rembg = None
-        if rembg_path:
-            rembg = self._aux_model("rembg_model", args["rembg_model"], rembg_path)
+        # Background removal is loaded on first use: most inputs have transparency, and
+        # without a local BiRefNet/RMBG folder only images without it are refused.
+        self._rembg_cfg = dict(args.get("rembg_model") or {"name": "BiRefNet", "args": {}})
         pipeline = self._up["Pipeline"](
             models=loaded,
             sparse_structure_sampler=built["sparse_structure_sampler"],
@@ -656,7 +789,7 @@ class Trellis2Engine(Engine):
             shape_slat_normalization=args["shape_slat_normalization"],
             tex_slat_normalization=args["tex_slat_normalization"],
             image_cond_model=image_cond,
-            rembg_model=rembg,
+            rembg_model=None,
             low_vram=self.low_vram,
             default_pipeline_type=args.get("default_pipeline_type", "1024_cascade"),
         )
@@ -807,6 +940,7 @@ class Trellis2Engine(Engine):
             "cached_latents": arrays,
             "cached_meta": meta,
             "effective_resolution": int(meta["effective_resolution"]),
+            "effective_params": {"resolution": int(meta["effective_resolution"])},
             "pipeline_type": meta.get("pipeline_type"),
         }
 
@@ -835,7 +969,11 @@ class Trellis2Engine(Engine):
 
         self._active_state = state
         if not self.low_vram and not self._resident:
-            pipe.to(device=self._device())  # after release_gpu, bring the models back
+            # After release_gpu, bring every model back: the texturing pipeline's shape
+            # encoder is only in that pipeline, so moving the main one is not enough.
+            for loaded in (pipe, self.texturing):
+                if loaded is not None:
+                    loaded.to(device=self._device())
             self._resident = True
         # No except here: OOM and CUDA errors reach the runner unchanged; it calls
         # release_gpu() and decides (ladder, poison). Stage outputs are CPU-resident.
@@ -843,7 +981,7 @@ class Trellis2Engine(Engine):
             runner(state, params, ctx)
 
     def _sampler_params(
-        self, stage: str, params: GenerationParams, defaults: dict[str, Any]
+        self, stage: str, params: GenerationParams, defaults: dict[str, Any], sampler: Any
     ) -> dict[str, Any]:
         user = params.samplers.get(stage, {})
         unknown = sorted(set(user) - set(SAMPLER_KEYS))
@@ -854,7 +992,8 @@ class Trellis2Engine(Engine):
                 f"Allowed: {', '.join(SAMPLER_KEYS)}.",
             )
         merged = {**defaults, **user}
-        merged["steps"] = max(1, round(int(merged.get("steps", 12)) * params.steps_scale))
+        steps = merged.get("steps", _default_steps(sampler))
+        merged["steps"] = max(1, round(int(steps) * params.steps_scale))
         if not params.guidance:
             merged["guidance_strength"] = 1.0  # upstream skips CFG at exactly 1
         return {k: v for k, v in merged.items() if k in SAMPLER_KEYS}
@@ -887,6 +1026,40 @@ class Trellis2Engine(Engine):
         cond = pipe.get_cond(image=[image], resolution=resolution, include_neg_cond=True)
         return _to(cond, "cpu")
 
+    def _background_remover(self) -> Any:
+        """The background-removal model, loaded on first use. Without one, images that have
+        no transparency are refused (as input errors: nothing is wrong with the backend)."""
+        pipe = self._require_pipeline()
+        if pipe.rembg_model is not None:
+            return pipe.rembg_model
+        path = self._resolved.get("rembg")
+        hint = (
+            "Use an image with a transparent background (PNG with alpha), or download "
+            "ZhengPeng7/BiRefNet or briaai/RMBG-2.0 into a local folder and set it as the "
+            "background-removal model (rembg_path; docs/TRELLIS2.md)."
+        )
+        if not path:
+            raise InputError(
+                ErrorCode.NEEDS_TRANSPARENCY,
+                "the image has no transparency and no background-removal model is set up",
+                hint,
+            )
+        try:
+            model = self._aux_model("rembg_model", self._rembg_cfg, path)
+        except BackendError as exc:
+            raise InputError(
+                ErrorCode.NEEDS_TRANSPARENCY,
+                f"the image has no transparency and background removal is unavailable: "
+                f"{exc.message}",
+                hint,
+            ) from None
+        pipe.rembg_model = model
+        if self.texturing is not None:
+            self.texturing.rembg_model = model
+        if not self.low_vram:
+            model.to(self._device())
+        return model
+
     def _prepare_image(self, pipe: Any, image: Image.Image, image_size: int) -> Image.Image:
         """Upstream preprocess_image with our size cap and clear errors: a usable alpha skips
         background removal; an alpha (or removal result) with nothing opaque is rejected."""
@@ -908,14 +1081,7 @@ class Trellis2Engine(Engine):
                     "the image's alpha channel leaves no pixel more than 80% opaque",
                 )
             return _crop_premultiply(image)
-        if pipe.rembg_model is None:
-            raise BackendError(
-                ErrorCode.ENGINE_UNAVAILABLE,
-                "the image has no transparency and no background-removal model is configured",
-                "Use an image with a transparent background, or set TRELLIS2_REMBG to a local "
-                "BiRefNet or RMBG-2.0 folder.",
-            )
-        rembg = pipe.rembg_model
+        rembg = self._background_remover()
         if self.low_vram:
             rembg.to(self._device())
         result = rembg(image.convert("RGB"))  # a copy: BiRefNet writes alpha into its input
@@ -940,7 +1106,12 @@ class Trellis2Engine(Engine):
         import torch
 
         pipe = self.pipeline
-        sp = self._sampler_params("sparse_structure", params, pipe.sparse_structure_sampler_params)
+        sp = self._sampler_params(
+            "sparse_structure",
+            params,
+            pipe.sparse_structure_sampler_params,
+            pipe.sparse_structure_sampler,
+        )
         torch.manual_seed(params.seed)  # upstream run() seeds here; all noise is drawn on CPU
         with self._steps(pipe.sparse_structure_sampler, ctx, sp["steps"]):
             coords = pipe.sample_sparse_structure(
@@ -964,7 +1135,9 @@ class Trellis2Engine(Engine):
         pipe = self.pipeline
         device = self._device()
         pipeline_type = PIPELINE_TYPES[params.resolution]
-        sp = self._sampler_params("shape", params, pipe.shape_slat_sampler_params)
+        sp = self._sampler_params(
+            "shape", params, pipe.shape_slat_sampler_params, pipe.shape_slat_sampler
+        )
         cond_512 = _to(state["cond_512"], device)
         coords = state["coords"].to(device)
         if pipeline_type == "512":
@@ -994,6 +1167,12 @@ class Trellis2Engine(Engine):
                 )
         state["shape_slat"] = _to(slat, "cpu")
         state["effective_resolution"] = int(resolution)
+        state["effective_params"] = {"resolution": int(resolution)}
+        state["structure"] = {
+            "voxels": int(coords.shape[0]),
+            "shape_tokens": int(state["shape_slat"].coords.shape[0]),
+            "pipeline_type": pipeline_type,
+        }
         state["pipeline_type"] = pipeline_type
         state["rng_after_shape"] = torch.get_rng_state()
         self.last_effective_resolution = int(resolution)
@@ -1004,7 +1183,9 @@ class Trellis2Engine(Engine):
 
         pipe = self.pipeline
         small = state["pipeline_type"] == "512"
-        sp = self._sampler_params("texture", params, pipe.tex_slat_sampler_params)
+        sp = self._sampler_params(
+            "texture", params, pipe.tex_slat_sampler_params, pipe.tex_slat_sampler
+        )
         cond = state["cond_512"] if small else state["cond_1024"]
         flow = pipe.models["tex_slat_flow_model_512" if small else "tex_slat_flow_model_1024"]
         torch.set_rng_state(state["rng_after_shape"])
@@ -1020,6 +1201,9 @@ class Trellis2Engine(Engine):
     def _stage_decode(self, state, params, ctx) -> None:
         pipe = self.pipeline
         device = self._device()
+        # Upstream run() frees the allocator's cache between sampling and decoding; the
+        # decoder's large, short-lived buffers then fit where the flow models' blocks were.
+        _empty_cache()
         meshes = pipe.decode_latent(
             shape_slat=_to(self._latent(state, "shape_slat"), device),
             tex_slat=_to(self._latent(state, "tex_slat"), device),
@@ -1037,6 +1221,7 @@ class Trellis2Engine(Engine):
 
         path = Path(state["output_path"])
         path.parent.mkdir(parents=True, exist_ok=True)
+        state["repaired_normals"] = unit_normals(glb)
         # PNG textures: WebP needs EXT_texture_webp, which older Blender cannot import.
         data = glb.export(file_type="glb", extension_webp=False)
         path.write_bytes(data)
@@ -1087,20 +1272,25 @@ class Trellis2Engine(Engine):
             "scale": float(0.99999 / (high - low).max()),
         }
         state["tex_mesh"] = tex.preprocess_mesh(mesh=mesh)
-        resolution = 512 if params.resolution == 512 else 1024
+        resolution = texturing_resolution(params.resolution)
         state["tex_cond"] = self._cond(tex, prepared, resolution)
+        state["effective_params"] = {"resolution": resolution}
 
     def _stage_tex_encode(self, state, params, ctx) -> None:
         tex = self._ensure_texturing()
-        slat = tex.encode_shape_slat(mesh=state["tex_mesh"], resolution=params.resolution)
+        slat = tex.encode_shape_slat(
+            mesh=state["tex_mesh"], resolution=texturing_resolution(params.resolution)
+        )
         state["tex_shape_slat"] = _to(slat, "cpu")
 
     def _stage_tex_sample(self, state, params, ctx) -> None:
         import torch
 
         tex = self._ensure_texturing()
-        sp = self._sampler_params("texture", params, tex.tex_slat_sampler_params)
-        small = params.resolution == 512
+        sp = self._sampler_params(
+            "texture", params, tex.tex_slat_sampler_params, tex.tex_slat_sampler
+        )
+        small = texturing_resolution(params.resolution) == 512
         flow = tex.models["tex_slat_flow_model_512" if small else "tex_slat_flow_model_1024"]
         torch.manual_seed(params.seed)
         with self._steps(tex.tex_slat_sampler, ctx, sp["steps"]):
@@ -1124,7 +1314,7 @@ class Trellis2Engine(Engine):
         out = tex.postprocess_mesh(
             mesh=state["tex_mesh"],
             pbr_voxel=_to(state["tex_pbr_voxel"], self._device()),
-            resolution=params.resolution,
+            resolution=texturing_resolution(params.resolution),
             texture_size=params.texture_size,
         )
         transform = state["tex_transform"]
@@ -1175,14 +1365,26 @@ class Trellis2Engine(Engine):
             {
                 "loaded": self.pipeline is not None,
                 "attention_backend": self.attention_backend,
+                "dense_attention": attention.DENSE_BACKEND,
+                "attention_note": self.attention_note,
                 "weights_dir": self.weights_dir,
                 "dinov3_path": self._resolved.get("dinov3", self.dinov3_path),
                 "rembg_path": self._resolved.get("rembg", self.rembg_path),
                 "device": self.device,
+                "requested_device": self.requested_device,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "low_vram": self.low_vram,
                 "effective_resolution": self.last_effective_resolution,
                 "pipeline_type": self.last_pipeline_type,
                 "texturing_loaded": self.texturing is not None,
+                "background_removal_loaded": bool(
+                    self.pipeline is not None and self.pipeline.rembg_model is not None
+                ),
+                "weights_tolerated": {
+                    name: report
+                    for name, report in self.weight_reports.items()
+                    if any(report.values())
+                },
             }
         )
         return info

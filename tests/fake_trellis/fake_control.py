@@ -11,13 +11,15 @@ import torch
 # encode (texturing), bake (texturing).
 FAIL: list[dict] = []
 EMPTY_STRUCTURE = False  # the sparse-structure decoder then predicts no occupied voxel
+ZERO_NORMALS = 0  # to_glb leaves this many vertex normals at zero, as the real export does
 CALLS: list[tuple[str, dict]] = []
 IMPORT_ENV: dict[str, str | None] = {}
 FORWARDS: dict[str, int] = {}
 
 
 def reset() -> None:
-    global EMPTY_STRUCTURE
+    global EMPTY_STRUCTURE, ZERO_NORMALS
+    ZERO_NORMALS = 0
     FAIL.clear()
     CALLS.clear()
     FORWARDS.clear()

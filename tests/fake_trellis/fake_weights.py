@@ -161,7 +161,10 @@ def _write_model(root: Path, rel: str, config: dict, seed: int, drop_key: bool =
 
     torch.manual_seed(seed)
     model = getattr(models, config["name"])(**config["args"])
-    state = model.state_dict()
+    # Parameters only: buffers the model computes itself (rope_phases) are left out, which
+    # upstream's strict=False load tolerates.
+    parameters = {name for name, _ in model.named_parameters()}
+    state = {k: v for k, v in model.state_dict().items() if k in parameters}
     if drop_key:  # a checkpoint from another architecture revision
         state.pop(sorted(state)[0])
         state["legacy.extra.weight"] = torch.zeros(2)

@@ -78,6 +78,8 @@ def to_glb(
     )
     v = np.stack([v[:, 0], v[:, 2], -v[:, 1]], 1)  # Z-up -> glTF Y-up
     normals = v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-9)
+    # The real export gives vertices used only by degenerate faces a zero normal.
+    normals[: fake_control.ZERO_NORMALS] = 0.0
     return trimesh.Trimesh(
         vertices=v,
         faces=f,

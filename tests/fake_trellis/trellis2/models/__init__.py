@@ -66,6 +66,8 @@ class SparseStructureFlowModel(_Placed):
         self.input_layer = nn.Linear(in_channels, model_channels)
         self.cond_proj = nn.Linear(cond_channels, model_channels)
         self.out_layer = nn.Linear(model_channels, out_channels)
+        # Like the real one: a buffer computed here, which released checkpoints need not hold.
+        self.register_buffer("rope_phases", torch.arange(resolution**3, dtype=torch.float32))
 
     # Like the real model: no **kwargs, so an unknown sampler key raises TypeError here.
     def forward(self, x, t, cond):
@@ -129,7 +131,16 @@ class SLatFlowModel(_Placed):
         if concat_cond is not None:
             feats = torch.cat([feats, concat_cond.feats], dim=1)
         h = self.input_layer(feats) + self.cond_proj(cond.mean(1))[x.coords[:, 0].long()]
+        h = h + self._attend(h)
         return x.replace(self.out_layer(torch.tanh(h)) * 0.1)
+
+    def _attend(self, h):
+        """Self-attention over the voxels through the real dispatch path (two heads)."""
+        from ..modules.sparse.attention import sparse_scaled_dot_product_attention
+
+        t, c = h.shape
+        qkv = h.reshape(t, 1, 2, c // 2).expand(t, 3, 2, c // 2).contiguous()
+        return sparse_scaled_dot_product_attention(qkv).reshape(t, c)
 
 
 ElasticSLatFlowModel = SLatFlowModel
@@ -174,7 +185,9 @@ class FlexiDualGridVaeDecoder(_Placed):
         fake_control.maybe_fail("decode")
         grid = x.coords[:, 1:].float()
         extent = float(grid.max() - grid.min() + 1) if grid.shape[0] else 1.0
-        spatial = max(1.0, float(grid.max() + 1))
+        # Like the real decoder, positions are in units of the resolution it was set to: a
+        # latent decoded at the wrong resolution comes out at the wrong place and size.
+        spatial = self.resolution / 16
         center = ((grid.min(0).values + grid.max(0).values + 1) / 2 / spatial - 0.5).tolist()
         sphere = trimesh.creation.icosphere(subdivisions=2, radius=min(0.45, extent / spatial / 2))
         vertices = torch.tensor(sphere.vertices, dtype=torch.float32) + torch.tensor(center)
@@ -215,6 +228,11 @@ class FlexiDualGridVaeEncoder(_Placed):
         self.to_latent = nn.Linear(model_channels[0], latent_channels)
 
     def forward(self, vertices, intersected):
+        if vertices._placement != self.placement:  # what torch says about mixed devices
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two "
+                f"devices, {vertices._placement} and {self.placement}!"
+            )
         fake_control.count("encode")
         fake_control.maybe_fail("encode")
         coarse = vertices.coords.clone()

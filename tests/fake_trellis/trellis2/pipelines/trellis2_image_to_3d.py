@@ -4,6 +4,7 @@ the real code's lack of try/finally: a stage that raises leaves its model on the
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 import torch
@@ -331,3 +332,83 @@ class Trellis2ImageTo3DPipeline(Pipeline):
                 )
             )
         return out
+
+    @torch.no_grad()
+    def run(
+        self,
+        image: Image.Image,
+        num_samples: int = 1,
+        seed: int = 42,
+        sparse_structure_sampler_params: dict = {},  # noqa: B006 - as upstream
+        shape_slat_sampler_params: dict = {},  # noqa: B006
+        tex_slat_sampler_params: dict = {},  # noqa: B006
+        preprocess_image: bool = True,
+        return_latent: bool = False,
+        pipeline_type: Optional[str] = None,  # noqa: UP045 - as upstream
+        max_num_tokens: int = 49152,
+    ) -> list:
+        """Upstream's run(), step for step: the reference the staged adapter must match."""
+        pipeline_type = pipeline_type or self.default_pipeline_type
+        if pipeline_type not in ("512", "1024", "1024_cascade", "1536_cascade"):
+            raise ValueError(f"Invalid pipeline type: {pipeline_type}")
+        if preprocess_image:
+            image = self.preprocess_image(image)
+        torch.manual_seed(seed)
+        cond_512 = self.get_cond([image], 512)
+        cond_1024 = self.get_cond([image], 1024) if pipeline_type != "512" else None
+        ss_res = {"512": 32, "1024": 64, "1024_cascade": 32, "1536_cascade": 32}[pipeline_type]
+        coords = self.sample_sparse_structure(
+            cond_512, ss_res, num_samples, sparse_structure_sampler_params
+        )
+        if pipeline_type == "512":
+            shape_slat = self.sample_shape_slat(
+                cond_512,
+                self.models["shape_slat_flow_model_512"],
+                coords,
+                shape_slat_sampler_params,
+            )
+            tex_slat = self.sample_tex_slat(
+                cond_512,
+                self.models["tex_slat_flow_model_512"],
+                shape_slat,
+                tex_slat_sampler_params,
+            )
+            res = 512
+        elif pipeline_type == "1024":
+            shape_slat = self.sample_shape_slat(
+                cond_1024,
+                self.models["shape_slat_flow_model_1024"],
+                coords,
+                shape_slat_sampler_params,
+            )
+            tex_slat = self.sample_tex_slat(
+                cond_1024,
+                self.models["tex_slat_flow_model_1024"],
+                shape_slat,
+                tex_slat_sampler_params,
+            )
+            res = 1024
+        else:
+            target = 1024 if pipeline_type == "1024_cascade" else 1536
+            shape_slat, res = self.sample_shape_slat_cascade(
+                cond_512,
+                cond_1024,
+                self.models["shape_slat_flow_model_512"],
+                self.models["shape_slat_flow_model_1024"],
+                512,
+                target,
+                coords,
+                shape_slat_sampler_params,
+                max_num_tokens,
+            )
+            tex_slat = self.sample_tex_slat(
+                cond_1024,
+                self.models["tex_slat_flow_model_1024"],
+                shape_slat,
+                tex_slat_sampler_params,
+            )
+        torch.cuda.empty_cache()
+        out_mesh = self.decode_latent(shape_slat, tex_slat, res)
+        if return_latent:
+            return out_mesh, (shape_slat, tex_slat, res)
+        return out_mesh

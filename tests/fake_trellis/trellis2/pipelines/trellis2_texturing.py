@@ -55,7 +55,14 @@ class Trellis2TexturingPipeline(Pipeline):
         }
         self._device = "cpu"
 
-    to = Trellis2ImageTo3DPipeline.to
+    def to(self, device) -> None:
+        self._device = device
+        if not self.low_vram:
+            super().to(device)
+            self.image_cond_model.to(device)
+            if self.rembg_model is not None:
+                self.rembg_model.to(device)
+
     preprocess_image = Trellis2ImageTo3DPipeline.preprocess_image
     get_cond = Trellis2ImageTo3DPipeline.get_cond
     sample_tex_slat = Trellis2ImageTo3DPipeline.sample_tex_slat

@@ -1,0 +1,1 @@
+"""Present, like the real one, so the fallback is installed into both attention modules."""
