@@ -211,6 +211,7 @@ CLEAN_FAILURES = frozenset(
         ErrorCode.BAD_IMAGE,
         ErrorCode.IMAGE_TOO_LARGE,
         ErrorCode.EMPTY_ALPHA,
+        ErrorCode.NEEDS_TRANSPARENCY,
         ErrorCode.BAD_MESH_INPUT,
         ErrorCode.BAD_PARAMS,
         ErrorCode.EMPTY_STRUCTURE,
