@@ -200,6 +200,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         rembg_path=args.rembg_path,
         trellis_checkout=args.trellis_checkout,
         output_dir=str(args.output_dir or default_output_dir()),
+        engine=args.engine,
+        for_blender=args.for_blender,
     )
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0 if report.get("ok") else 1
@@ -315,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov3-path")
     p.add_argument("--rembg-path")
     p.add_argument("--trellis-checkout")
+    p.add_argument(
+        "--engine", help="the engine the backend runs: with preview, TRELLIS.2 items are optional"
+    )
+    p.add_argument(
+        "--for-blender", action="store_true", help="hints name the add-on's preference fields"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
 

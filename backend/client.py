@@ -2,6 +2,9 @@
 
 No call blocks longer than the timeout it is given; `poll(0)` never blocks. Replies and events
 come out of the same `poll()`, so one timer tick in Blender can drive everything.
+`request_async()` returns a `Pending` at once: a later `poll()` resolves it with the reply, or
+fails it when its deadline passes or the connection closes. The blocking conveniences
+(`request()`, `generate()`, ...) are for scripts and tests.
 """
 
 from __future__ import annotations
@@ -27,6 +30,63 @@ class ClientTimeout(BackendError):
             f"no answer to {what} within {timeout:.1f} s",
             "The backend may be busy starting or may have died; check its status and log.",
         )
+
+
+class Pending:
+    """A request sent without waiting: `poll()` resolves it with the reply, or fails it when its
+    deadline passes or the connection closes. Read it only once `done`."""
+
+    def __init__(self, msg_type: str, msg_id: str = "", sent: float = 0.0, timeout: float = 0.0):
+        self.msg_type = msg_type
+        self.msg_id = msg_id
+        self.deadline = sent + timeout
+        self.timeout = timeout
+        self.reply: dict | None = None  # the reply's content when it was {"ok": true, ...}
+        self.error: BackendError | None = None
+
+    @classmethod
+    def failed(cls, msg_type: str, error: BackendError) -> Pending:
+        pending = cls(msg_type)
+        pending.error = error
+        return pending
+
+    @classmethod
+    def answered(cls, msg_type: str, content: dict) -> Pending:
+        pending = cls(msg_type)
+        pending.resolve(content)
+        return pending
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+    @property
+    def ok(self) -> bool:
+        return self.reply is not None
+
+    def result(self) -> dict:
+        """The reply's content; raises its BackendError. Only once `done`."""
+        if self.error is not None:
+            raise self.error
+        if self.reply is None:
+            raise RuntimeError(f"{self.msg_type} has no answer yet")
+        return self.reply
+
+    def resolve(self, content: dict) -> None:
+        if self.done:
+            return
+        try:
+            self.reply = _unwrap_content(content)
+        except BackendError as exc:
+            self.error = exc
+
+    def fail(self, error: BackendError) -> None:
+        if not self.done:
+            self.error = error
+
+    def __repr__(self) -> str:
+        state = "ok" if self.ok else f"error {self.error!r}" if self.error else "waiting"
+        return f"Pending({self.msg_type!r}, {state})"
 
 
 class Client:
@@ -61,6 +121,7 @@ class Client:
         if self.iopub is not None:
             self.poller.register(self.iopub, zmq.POLLIN)
         self._backlog: deque[protocol.Message] = deque()
+        self._pending: dict[str, Pending] = {}  # msg_id -> request_async() still unanswered
         self.rejected = 0  # incoming messages that failed verification (counted, dropped)
         self.backend_session: str = connection.session
         self.last_seen: float | None = None  # clock() of the last message from the backend
@@ -89,17 +150,20 @@ class Client:
         if out:
             timeout = 0.0
         deadline = self.clock() + max(0.0, timeout)
-        while True:
-            remaining = max(0.0, deadline - self.clock())
-            ready = dict(self.poller.poll(int(remaining * 1000)))
-            if not ready:
-                return out
-            if self.shell in ready:
-                out.extend(self._recv_all(self.shell, skip=0))
-            if self.iopub is not None and self.iopub in ready:
-                out.extend(self._recv_all(self.iopub, skip=1))
-            if out:
-                return out
+        try:
+            while True:
+                remaining = max(0.0, deadline - self.clock())
+                ready = dict(self.poller.poll(int(remaining * 1000)))
+                if not ready:
+                    return out
+                if self.shell in ready:
+                    out.extend(self._recv_all(self.shell, skip=0))
+                if self.iopub is not None and self.iopub in ready:
+                    out.extend(self._recv_all(self.iopub, skip=1))
+                if out:
+                    return out
+        finally:
+            self._expire()
 
     def _recv_all(self, sock: zmq.Socket, skip: int) -> list[protocol.Message]:
         messages = []
@@ -115,7 +179,20 @@ class Client:
                 continue
             self.last_seen = self.clock()
             self.backend_session = message.session
+            pending = self._pending.pop(message.parent_id, None) if message.parent_id else None
+            if pending is not None and message.msg_type == protocol.reply_type(pending.msg_type):
+                pending.resolve(message.content)
+                continue
+            if pending is not None:  # an event about the request: the reply is still to come
+                self._pending[pending.msg_id] = pending
             messages.append(message)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for msg_id, pending in list(self._pending.items()):
+            if now >= pending.deadline:
+                del self._pending[msg_id]
+                pending.fail(ClientTimeout(pending.msg_type, pending.timeout))
 
     # -- request / reply ------------------------------------------------------------------
 
@@ -131,6 +208,33 @@ class Client:
         msg_id = self.send(msg_type, content, buffers)
         reply = self.wait_reply(msg_id, timeout, what=msg_type)
         return _unwrap(reply)
+
+    def request_async(
+        self,
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        buffers: tuple[bytes, ...] | list[bytes] = (),
+        timeout: float = 5.0,
+    ) -> Pending:
+        """Send and return at once; a later poll() resolves the Pending (or fails it after
+        `timeout` seconds). Never blocks."""
+        if self.closed:
+            return Pending.failed(msg_type, _closed_error(msg_type))
+        try:
+            msg_id = self.send(msg_type, content, buffers)
+        except ClientTimeout as exc:
+            return Pending.failed(msg_type, exc)
+        except zmq.ZMQError as exc:
+            return Pending.failed(
+                msg_type, BackendError(ErrorCode.BACKEND_DIED, f"cannot send {msg_type}: {exc}")
+            )
+        pending = Pending(msg_type, msg_id, self.clock(), timeout)
+        self._pending[msg_id] = pending
+        return pending
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
 
     def wait_reply(self, msg_id: str, timeout: float, what: str = "request") -> protocol.Message:
         deadline = self.clock() + timeout
@@ -249,6 +353,9 @@ class Client:
         if self.closed:
             return
         self.closed = True
+        pending, self._pending = self._pending, {}
+        for request in pending.values():
+            request.fail(_closed_error(request.msg_type))
         self.shell.close(0)
         if self.iopub is not None:
             self.iopub.close(0)
@@ -263,11 +370,22 @@ class Client:
 
 
 def _unwrap(reply: protocol.Message) -> dict:
-    content = reply.content
+    return _unwrap_content(reply.content)
+
+
+def _unwrap_content(content: dict) -> dict:
     if content.get("ok") is True:
         return content
     error = content.get("error") if isinstance(content.get("error"), dict) else {}
     raise BackendError.from_dict(error or {"code": "internal", "message": "malformed reply"})
+
+
+def _closed_error(msg_type: str) -> BackendError:
+    return BackendError(
+        ErrorCode.BACKEND_DIED,
+        f"the connection to the backend closed before it answered {msg_type}",
+        "The backend stopped or was replaced; try again once it is running.",
+    )
 
 
 def _event_from_record(record: dict) -> dict:

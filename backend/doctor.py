@@ -1,4 +1,5 @@
-"""`doctor`: checks everything the TRELLIS.2 engine needs and says how to fix each problem."""
+"""`doctor`: checks everything the backend and the TRELLIS.2 engine need and says how to fix
+each problem. For the preview engine the TRELLIS.2 items are reported as optional."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib.util
 import inspect
 import os
 import platform
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from typing import Any
 from . import attention
 from .engines import trellis2 as adapter
 from .errors import BackendError
+from .paths import output_dir_problem
 
 MIN_FREE_DISK = 2 << 30  # a few jobs' GLBs, textures and latents
 MIN_PYTHON = (3, 10)
@@ -38,6 +41,52 @@ PACKAGES: tuple[tuple[str, tuple[str, ...], bool, str], ...] = (
     ("triton", ("triton", "triton-windows"), False, "pip install triton (FlexGEMM needs it)"),
     ("trimesh", ("trimesh",), True, adapter.FIX_HINTS["trimesh"]),
 )
+
+
+# What every backend process imports, whatever its engine: (import name, shown as, fix).
+BACKEND_PACKAGES: tuple[tuple[str, str, str], ...] = (
+    ("zmq", "pyzmq", "pip install pyzmq (the backend talks to Blender over ZeroMQ)"),
+    ("PIL", "Pillow", "pip install Pillow"),
+    ("numpy", "numpy", "pip install numpy"),
+)
+
+# Checks that only the TRELLIS.2 engine needs: optional when the preview engine runs.
+TRELLIS2_CHECKS = frozenset(
+    {m for m, _, _, _ in PACKAGES if m != "trimesh"}
+    | {"gpu", "vram", "attention", "weights", "texturing weights", "dinov3"}
+    | {"background removal", "signatures"}
+)
+
+# The add-on's preferences, for hints shown in Blender (the command line names its flags and
+# environment variables instead).
+BLENDER_HINTS = {
+    "trellis2": "Set TRELLIS.2 Checkout in the add-on's preferences to your TRELLIS.2 clone.",
+    "weights": "Set Weights Directory in the add-on's preferences to the folder with "
+    "pipeline.json and ckpts/ (docs/TRELLIS2.md).",
+    "dinov3": "Download a DINOv3 ViT-L/16 copy once into a folder named dinov3 inside the "
+    "Weights Directory set in the add-on's preferences (docs/TRELLIS2.md).",
+    "python": "Set Backend Python in the add-on's preferences to a Python 3.10 or newer.",
+    "output folder": "Choose another Output Directory in the add-on's preferences.",
+    "disk": "Free some disk space or choose another Output Directory in the add-on's preferences.",
+}
+
+
+# Any other hint that still names a command-line setting, in the preferences' words.
+BLENDER_WORDS = (
+    (re.compile(r"\s*\(or --engine-opt [^)]*\)"), ""),
+    (re.compile(r"TRELLIS2_CHECKOUT"), "TRELLIS.2 Checkout (add-on preferences)"),
+    (re.compile(r"TRELLIS2_WEIGHTS"), "Weights Directory (add-on preferences)"),
+    (re.compile(r"TRELLIS2_(DINOV3|REMBG)"), "a folder inside the Weights Directory"),
+)
+
+
+def _blender_hint(name: str, hint: str) -> str:
+    names_a_setting = "TRELLIS2_" in hint or "--" in hint
+    if name in BLENDER_HINTS and (names_a_setting or name not in ("weights", "dinov3")):
+        hint = BLENDER_HINTS[name]  # weights, dinov3: other hints (download...) stay as they are
+    for pattern, words in BLENDER_WORDS:
+        hint = pattern.sub(words, hint)
+    return hint
 
 
 def _check(name: str, ok: bool, detail: str, hint: str = "") -> dict[str, Any]:
@@ -280,6 +329,38 @@ def _weights(
     return checks
 
 
+def _backend_packages(report: dict[str, Any]) -> list[dict[str, Any]]:
+    checks = []
+    for module, shown, hint in BACKEND_PACKAGES:
+        present = _find(module)
+        version = _dist_version((shown, module), module) if present else None
+        report["versions"][module] = version
+        detail = (version or "installed") if present else "not installed"
+        checks.append(_check(shown, present, f"{detail} (the backend needs it)", hint))
+    return checks
+
+
+def _output_folder(output_dir: str | None) -> list[dict[str, Any]]:
+    target = Path(output_dir or os.environ.get("TRELLIS2_OUTPUT_DIR") or os.getcwd()).expanduser()
+    problem = output_dir_problem(target.absolute())
+    return [
+        _check(
+            "output folder",
+            problem is None,
+            f"{target} can hold job folders" if problem is None else problem,
+            "Choose an output folder you can write to (--output-dir).",
+        )
+    ]
+
+
+def _preview_engine() -> list[dict[str, Any]]:
+    from .engines import create
+
+    engine = create("preview")
+    engine.load()
+    return [_check("preview engine", True, f"{engine.label}: runs on the CPU, no weights needed")]
+
+
 def _disk(report: dict[str, Any], output_dir: str | None) -> list[dict[str, Any]]:
     target = Path(output_dir or os.environ.get("TRELLIS2_OUTPUT_DIR") or os.getcwd()).expanduser()
     probe = target
@@ -371,8 +452,13 @@ def run_doctor(
     rembg_path: str | None = None,
     trellis_checkout: str | None = None,
     output_dir: str | None = None,
+    engine: str | None = None,
+    for_blender: bool = False,
 ) -> dict[str, Any]:
-    """Everything the TRELLIS.2 engine needs, as JSON-able data; never raises."""
+    """Everything the backend and the TRELLIS.2 engine need, as JSON-able data; never raises.
+    With `engine="preview"` the preview engine is checked and the TRELLIS.2 items become
+    optional (they do not decide `ok`); `for_blender` words the hints for the add-on's
+    preferences."""
     env = os.environ.get
     weights_dir = weights_dir or env("TRELLIS2_WEIGHTS") or None
     dinov3_path = dinov3_path or env("TRELLIS2_DINOV3") or None
@@ -384,6 +470,7 @@ def run_doctor(
             sys.path.insert(0, checkout)
     report: dict[str, Any] = {
         "ok": False,
+        "engine": engine,
         "checks": [],
         "versions": {"python": platform.python_version()},
         "gpu": {},
@@ -400,21 +487,29 @@ def run_doctor(
             "Use Python 3.10 or newer for the backend.",
         )
     ]
+    checks += _safe("backend packages", lambda: _backend_packages(report))
+    if engine == "preview":
+        checks += _safe("preview engine", _preview_engine)
+    checks += _safe("output folder", lambda: _output_folder(output_dir))
     checks += _safe("packages", lambda: _packages(report))
     checks += _safe("gpu", lambda: _torch_and_gpu(report))
     checks += _safe("attention", lambda: _attention(report))
     checks += _safe("weights", lambda: _weights(report, weights_dir, dinov3_path, rembg_path))
     checks += _safe("disk", lambda: _disk(report, output_dir))
     checks += _safe("signatures", lambda: _signatures(report))
+    for check in checks:
+        check["optional"] = engine == "preview" and check["name"] in TRELLIS2_CHECKS
+        if for_blender and check["hint"]:
+            check["hint"] = _blender_hint(check["name"], check["hint"])
     report["checks"] = checks
-    report["ok"] = all(c["ok"] for c in checks)
+    report["ok"] = all(c["ok"] or c["optional"] for c in checks)
     return report
 
 
 def format_report(report: dict[str, Any]) -> str:
     lines = ["TRELLIS.2 backend doctor", ""]
     for check in report.get("checks", []):
-        mark = " ok " if check["ok"] else "FAIL"
+        mark = " ok " if check["ok"] else "opt " if check.get("optional") else "FAIL"
         lines.append(f"[{mark}] {check['name']}: {check['detail']}")
         if not check["ok"] and check.get("hint"):
             lines.append(f"       fix: {check['hint']}")
@@ -423,6 +518,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", "Upstream calls that do not match:"]
         lines += [f"  {s['target']}: {s['detail']}" for s in bad_signatures[:10]]
     lines.append("")
-    failed = sum(1 for c in report.get("checks", []) if not c["ok"])
-    lines.append("All checks passed." if report.get("ok") else f"{failed} problem(s) found.")
+    failed = sum(1 for c in report.get("checks", []) if not (c["ok"] or c.get("optional")))
+    optional = sum(1 for c in report.get("checks", []) if not c["ok"] and c.get("optional"))
+    if not report.get("ok"):
+        lines.append(f"{failed} problem(s) found.")
+    elif optional:
+        lines.append(f"Ready. {optional} TRELLIS.2 item(s) missing: needed only for TRELLIS.2.")
+    else:
+        lines.append("All checks passed.")
     return "\n".join(lines)

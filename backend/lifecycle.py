@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from .errors import ErrorCode
+
 # A job whose backend died while running it runs once more, then fails. Must equal
 # runner.MAX_RECOVERIES (a test checks); not imported from there because the runner pulls
 # numpy and the supervisor must stay stdlib + pyzmq.
@@ -198,6 +200,28 @@ def liveness(
     return None
 
 
+# Error codes (errors.ErrorCode values) of failures that cannot leave the GPU dirty: the input
+# was bad (no subject, an unreadable image, refused settings), nothing was generated from a
+# sound run, or the disk refused a write. A backend that failed a job this way is as healthy as
+# before, so "after failures" does not replace it. Any other code - and a failure without a
+# code - may have left memory or the CUDA context dirty.
+CLEAN_FAILURES = frozenset(
+    code.value
+    for code in (
+        ErrorCode.BAD_IMAGE,
+        ErrorCode.IMAGE_TOO_LARGE,
+        ErrorCode.EMPTY_ALPHA,
+        ErrorCode.NEEDS_TRANSPARENCY,
+        ErrorCode.BAD_MESH_INPUT,
+        ErrorCode.BAD_PARAMS,
+        ErrorCode.EMPTY_STRUCTURE,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.CANCELLED,
+        ErrorCode.DISK_FULL,
+    )
+)
+
+
 def after_job(
     *,
     outcome: str,
@@ -207,15 +231,17 @@ def after_job(
     after_degraded: bool,
     every_n_jobs: int | None,
     fresh_per_job: bool,
+    error_code: str | None = None,
 ) -> tuple[Cause, str] | None:
     """Policy: should the backend be replaced after a job ended with `outcome`?
-    `jobs_on_backend` counts finished jobs (done or failed) including this one."""
+    `jobs_on_backend` counts finished jobs (done or failed) including this one; `error_code`
+    is a failed job's code (a clean failure never triggers "after failures")."""
     if outcome not in ("done", "failed"):
         return None  # a cancelled job says nothing about the backend's health
     if fresh_per_job:
         return Cause.FRESH_PER_JOB, "a fresh backend for every job"
-    if outcome == "failed" and after_failure:
-        return Cause.AFTER_FAILURE, "a job failed"
+    if outcome == "failed" and after_failure and error_code not in CLEAN_FAILURES:
+        return Cause.AFTER_FAILURE, f"a job failed ({error_code or 'no error code'})"
     if outcome == "done" and degraded and after_degraded:
         return Cause.AFTER_DEGRADED, "a job finished at reduced quality"
     if every_n_jobs and jobs_on_backend >= every_n_jobs:

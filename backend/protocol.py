@@ -23,7 +23,7 @@ from typing import Any
 from .errors import BackendError, ErrorCode, ProtocolError
 from .files import atomic_write_bytes
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"  # 1.1: jobs paging/search/disk use, delete_jobs
 DELIMITER = b"<TRELLIS2|MSG>"
 SIGNATURE_SCHEME = "hmac-sha256"
 
@@ -49,7 +49,19 @@ REQUESTS: dict[str, dict[str, Any]] = {
     },
     "reexport": {"fields": {"job_id": (str, True), "params": (dict, False)}, "buffers": (0, 0)},
     "cancel": {"fields": {"job_id": (str, True)}, "buffers": (0, 0)},
-    "jobs": {"fields": {"limit": (int, False)}, "buffers": (0, 0)},
+    "jobs": {
+        "fields": {"limit": (int, False), "offset": (int, False), "query": (str, False)},
+        "buffers": (0, 0),
+    },
+    # Remove finished jobs' folders: one job, or every job older than N days.
+    "delete_jobs": {
+        "fields": {
+            "job_id": (str, False),
+            "older_than_days": (int, False),
+            "dry_run": (bool, False),
+        },
+        "buffers": (0, 0),
+    },
     "job": {"fields": {"job_id": (str, True), "log": (bool, False)}, "buffers": (0, 0)},
     "stats": {"fields": {}, "buffers": (0, 0)},
     "doctor": {"fields": {}, "buffers": (0, 0)},

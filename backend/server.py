@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ import zmq
 from . import __version__, gpu, heap, protocol, validate
 from .engines import create as create_engine
 from .errors import BackendError, ErrorCode, ProtocolError
-from .jobs import JobRecord, JobStore
+from .jobs import INPUT_STEM, JOB_ID, THUMBNAIL, JobRecord, JobStore
 from .params import parse_params
 from .procutil import pid_alive
 from .runner import MAX_RECOVERIES, Runner, RunnerConfig, check_disk
@@ -572,10 +573,88 @@ class Server:
 
     def _on_jobs(self, message, identity) -> dict:
         limit = message.content.get("limit", 50)
+        offset = message.content.get("offset", 0)
+        query = message.content.get("query", "").strip().lower()
         if not 1 <= limit <= 10_000:
             raise BackendError(ErrorCode.BAD_PARAMS, "limit must be 1..10000")
-        records, warnings = self.store.list(limit)
-        return protocol.ok_reply(jobs=[_summary(r) for r in records], warnings=warnings)
+        if not 0 <= offset <= 1_000_000:
+            raise BackendError(ErrorCode.BAD_PARAMS, "offset must be 0..1000000")
+        if len(query) > 200:
+            raise BackendError(ErrorCode.BAD_PARAMS, "query is longer than 200 characters")
+        if query:  # reads every record: about 3 ms per 100 jobs on the 2-core CI machine
+            return self._search_jobs(query, limit, offset)
+        records, warnings, total = _newest(self.store, offset + limit)
+        return self._listing(records, warnings, offset, limit, total)
+
+    def _search_jobs(self, query: str, limit: int, offset: int) -> dict:
+        records, warnings, _ = _newest(self.store, None)
+        found = [r for r in records if _matches(r, query.split())]
+        return self._listing(found, warnings, offset, limit, len(found))
+
+    def _listing(self, records, warnings, offset: int, limit: int, total: int) -> dict:
+        page = records[offset : offset + limit]
+        jobs = [dict(_summary(r), **_folder_facts(self.store.folder(r.id))) for r in page]
+        return protocol.ok_reply(jobs=jobs, warnings=warnings, total=total, offset=offset)
+
+    def _on_delete_jobs(self, message, identity) -> None:
+        job_id = message.content.get("job_id")
+        days = message.content.get("older_than_days")
+        if (job_id is None) == (days is None):
+            raise BackendError(ErrorCode.BAD_PARAMS, "give either job_id or older_than_days")
+        if days is not None and not 0 <= days <= 36_500:
+            raise BackendError(ErrorCode.BAD_PARAMS, "older_than_days must be 0..36500")
+        if job_id is not None:
+            self.store.folder(job_id)  # a bad id is refused here, before any work
+        dry_run = bool(message.content.get("dry_run", False))
+        self._defer(identity, message, lambda: self._delete_jobs(job_id, days, dry_run))
+
+    def _delete_jobs(self, job_id: str | None, days: int | None, dry_run: bool) -> dict:
+        """Remove finished jobs' folders (or, with `dry_run`, say what that would free). A job
+        still queued or running, and the parent of one (a re-export reads its parent's
+        files), is kept."""
+        if job_id is not None:
+            record = self.store.get(job_id)
+            if not record.terminal:
+                raise BackendError(
+                    ErrorCode.BUSY,
+                    f"job {job_id} is {record.state.value}",
+                    "Cancel it first, or wait until it ends.",
+                )
+            candidates = [record]
+        else:
+            cutoff = self.clock() - days * 86_400
+            records, _ = self.store.list()
+            candidates = [r for r in records if r.terminal and (r.finished or r.created) < cutoff]
+        with self._queue_cv:
+            busy = [*self._queue, *self._running]
+        kept = set()
+        for busy_id in busy:
+            try:
+                kept.add(self.store.get(busy_id).parent)
+            except BackendError:
+                pass
+        deleted, skipped, freed = [], [], 0
+        for record in candidates:
+            folder = self.store.folder(record.id)
+            if record.id in kept:
+                skipped.append({"job_id": record.id, "reason": "a re-export of it is queued"})
+                continue
+            size = _folder_facts(folder)["bytes"]
+            if not dry_run:
+                try:
+                    if folder.is_symlink():  # the store never makes links: do not follow one
+                        raise OSError(f"{folder} is a symbolic link")
+                    shutil.rmtree(folder)
+                except OSError as exc:
+                    skipped.append({"job_id": record.id, "reason": str(exc)})
+                    continue
+            deleted.append(record.id)
+            freed += size
+        if deleted and not dry_run:
+            log.info("deleted %d job folder(s), %d bytes", len(deleted), freed)
+        return protocol.ok_reply(
+            job_ids=deleted, count=len(deleted), bytes=freed, skipped=skipped, dry_run=dry_run
+        )
 
     def _on_job(self, message, identity) -> dict:
         record = self.store.get(message.content["job_id"])
@@ -756,6 +835,7 @@ def _summary(record: JobRecord) -> dict[str, Any]:
         "engine": record.engine,
         "filename": record.filename,
         "created": record.created,
+        "started": record.started,
         "finished": record.finished,
         "level": record.level,
         "attempts": record.attempts,
@@ -767,6 +847,69 @@ def _summary(record: JobRecord) -> dict[str, Any]:
         "error": record.error,
         "parent": record.parent,
     }
+
+
+def _newest(store: JobStore, count: int | None) -> tuple[list[JobRecord], list[str], int]:
+    """At least the `count` newest readable jobs (all with None), newest first, the warnings
+    for unreadable folders, and how many job folders there are. The order is the id's second
+    (ids start with it), then `created`: so any page of `jobs` is a slice of one order and
+    paging never skips or repeats a job, although this reads only the newest ids."""
+    names = sorted((p.name for p in store.jobs_dir.iterdir() if JOB_ID.match(p.name)), reverse=True)
+    records: list[JobRecord] = []
+    warnings: list[str] = []
+    boundary = None
+    for name in names:
+        if boundary is not None and name[:15] != boundary:
+            break
+        try:
+            records.append(store.get(name))
+        except BackendError as exc:
+            warnings.append(f"skipped {name}: {exc.message}")
+            continue
+        if count is not None and boundary is None and len(records) >= count:
+            boundary = name[:15]  # finish this second: its order is by `created`
+    records.sort(key=lambda r: (r.id[:15], r.created, r.id), reverse=True)
+    return records, warnings, len(names)
+
+
+def _matches(record: JobRecord, words: list[str]) -> bool:
+    text = " ".join(
+        str(x)
+        for x in (
+            record.id,
+            record.filename,
+            record.kind,
+            record.state.value,
+            record.engine,
+            (record.params or {}).get("preset"),
+        )
+    ).lower()
+    return all(word in text for word in words)
+
+
+def _folder_facts(folder: Path) -> dict[str, Any]:
+    """Disk use of a job folder (links not followed) and where its thumbnail and input are."""
+    facts: dict[str, Any] = {"folder": str(folder), "bytes": 0, "thumbnail": None, "input": None}
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                    continue
+                facts["bytes"] += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+            if current == folder and entry.name == THUMBNAIL:
+                facts["thumbnail"] = entry.path
+            elif current == folder and entry.name.startswith(f"{INPUT_STEM}."):
+                facts["input"] = entry.path
+    return facts
 
 
 def _clean_filename(name: Any) -> str:

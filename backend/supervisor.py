@@ -3,7 +3,9 @@ handshake, heartbeat, job watchdog, respawn policy, restart-storm guard, warm st
 shutdown ladder. Every decision is made in `lifecycle.py`; this module does the I/O.
 
 `Supervisor.tick()` never blocks, so the add-on can drive it from a `bpy.app.timers` callback;
-`start_and_wait()`, `wait_for_job()` and `stop()` block (bounded) for scripts and tests.
+so do `start()`, `restart()`, `begin_stop()` (the tick walks the ladder) and `request_nowait()`
+(a `client.Pending` that the tick resolves). `start_and_wait()`, `wait_for_job()` and `stop()`
+block (bounded) for scripts and tests.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .backend_process import (
     spawn,
     unlink_quietly,
 )
-from .client import Client
+from .client import Client, Pending
 from .errors import BackendError, ErrorCode
 from .jobs import JobState, JobStore
 from .lifecycle import (
@@ -170,6 +172,7 @@ class Supervisor:
         self._last_error: BackendError | None = None
         self.last_shutdown: dict[str, Any] | None = None  # {pid, rung, exit_code, reason}
         self._store: JobStore | None = None
+        self._zmq: zmq.Context | None = None  # shared by this supervisor's clients
         _SUPERVISORS.add(self)
 
     # -- public properties ---------------------------------------------------------------
@@ -242,9 +245,9 @@ class Supervisor:
         elif self.state is not SupervisorState.RESTARTING:
             self._respawn(Cause.USER, f"restart requested ({reason})", self.clock())
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop every backend through the shutdown ladder; blocks at most about `timeout` s
-        (default: the ladder's own waits)."""
+    def begin_stop(self, timeout: float | None = None) -> None:
+        """Start the shutdown ladder for every backend and return at once: tick() walks it,
+        and `stopping` stays true until every process has gone. `timeout` scales the ladder."""
         now = self.clock()
         self._want_spawn = False
         if self.state is not SupervisorState.STOPPED:
@@ -254,6 +257,16 @@ class Supervisor:
                 self._retire(b, Rung.REQUEST, now, "supervisor stopping", budget=timeout)
         self._active = self._standby = None
         self._job = None
+
+    @property
+    def stopping(self) -> bool:
+        """Some backend is still walking its shutdown ladder."""
+        return bool(self._retiring)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop every backend through the shutdown ladder; blocks at most about `timeout` s
+        (default: the ladder's own waits)."""
+        self.begin_stop(timeout)
         limit = timeout if timeout is not None else self._ladder_total() + 1.0
         deadline = self.clock() + limit + 0.5
         while self._retiring:
@@ -265,6 +278,9 @@ class Supervisor:
             log.error("backend pid %s did not exit", b.pid)
             b.close()
         self._retiring.clear()
+        if self._zmq is not None:  # every client is closed; destroy closes any stray socket
+            self._zmq.destroy(linger=0)
+            self._zmq = None
 
     def submit(self, image: bytes, params: dict | None = None, filename: str = "image.png") -> str:
         """Queue a generation on the live backend; returns the job id."""
@@ -276,13 +292,47 @@ class Supervisor:
         if client is not None:
             client.cancel(job_id, timeout=5.0)
             return
-        if self.state in (SupervisorState.STOPPED, SupervisorState.DEAD) and not self._retiring:
-            record = self._job_store().get(job_id)  # no backend: edit the store directly
-            if not record.terminal:
-                self._job_store().transition(job_id, "cancel")
-                self._job_store().append_log(job_id, "cancelled while no backend was running")
+        if self._store_is_ours():
+            self._cancel_in_store(job_id)
             return
         self._require_client()  # raises the right error
+
+    def request_nowait(
+        self,
+        msg_type: str,
+        content: dict[str, Any] | None = None,
+        buffers: tuple[bytes, ...] | list[bytes] = (),
+        timeout: float = 5.0,
+    ) -> Pending:
+        """Send a request to the live backend and return at once; tick() resolves the Pending
+        (its deadline, or the backend going away, fails it). Without a live backend the
+        Pending has already failed with the reason."""
+        try:
+            client = self._require_client()
+        except BackendError as exc:
+            return Pending.failed(msg_type, exc)
+        return client.request_async(msg_type, content, buffers, timeout)
+
+    def cancel_nowait(self, job_id: str) -> Pending:
+        """cancel() without waiting: with no backend at all the job store is edited at once."""
+        if self.client is None and self._store_is_ours():
+            try:
+                state = self._cancel_in_store(job_id)
+            except BackendError as exc:
+                return Pending.failed("cancel", exc)
+            return Pending.answered("cancel", {"ok": True, "job_id": job_id, "state": state})
+        return self.request_nowait("cancel", {"job_id": job_id}, timeout=5.0)
+
+    def _store_is_ours(self) -> bool:
+        """No backend runs or is going away, so nothing else writes the job store."""
+        return self.state in (SupervisorState.STOPPED, SupervisorState.DEAD) and not self._retiring
+
+    def _cancel_in_store(self, job_id: str) -> str:
+        record = self._job_store().get(job_id)  # no backend: edit the store directly
+        if not record.terminal:
+            record = self._job_store().transition(job_id, "cancel")
+            self._job_store().append_log(job_id, "cancelled while no backend was running")
+        return record.state.value
 
     def status(self) -> dict[str, Any]:
         b = self._active
@@ -384,6 +434,12 @@ class Supervisor:
         except StartError as exc:
             self._give_up(exc.message, now, error=exc)
             return
+        except OSError as exc:  # e.g. the log folder cannot be created: never "starting" forever
+            where = self.spec.log_dir
+            error = StartError(f"cannot prepare the backend's folder {where}: {exc}", None, "")
+            error.hint = "Choose an output folder you can write to."
+            self._give_up(error.message, now, error=error)
+            return
         self._jobs_on_backend = 0
 
     def _maybe_spawn_standby(self, now: float) -> None:
@@ -434,7 +490,7 @@ class Supervisor:
             return
         b.info = info
         try:
-            b.client = Client(info, clock=self.clock)
+            b.client = Client(info, context=self._context(), clock=self.clock)
         except (zmq.ZMQError, BackendError) as exc:
             log.warning("cannot connect to pid %s: %s", b.pid, exc)
             b.info = None
@@ -471,7 +527,10 @@ class Supervisor:
             self._backend_state(b, content.get("state", ""), "", now)
         elif kind == "status" and content.get("ok"):
             b.last_status = content
-            self._backend_state(b, content.get("state", ""), content.get("reason", ""), now)
+            reason = content.get("reason", "")
+            if content.get("state") == "failed" and not reason:  # never leave "failed" unsaid
+                reason = (content.get("engine_error") or {}).get("message") or "no reason given"
+            self._backend_state(b, content.get("state", ""), reason, now)
         elif kind == "activate" and b is self._active:
             self._on_activated(b, content, now)
 
@@ -495,9 +554,17 @@ class Supervisor:
             return
         active = b is self._active and b.activating_since is None
         if state == "failed" and b.failed is None:
-            b.failed = reason or "the engine failed to load"
+            if b.last_status.get("state") != "failed":
+                return  # the next `status` reply (soon: polled while loading) has reason and fix
+            b.failed = reason
             if active:
-                self._give_up(f"the engine failed to load: {b.failed}", now, error_from=b)
+                error = StartError(
+                    f"the engine failed to load: {reason}", b.log_path, log_tail(b.log_path)
+                )
+                fix = (b.last_status.get("engine_error") or {}).get("hint")
+                if fix:  # the engine's own fix, rather than the log tail
+                    error.hint = fix
+                self._give_up(error.message, now, error=error, error_from=b)
             elif b is self._standby:
                 self._standby_failed(b, f"engine failed to load: {b.failed}", now)
             return
@@ -521,7 +588,10 @@ class Supervisor:
         elif message.msg_type in JOB_EVENTS and job_id:
             outcome = message.msg_type.removeprefix("job_")
             degraded = bool(message.content.get("degraded"))
-            self._note_job_ended(job_id, outcome, degraded, now)
+            code = message.content.get("code")
+            self._note_job_ended(
+                job_id, outcome, degraded, now, code if isinstance(code, str) else None
+            )
 
     def _note_job_running(self, job_id: str, now: float) -> None:
         if self._job is not None and self._job[0] != job_id:  # the end event was missed
@@ -533,19 +603,27 @@ class Supervisor:
         if self.state is SupervisorState.READY:
             self._fire(Trigger.JOB_STARTED, f"running job {job_id}")
 
-    def _note_job_ended(self, job_id: str, outcome: str | None, degraded: bool, now: float) -> None:
+    def _note_job_ended(
+        self,
+        job_id: str,
+        outcome: str | None,
+        degraded: bool,
+        now: float,
+        error_code: str | None = None,
+    ) -> None:
         if self._job is None or self._job[0] != job_id:
             return
         self._job = None
         if outcome is None:  # the event was missed (PUB/SUB drops): ask the job store
             try:
                 record = self._job_store().get(job_id)
-            except BackendError:
+            except (BackendError, OSError):  # OSError: the output folder itself is gone
                 record = None
             if record is None or not record.terminal:
                 return  # requeued by a stopping backend: no outcome yet
             outcome = record.state.value
             degraded = bool(record.level)
+            error_code = (record.error or {}).get("code")
         if outcome in ("done", "failed"):
             self._jobs_on_backend += 1
         if self.state is SupervisorState.BUSY:
@@ -559,6 +637,7 @@ class Supervisor:
             after_degraded=p.after_degraded,
             every_n_jobs=p.every_n_jobs,
             fresh_per_job=p.fresh_per_job,
+            error_code=error_code,
         )
         if decision is not None:
             self._respawn(decision[0], decision[1], now)
@@ -814,6 +893,13 @@ class Supervisor:
     def _emit(self, kind: str, reason: str, **fields: Any) -> None:
         fields.setdefault("state", self._lc.state.value)
         self._events.append(SupervisorEvent(kind, reason, **fields))
+
+    def _context(self) -> zmq.Context:
+        """One ZeroMQ context for all of this supervisor's clients: closing the client of a
+        replaced backend then never waits in the tick for a context's I/O thread to end."""
+        if self._zmq is None:
+            self._zmq = zmq.Context()
+        return self._zmq
 
     def _job_store(self) -> JobStore:
         if self._store is None:

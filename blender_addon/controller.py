@@ -1,128 +1,65 @@
 """The add-on's runtime state and tick logic as plain Python (no bpy), so tests drive it directly.
 
 Blender calls `Controller.tick()` from a `bpy.app.timers` callback on the main thread; tests and
-`blender -b` scripts call it in a loop (timers never fire in Blender-as-a-module). Everything the
-panel shows - backend state, jobs in flight, the history - lives here, not in Scene properties,
-so progress never dirties the .blend file.
+`blender -b` scripts call it in a loop (timers never fire in Blender-as-a-module). Nothing here
+waits on the backend: every request is a `client.Pending` that a later tick resolves, Stop is a
+shutdown ladder that the tick walks, and the history is what the last `jobs` reply said (the
+add-on speaks only the protocol; it never reads job folders). Only the methods under "blocking
+mode" wait, for scripts and tests. Everything the panel shows lives here, in memory, not in
+Scene properties, so progress never dirties the .blend file and drawing never touches a disk.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import random
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backend.errors import BackendError
-from ..backend.files import default_output_dir
-from ..backend.jobs import JobStore
+from ..backend.client import ClientTimeout, Pending
+from ..backend.errors import BackendError, ErrorCode
+from ..backend.paths import output_dir_problem
+from .launch import BackendConfig, DoctorRun, make_supervisor, remove_stale_run_dirs, run_dir
+from .views import (
+    TERMINAL,
+    HistoryView,
+    JobView,
+    Outgoing,
+    engine_label,
+    event_from_record,
+    format_bytes,
+    history_entry,
+    one_line,
+)
 
-ADDON_ROOT = Path(__file__).resolve().parent.parent  # holds backend/, so `-m backend` works
-TERMINAL = ("done", "failed", "cancelled")
-EVENT_STATE = {"job_done": "done", "job_failed": "failed", "job_cancelled": "cancelled"}
-BUSY_INTERVAL = 0.1  # seconds between ticks while anything is queued or running
+log = logging.getLogger("trellis2_blender")
+
+BUSY_INTERVAL = 0.1  # seconds between ticks while anything is queued, running or changing
 IDLE_INTERVAL = 0.5
-RECONCILE_EVERY = 2.0  # seconds between job-store checks while jobs are active
-RESPAWN_CHOICES = ("AFTER_FAILURE", "EVERY_N", "FRESH", "STANDBY")
-
-
-@dataclass
-class BackendConfig:
-    """What the preferences say about the backend; a change applies on the next (re)start."""
-
-    python: str = ""  # empty: the Python Blender runs (preview engine with the bundled wheels)
-    engine: str = "preview"
-    engine_options: dict[str, str] = field(default_factory=dict)
-    output_dir: Path = field(default_factory=lambda: default_output_dir())
-    respawn: str = "AFTER_FAILURE"
-    every_n: int = 10
-    heartbeat_timeout: float = 5.0
-    start_timeout: float = 120.0
-
-    @property
-    def interpreter(self) -> str:
-        return self.python or sys.executable
-
-    @property
-    def own_python(self) -> bool:
-        return not self.python or Path(self.python).resolve() == Path(sys.executable).resolve()
-
-
-@dataclass
-class JobView:
-    """One job as the panel shows it: the backend's events folded into a few fields."""
-
-    job_id: str
-    name: str
-    kind: str = "generate"
-    state: str = "queued"  # waiting (for the backend), queued, running, done, failed, cancelled
-    stage: str = ""
-    label: str = ""
-    fraction: float = 0.0
-    level: int = 0
-    seed: int | None = None
-    position: int | None = None
-    glb_path: str | None = None
-    message: str = ""
-    hint: str = ""
-    result: dict[str, Any] = field(default_factory=dict)
-    auto_import: bool = True
-    imported: bool = False
-    submitted: float = 0.0
-    finished: float | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
-
-
-@dataclass
-class _Pending:
-    """A Generate pressed before the backend was ready: submitted on the first ready tick."""
-
-    local_id: str
-    image: bytes
-    params: dict[str, Any]
-    filename: str
-
-
-def bundled_site_dirs(modules: tuple[str, ...] = ("zmq", "PIL", "trimesh", "numpy")) -> list[str]:
-    """Folders this Python imports the backend's packages from. Blender installs an extension's
-    wheels into its own site-packages, which a child interpreter would not find by itself."""
-    import importlib.util
-
-    dirs: list[str] = []
-    for name in modules:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        parent = str(Path(list(spec.submodule_search_locations)[0]).parent)
-        if parent not in dirs:
-            dirs.append(parent)
-    return dirs
+RECONCILE_EVERY = 2.0  # seconds between `job` checks of active jobs (PUB/SUB may drop events)
+SUBMIT_TIMEOUT = 10.0  # a generate/reexport reply (the backend decodes the image first)
+QUEUE_LIMIT = 8  # the backend's default queue depth
+LIVE = ("loading", "ready", "busy")  # a backend that answers requests
+CHANGING = ("starting", "loading", "restarting", "stopping")
+_PROGRESS = ("state", "stage", "label", "fraction", "level", "position")
 
 
 def random_seed() -> int:
     return random.randrange(0, 2**31 - 1)
 
 
-def _msg_parts(message: Any) -> tuple[str, dict[str, Any]]:
-    """(msg_type, content) of a protocol.Message or a supervisor event (object or dict)."""
+def _msg_parts(message: Any) -> tuple[str, dict[str, Any], str | None]:
+    """(msg_type, content, parent msg_id) of a protocol.Message or a supervisor event."""
     if isinstance(message, dict):
-        return str(message.get("msg_type") or message.get("type") or ""), dict(
-            message.get("content") or message
-        )
-    return str(getattr(message, "msg_type", "") or ""), dict(getattr(message, "content", {}) or {})
+        msg_type = str(message.get("msg_type") or message.get("type") or "")
+        return msg_type, dict(message.get("content") or message), message.get("parent_id")
+    return (
+        str(getattr(message, "msg_type", "") or ""),
+        dict(getattr(message, "content", {}) or {}),
+        getattr(message, "parent_id", None),
+    )
 
 
 class Controller:
@@ -138,91 +75,179 @@ class Controller:
         self.clock = clock
         self.supervisor_factory = supervisor_factory or make_supervisor
         self.supervisor: Any = None
-        self.jobs: dict[str, JobView] = {}  # this session's jobs, oldest first
-        self._pending: list[_Pending] = []
-        self._local_ids = 0
-        self._aliases: dict[str, str] = {}  # waiting-N -> the backend's job id
-        self.history: list[dict[str, Any]] = []
-        self.history_warnings: list[str] = []
-        self.history_dirty = True
+        self.active_config: BackendConfig | None = None  # what `supervisor` was made with
+        self._retired: list[Any] = []  # older supervisors walking their shutdown ladder
+        self._start_wanted = False  # start a supervisor once the retired ones have gone
+        self.jobs: dict[str, JobView] = {}  # this session's jobs by key, oldest first
+        self._keys: dict[str, str] = {}  # backend job id -> key
+        self._next_key = 0
+        self._outbox: list[Outgoing] = []
+        self._requests: list[tuple[Pending, Callable[[Pending], None]]] = []
+        self._by_request: dict[str, str] = {}  # submit msg_id -> key (job_queued names its job)
+        self._abandoned: dict[str, str] = {}  # submits reported failed whose outcome is unknown
+        self._checking: set[str] = set()  # keys with a `job` request in flight
+        self._cancelling: set[str] = set()  # keys with a cancel in flight
+        self.history = HistoryView()
         self.last_error = ""
-        self.notes: list[str] = []  # supervisor/backend notices for the status line (newest last)
+        self.last_hint = ""
+        self.last_outcome: str | None = None  # key of the job that ended last
+        self.notes: list[str] = []  # supervisor/backend notices (newest last)
         self.sessions: list[str] = []  # backend sessions seen, in order (a restart adds one)
         self.doctor_report: dict[str, Any] | None = None
         self.doctor_text = ""
-        self._doctor_proc: subprocess.Popen | None = None
-        self._doctor_out: Any = None
-        self.config_changed = False
-        # Hooks the add-on sets: import a finished job into the scene, redraw the UI.
+        self._doctor: DoctorRun | None = None
+        self._output_checked: tuple[str, str | None] | None = None  # (path, problem)
+        self.tick_errors: list[str] = []
+        self._reported: set[str] = set()
+        # Hooks the add-on sets: import a finished job, redraw, load history thumbnails.
         self.on_job_done: Callable[[JobView], None] | None = None
         self.on_change: Callable[[], None] | None = None
+        self.on_history: Callable[[list[dict[str, Any]]], None] | None = None
         self.ticks = 0
         self._next_reconcile = 0.0
+        self._last_state = "stopped"
+        self.run_dir = run_dir()
+        remove_stale_run_dirs(self.run_dir)
 
-    # -- backend lifecycle ------------------------------------------------------------
+    # -- state --------------------------------------------------------------------------
 
     @property
     def state(self) -> str:
-        if self.supervisor is None:
-            return "stopped"
-        return _enum_value(getattr(self.supervisor, "state", "stopped"))
+        sup = self.supervisor
+        if sup is None:
+            if self._start_wanted:
+                return "restarting" if self._retired else "starting"
+            return "stopping" if self._retired else "stopped"
+        state = _enum_value(getattr(sup, "state", "stopped"))
+        if state == "stopped" and (getattr(sup, "stopping", False) or self._retired):
+            return "stopping"
+        return state
 
     @property
     def running(self) -> bool:
-        return self.state not in ("stopped", "dead")
+        return self.state not in ("stopped", "stopping", "dead")
+
+    @property
+    def config_changed(self) -> bool:
+        """Settings differ from what the running backend was started with (Restart applies)."""
+        return self.running and self.active_config is not None and self.config != self.active_config
+
+    def next_engine(self) -> str:
+        """The engine the next job runs on, as the panel names it."""
+        config = self.active_config if self.running and self.active_config else self.config
+        return engine_label(config.engine)
+
+    def running_engine(self) -> str | None:
+        if not self.running or self.active_config is None:
+            return None
+        return engine_label(self.active_config.engine)
+
+    def engine_ignores_settings(self) -> bool:
+        """The engine the next job runs on ignores seed, steps and guidance."""
+        config = self.active_config if self.running and self.active_config else self.config
+        return config.engine == "preview"
 
     def configure(self, config: BackendConfig) -> None:
-        if config != self.config:
-            self.config_changed = self.running
-            self.config = config
-            self.history_dirty = True
+        self.config = config
 
-    def start(self, wait: bool = False, timeout: float | None = None) -> None:
-        """Start the backend (non-blocking unless `wait`); a dead one is replaced."""
-        if self.supervisor is not None and self.running:
-            if wait:
-                self.supervisor.start_and_wait(timeout)
-                self._note_session()
-            return
-        if self.supervisor is not None:
-            self._stop_supervisor(timeout=2.0)
-        self.supervisor = self.supervisor_factory(self.config)
-        self.config_changed = False
-        self.last_error = ""
-        if wait:
-            self.supervisor.start_and_wait(timeout)
-            self._note_session()
-        else:
-            self.supervisor.start()
+    def output_problem(self) -> str | None:
+        """Why the configured output folder cannot hold jobs (probed once per folder)."""
+        path = str(self.config.output_dir)
+        if self._output_checked is None or self._output_checked[0] != path:
+            self._output_checked = (path, output_dir_problem(Path(path)))
+        return self._output_checked[1]
 
-    def stop(self, timeout: float | None = None) -> None:
-        for pending in self._pending:
-            self._finish(self.jobs.get(pending.local_id), "cancelled", "backend stopped")
-        self._pending.clear()
-        self._stop_supervisor(timeout)
+    @property
+    def known_output_problem(self) -> str | None:
+        """The output folder's problem if it was probed already (memory only: for drawing)."""
+        checked = self._output_checked
+        if checked is not None and checked[0] == str(self.config.output_dir):
+            return checked[1]
+        return None
 
-    def _stop_supervisor(self, timeout: float | None) -> None:
-        supervisor, self.supervisor = self.supervisor, None
-        if supervisor is not None:
-            try:
-                supervisor.stop(timeout)
-            except Exception as exc:  # the process may already be gone; nothing to keep
-                self.last_error = f"stopping the backend: {exc}"
+    def recheck_output(self) -> str | None:
+        self._output_checked = None
+        return self.output_problem()
 
-    def restart(self, reason: str = "user") -> None:
-        """Restart for a clean process (VRAM back). A changed configuration needs a new spec."""
-        if self.supervisor is None or self.config_changed or not self.running:
-            self.stop(timeout=None)
-            self.start()
-            return
-        self.supervisor.restart(reason)
+    def _ready(self) -> bool:
+        return self.supervisor is not None and self.state in ("ready", "busy")
+
+    def _answers(self) -> bool:
+        return self.supervisor is not None and self.state in LIVE
 
     def _note_session(self) -> None:
         session = getattr(self.supervisor, "session", None)
         if session and (not self.sessions or self.sessions[-1] != session):
             self.sessions.append(session)
+            self.history.stale, self.history.prune = True, None
+            self._next_reconcile = 0.0  # a new backend: check what it did with our jobs
 
-    # -- jobs --------------------------------------------------------------------------
+    # -- backend lifecycle (all return at once) ------------------------------------------
+
+    def start(self, wait: bool = False, timeout: float | None = None) -> None:
+        """Start the backend with the current settings. Returns at once unless `wait` (scripts);
+        a backend with other settings is stopped first (the tick starts the new one once the
+        old one has gone, so two backends never share the job store)."""
+        problem = self.output_problem()
+        if problem:
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                f"Output Directory: {problem}",
+                "Choose another Output Directory in the add-on's preferences.",
+            )
+        self.last_error = self.last_hint = ""
+        sup = self.supervisor
+        if sup is not None and self.config == self.active_config:
+            if _enum_value(sup.state) in ("stopped", "dead"):
+                sup.start()  # it spawns once its old process has gone
+        else:
+            if sup is not None:
+                self._retire_supervisor()
+            self._start_wanted = True
+            self._maybe_start()
+        if wait:
+            self._wait_until(self._ready, timeout or self.config.start_timeout + 5.0)
+
+    def stop(self) -> None:
+        """Stop the backend: the tick walks the shutdown ladder. Jobs on the backend stay in
+        its job store and wait for the next backend; jobs not yet sent wait too."""
+        self._start_wanted = False
+        self._park_jobs("Waiting for the next backend")
+        if self.supervisor is not None:
+            self.supervisor.begin_stop()
+
+    def restart(self, reason: str = "user") -> None:
+        """A fresh backend process (VRAM back). New settings need a new supervisor."""
+        sup = self.supervisor
+        if sup is None or self.config != self.active_config or not self.running:
+            self.start()
+            return
+        self._park_jobs("Waiting for the next backend")
+        sup.restart(reason)
+
+    def _retire_supervisor(self) -> None:
+        self._park_jobs("Waiting for the next backend")
+        sup, self.supervisor = self.supervisor, None
+        self.active_config = None
+        sup.begin_stop()
+        self._retired.append(sup)
+
+    def _maybe_start(self) -> None:
+        if not self._start_wanted or self._retired:
+            return
+        self._start_wanted = False
+        self.supervisor = self.supervisor_factory(self.config)
+        self.active_config = self.config
+        self.supervisor.start()
+
+    def _park_jobs(self, label: str) -> None:
+        """Jobs the backend has but will not run now: they wait for the next backend."""
+        for view in self.active_jobs():
+            if view.on_backend and view.state in ("queued", "running", "waiting"):
+                view.state, view.label, view.stage = "waiting", label, ""
+                view.fraction, view.position = 0.0, None
+
+    # -- jobs ----------------------------------------------------------------------------
 
     def submit(
         self,
@@ -231,54 +256,149 @@ class Controller:
         name: str,
         filename: str = "image.png",
         auto_import: bool = True,
+        cursor: tuple[float, float, float] | None = None,
     ) -> JobView:
         """Queue a generation. Starts the backend if needed; never waits for it."""
-        if self.supervisor is None or not self.running:
-            self.start()
+        content = {"params": params, "filename": filename}
+        view = self._enqueue("generate", content, (image,), name, auto_import, cursor)
+        view.seed = params.get("seed")
+        return view
+
+    def reexport(
+        self,
+        job_id: str,
+        params: dict[str, Any],
+        name: str,
+        auto_import: bool = True,
+        cursor: tuple[float, float, float] | None = None,
+    ) -> JobView:
+        """Export a finished job again with new export settings; starts the backend if needed."""
+        content = {"job_id": job_id, "params": params}
+        view = self._enqueue("reexport", content, (), name, auto_import, cursor)
+        view.parent = job_id
+        return view
+
+    def _enqueue(self, msg_type, content, buffers, name, auto_import, cursor) -> JobView:
+        if not self.running:
+            self.start()  # raises (e.g. an unusable output folder) before any job exists
+        self._next_key += 1
         view = JobView(
-            job_id="",
+            key=f"job-{self._next_key}",
             name=name,
-            seed=params.get("seed"),
+            kind=msg_type,
             auto_import=auto_import,
             submitted=self.clock(),
+            cursor=cursor,
+            engine=self.next_engine(),
+            label="Waiting for the backend",
         )
-        if self._ready():
-            view.job_id = self.supervisor.submit(image, params, filename)
-        else:
-            self._local_ids += 1
-            view.job_id = f"waiting-{self._local_ids}"
-            view.state = "waiting"
-            view.label = "Waiting for the backend"
-            self._pending.append(_Pending(view.job_id, image, params, filename))
-        self.jobs[view.job_id] = view
+        self.jobs[view.key] = view
+        self._outbox.append(Outgoing(view.key, msg_type, content, tuple(buffers)))
+        self._flush_outbox()
         self._changed()
         return view
 
-    def track(self, job_id: str, name: str, kind: str, auto_import: bool = True) -> JobView:
-        """Follow a job submitted elsewhere (re-export goes straight through the client)."""
-        view = JobView(
-            job_id=job_id, name=name, kind=kind, auto_import=auto_import, submitted=self.clock()
-        )
-        self.jobs[job_id] = view
-        return view
-
-    def cancel(self, job_id: str) -> None:
-        view = self.jobs.get(job_id)
-        for pending in list(self._pending):
-            if pending.local_id == job_id:
-                self._pending.remove(pending)
-                self._finish(view, "cancelled", "cancelled before the backend was ready")
-                return
-        if view is not None and view.terminal:
+    def _flush_outbox(self) -> None:
+        if not self._ready():
             return
-        if self.supervisor is None:
-            raise BackendError.from_dict(
-                {"code": "backend_died", "message": "the backend is not running"}
+        while self._outbox:
+            out = self._outbox.pop(0)
+            view = self.jobs.get(out.key)
+            if view is None or view.terminal:
+                continue
+            view.state, view.label = "submitting", "Sending to the backend"
+            pending = self.supervisor.request_nowait(
+                out.msg_type, out.content, out.buffers, SUBMIT_TIMEOUT
             )
-        self.supervisor.cancel(job_id)
+            if pending.msg_id:
+                self._by_request[pending.msg_id] = view.key
+            self._expect(pending, lambda p, key=view.key: self._on_submitted(key, p))
+
+    def _on_submitted(self, key: str, pending: Pending) -> None:
+        self._by_request.pop(pending.msg_id, None)
+        view = self.jobs.get(key)
+        if view is None:
+            return
+        if pending.ok:
+            self._bind(view, pending.reply["job_id"])
+            view.on_backend = True
+            if view.state == "submitting":
+                view.state, view.label = "queued", ""
+                view.position = pending.reply.get("position")
+            if view.cancel_requested:
+                self._send_cancel(view)
+            return
+        error = pending.error
+        if isinstance(error, ClientTimeout) or error.code is ErrorCode.BACKEND_DIED:
+            # The backend may have queued it before going quiet: should its reply or its
+            # job_queued event still come, that job is cancelled (apply), never run or imported.
+            self._abandoned[pending.msg_id] = key
+        if view.cancel_requested:
+            self._finish(view, "cancelled", "cancelled before the backend took it")
+        else:
+            self._finish(view, "failed", error.message, error.hint)
+
+    def _bind(self, view: JobView, job_id: str) -> None:
+        other_key = self._keys.get(job_id)
+        if other_key and other_key != view.key:  # events came first and made a view: take it
+            other = self.jobs.pop(other_key)
+            for name in (*_PROGRESS, "glb_path", "result", "message", "hint", "finished"):
+                setattr(view, name, getattr(other, name))
+        view.job_id = job_id
+        self._keys[job_id] = view.key
+
+    def find(self, ident: str) -> JobView | None:
+        """A job by its key or its backend id."""
+        return self.jobs.get(ident) or self.jobs.get(self._keys.get(ident, ""))
+
+    def cancel(self, ident: str) -> JobView | None:
+        """Cancel a job; returns at once (the tick finishes it when the backend confirms)."""
+        view = self.find(ident)
+        if view is None or view.terminal:
+            return view
+        if not view.on_backend and view.state == "waiting":  # never sent
+            self._outbox = [o for o in self._outbox if o.key != view.key]
+            self._finish(view, "cancelled", "cancelled before it was sent")
+            return view
+        view.cancel_requested = True
+        view.label = "Cancelling"
+        if view.job_id:
+            self._send_cancel(view)
+        return view  # submitting: the reply's job is cancelled when it comes
+
+    def _send_cancel(self, view: JobView) -> None:
+        sup = self.supervisor or (self._retired[-1] if self._retired else None)
+        if view.key in self._cancelling or sup is None or not view.job_id:
+            return
+        self._cancelling.add(view.key)
+        view.cancel_retry_at = self.clock() + 1.0
+        pending = sup.cancel_nowait(view.job_id)
+        self._expect(pending, lambda p, key=view.key: self._on_cancel_reply(key, p))
+
+    def _on_cancel_reply(self, key: str, pending: Pending) -> None:
+        self._cancelling.discard(key)
+        view = self.jobs.get(key)
+        if view is None or view.terminal:
+            return
+        if pending.ok:
+            if pending.reply.get("state") == "cancelled":
+                self._finish(view, "cancelled")
+            return  # "cancelling": the job_cancelled event ends it
+        if pending.error.code is ErrorCode.NOT_FOUND:
+            self._finish(view, "failed", pending.error.message, "Its job folder is gone.")
+        # Otherwise (no backend right now): _retry_cancels sends it again.
+
+    def _retry_cancels(self) -> None:
+        now = self.clock()
+        for view in self.active_jobs():
+            if view.cancel_requested and view.job_id and now >= view.cancel_retry_at:
+                self._send_cancel(view)
 
     def active_jobs(self) -> list[JobView]:
         return [v for v in self.jobs.values() if not v.terminal]
+
+    def queue_full(self) -> bool:
+        return len(self.active_jobs()) >= QUEUE_LIMIT
 
     def current_job(self) -> JobView | None:
         running = [v for v in self.jobs.values() if v.state == "running"]
@@ -287,106 +407,209 @@ class Controller:
         active = self.active_jobs()
         return active[0] if active else None
 
-    def _ready(self) -> bool:
-        return self.supervisor is not None and self.state in ("ready", "busy")
+    def last_failure(self) -> JobView | None:
+        """The job that ended last, when it failed (the main panel shows why)."""
+        view = self.jobs.get(self.last_outcome or "")
+        return view if view is not None and view.state == "failed" else None
 
-    # -- the tick ---------------------------------------------------------------------
+    def dismiss_outcome(self) -> None:
+        self.last_outcome = None
+
+    # -- the tick ------------------------------------------------------------------------
 
     def tick(self) -> float:
-        """One non-blocking step: poll the backend, fold its events in, submit what waited.
-        Returns the seconds until the next tick."""
+        """One step that never waits: poll the backend, fold in its events, resolve replies,
+        send what waited. Each part is guarded: an exception is reported once and the next
+        part (and the next tick) still runs. Returns the seconds until the next tick."""
         self.ticks += 1
         changed = False
+        for sup in list(self._retired):
+            self._guard("stopping the old backend", lambda s=sup: self._tick_retired(s))
         if self.supervisor is not None:
-            try:
-                events = self.supervisor.tick()
-            except Exception as exc:  # a tick must never raise into Blender's timer loop
-                events = []
-                self.last_error = f"backend: {exc}"
-                changed = True
-            for message in events or ():
-                self.apply(message)
-                changed = True
-            self._note_session()
-            if self._pending and self._ready():
-                self._submit_pending()
-                changed = True
-            elif self._pending and self.state == "dead":
-                for pending in self._pending:
-                    self._finish(
-                        self.jobs.get(pending.local_id),
-                        "failed",
-                        "the backend could not start",
-                        getattr(self.supervisor, "state_reason", "") or "See the backend log.",
-                    )
-                self._pending.clear()
-                changed = True
-            if self.clock() >= self._next_reconcile:
-                changed = self._reconcile() or changed
-        if self._doctor_proc is not None:
-            changed = self._poll_doctor() or changed
+            events = self._guard("polling the backend", self.supervisor.tick) or []
+            for message in events:
+                self._guard("reading a backend event", lambda m=message: self.apply(m))
+            changed = bool(events)
+        changed = bool(self._guard("resolving replies", self._resolve_requests)) or changed
+        changed = bool(self._guard("watching the backend", self._watch_state)) or changed
+        self._guard("starting the backend", self._maybe_start)
+        self._guard("sending jobs", self._flush_outbox)
+        self._guard("cancelling jobs", self._retry_cancels)
+        if self.clock() >= self._next_reconcile:
+            self._guard("checking jobs", self._reconcile)
+        self._guard("reading the history", self._refresh_history)
+        changed = bool(self._guard("running the doctor", self._poll_doctor)) or changed
         if changed:
-            self._changed()
-        busy = bool(self._pending or self.active_jobs() or self.state in ("starting", "loading"))
-        return BUSY_INTERVAL if busy or self._doctor_proc is not None else IDLE_INTERVAL
+            self._guard("redrawing", self._changed)
+        busy = self.active_jobs() or self._requests or self.state in CHANGING
+        return BUSY_INTERVAL if busy else IDLE_INTERVAL
 
-    def _reconcile(self) -> bool:
-        """Every RECONCILE_EVERY s, settle jobs whose final event PUB/SUB dropped from the
-        job store (the source of truth). Reads one small JSON file per active job."""
+    def _guard(self, where: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # a timer that raises is dropped by Blender: never let it
+            self.report_error(where, exc)
+            return None
+
+    def report_error(self, where: str, exc: BaseException) -> None:
+        """An unexpected error: shown once in the panel, logged with its traceback once."""
+        text = f"{where}: {type(exc).__name__}: {exc}"
+        if text in self._reported:
+            log.debug("again: %s", text)
+            return
+        if len(self._reported) < 200:
+            self._reported.add(text)
+        log.error("TRELLIS.2 add-on, %s", text, exc_info=exc)
+        self.tick_errors.append(text)
+        del self.tick_errors[:-20]
+        self.last_error = f"Internal error while {one_line(text)}"
+        self.last_hint = "The add-on keeps running; the system console has the details."
+
+    def _tick_retired(self, sup: Any) -> None:
+        sup.tick()  # a going backend's events are dropped
+        if not getattr(sup, "stopping", False):
+            self._retired.remove(sup)
+
+    def _expect(self, pending: Pending, then: Callable[[Pending], None]) -> None:
+        self._requests.append((pending, then))
+
+    def _resolve_requests(self) -> bool:
+        done = [(p, then) for p, then in self._requests if p.done]
+        if not done:
+            return False
+        self._requests = [(p, then) for p, then in self._requests if not p.done]
+        for pending, then in done:
+            self._guard(f"handling the {pending.msg_type} reply", lambda p=pending, f=then: f(p))
+        return True
+
+    def _watch_state(self) -> bool:
+        state = self.state
+        self._note_session()
+        if state == self._last_state:
+            return False
+        if state == "dead":
+            self._on_dead()
+        if state in LIVE and self._last_state not in LIVE:
+            self.history.stale = True
+        self._last_state = state
+        return True
+
+    def _on_dead(self) -> None:
+        """The supervisor gave up: say why; jobs never sent fail (they are never sent later);
+        jobs the backend has wait for the next one."""
+        sup = self.supervisor
+        error = getattr(sup, "last_error", None)
+        reason = getattr(error, "message", "") or getattr(sup, "state_reason", "")
+        self.last_error = one_line(reason)
+        self.last_hint = one_line(getattr(error, "hint", ""), 300)
+        for out in self._outbox:
+            view = self.jobs.get(out.key)
+            if view is not None and not view.terminal:
+                self._finish(view, "failed", f"not sent: {self.last_error}", self.last_hint)
+        self._outbox.clear()
+        self._park_jobs("Waiting for a backend: Restart it")
+
+    def _reconcile(self) -> None:
+        """Ask for the record of each active job now and then: the store is the truth."""
         self._next_reconcile = self.clock() + RECONCILE_EVERY
-        changed = False
+        if not self._answers():
+            return
         for view in self.active_jobs():
-            if view.state != "waiting":
-                changed = self._check_store(view) or changed
-        return changed
+            if view.job_id and view.key not in self._checking:
+                self._checking.add(view.key)
+                pending = self.supervisor.request_nowait("job", {"job_id": view.job_id})
+                self._expect(pending, lambda p, key=view.key: self._on_job_record(key, p))
 
-    def _submit_pending(self) -> None:
-        while self._pending:
-            pending = self._pending.pop(0)
-            view = self.jobs.pop(pending.local_id, None)
-            if view is None:
-                continue
-            try:
-                job_id = self.supervisor.submit(pending.image, pending.params, pending.filename)
-            except BackendError as exc:
-                self.jobs[pending.local_id] = view
-                self._finish(view, "failed", exc.message, getattr(exc, "hint", "") or "")
-                continue
-            view.job_id = job_id
-            view.state = "queued"
-            view.label = ""
-            self.jobs[job_id] = view
-            self._aliases[pending.local_id] = job_id
+    def _on_job_record(self, key: str, pending: Pending) -> None:
+        self._checking.discard(key)
+        view = self.jobs.get(key)
+        if view is None or view.terminal:
+            return
+        if not pending.ok:
+            if pending.error.code is ErrorCode.NOT_FOUND:  # e.g. its folder was removed
+                self._finish(
+                    view,
+                    "failed",
+                    f"the job's record is gone: {pending.error.message}",
+                    "Its folder was removed, or the output folder changed or became unusable.",
+                )
+            return
+        record = pending.reply.get("job") or {}
+        state = record.get("state")
+        if state in TERMINAL:
+            self._apply_job(view, *event_from_record(record))
+        elif state == "queued" and view.state == "waiting":
+            view.state, view.label = "queued", ""
+        elif state == "running" and view.state in ("waiting", "queued"):
+            view.state, view.label = "running", ""
 
     def apply(self, message: Any) -> None:
-        """Fold one backend or supervisor event into the views."""
-        msg_type, content = _msg_parts(message)
+        """Fold one backend message or supervisor event into the views."""
+        msg_type, content, parent_id = _msg_parts(message)
+        if msg_type.endswith("_reply"):  # a reply that came after its request was given up
+            if self._abandoned.pop(parent_id or "", None) and content.get("job_id"):
+                self._cancel_orphan(str(content["job_id"]))
+            return
         job_id = content.get("job_id")
+        if msg_type == "supervisor_job_retried" and isinstance(job_id, str):
+            view = self.find(job_id)
+            if view is not None and not view.terminal:
+                view.state, view.label = "waiting", "Runs again on a fresh backend"
+            return
         if msg_type.startswith("job_") and isinstance(job_id, str):
-            view = self.jobs.get(job_id)
+            if parent_id and parent_id in self._abandoned:
+                self._abandoned.pop(parent_id)
+                self._cancel_orphan(job_id)
+                return
+            view = self.find(job_id)
+            if view is None and parent_id in self._by_request:
+                view = self.jobs.get(self._by_request[parent_id])
+                if view is not None:
+                    self._bind(view, job_id)
+                    view.on_backend = True
             if view is None:  # a job recovered from an earlier backend, or another client's
-                name = Path(str(content.get("filename") or job_id)).stem
-                view = self.jobs[job_id] = JobView(
-                    job_id=job_id, name=name, submitted=self.clock(), auto_import=False
-                )
+                view = self._adopt(job_id, content)
             self._apply_job(view, msg_type, content)
             return
-        if msg_type in ("backend_state", "heartbeat"):
+        if msg_type in ("backend_state", "heartbeat", "supervisor_state"):
             return  # the supervisor folds these into its own state
         text = content.get("message") or content.get("reason") or content.get("state")
         if msg_type and text:
-            self.notes.append(f"{msg_type}: {text}")
+            self.notes.append(f"{msg_type}: {one_line(text)}")
             del self.notes[:-20]
+
+    def _adopt(self, job_id: str, content: dict[str, Any]) -> JobView:
+        self._next_key += 1
+        name = Path(str(content.get("filename") or job_id)).stem
+        view = JobView(
+            key=f"job-{self._next_key}",
+            name=name,
+            job_id=job_id,
+            submitted=self.clock(),
+            auto_import=False,  # never imported: nobody pressed Generate for it here
+            on_backend=True,
+            state="queued",
+        )
+        self.jobs[view.key] = view
+        self._keys[job_id] = view.key
+        return view
+
+    def _cancel_orphan(self, job_id: str) -> None:
+        if self.supervisor is not None:
+            self._expect(self.supervisor.cancel_nowait(job_id), lambda p: None)
+        self.notes.append(f"cancelled job {job_id}: its Generate was reported as failed")
 
     def _apply_job(self, view: JobView, msg_type: str, content: dict[str, Any]) -> None:
         if view.terminal:
             return  # terminal states are sticky, as in the job store
+        if msg_type in ("job_queued", "job_started") and view.cancel_requested:
+            self._send_cancel(view)  # a new backend picked up a job we cancelled
         if msg_type == "job_queued":
-            view.state = "queued"
+            view.state, view.label = "queued", ""
             view.position = content.get("position")
             view.kind = content.get("kind") or view.kind
         elif msg_type == "job_started":
-            view.state = "running"
+            view.state, view.label = "running", ""
             view.position = None
         elif msg_type == "job_progress":
             view.state = "running"
@@ -404,14 +627,15 @@ class Controller:
             final = content.get("final_params") or {}
             view.seed = final.get("seed", view.seed)
             self._finish(view, "done")
-            if view.auto_import and self.on_job_done is not None:
+            if view.auto_import and not view.cancel_requested and self.on_job_done is not None:
                 try:
                     self.on_job_done(view)
                 except Exception as exc:  # a failed import is reported, never raised in a timer
-                    view.message = f"import failed: {exc}"
+                    view.message = f"import failed: {one_line(exc)}"
                     self.last_error = view.message
         elif msg_type == "job_failed":
-            self._finish(view, "failed", content.get("message") or "failed", content.get("hint"))
+            message = content.get("message") or "failed"
+            self._finish(view, "failed", message, content.get("hint"))
         elif msg_type == "job_cancelled":
             self._finish(view, "cancelled")
 
@@ -420,139 +644,120 @@ class Controller:
     ) -> None:
         if view is None:
             return
+        self._outbox = [o for o in self._outbox if o.key != view.key]
         view.state = state
         view.finished = self.clock()
+        view.position = None
         if state == "done":
             view.fraction = 1.0
             view.label = "Done"
+        else:
+            view.label = state.capitalize()
         if message:
-            view.message = message
-        view.hint = hint or ""
-        self.history_dirty = True
+            view.message = one_line(message, 300)
+        view.hint = one_line(hint or "", 300)
+        self.last_outcome = view.key
+        self.history.stale = True
 
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
 
-    # -- blocking mode (blender -b scripts, tests) -------------------------------------
+    # -- history (through the protocol) --------------------------------------------------
 
-    def wait(self, job_id: str, timeout: float = 600.0, sleep: float = 0.02) -> JobView:
-        """Tick until the job ends. Checks the job store too: PUB/SUB may drop an event."""
-        deadline = time.monotonic() + timeout
-        next_check = time.monotonic() + 2.0
-        while True:
-            self.tick()
-            view = self._view_for(job_id)
-            if view is not None and view.terminal:
-                return view
-            now = time.monotonic()
-            if now > deadline:
-                raise TimeoutError(f"job {job_id} did not finish within {timeout:.0f} s")
-            if view is not None and now > next_check and not view.job_id.startswith("waiting"):
-                next_check = now + 2.0
-                self._check_store(view)
-            time.sleep(sleep)
-
-    def _view_for(self, job_id: str) -> JobView | None:
-        # A waiting job is re-keyed when it reaches the backend.
-        return self.jobs.get(job_id) or self.jobs.get(self._aliases.get(job_id, ""))
-
-    def _check_store(self, view: JobView) -> bool:
-        try:
-            record = JobStore(self.config.output_dir).get(view.job_id)
-        except BackendError:
-            return False
-        if view.terminal or not record.terminal:
-            return False
-        if record.state.value == "done":
-            result = record.result or {}
-            self._apply_job(
-                view,
-                "job_done",
-                {
-                    "job_id": view.job_id,
-                    "glb_path": result.get("glb_path"),
-                    "mesh_stats": result.get("mesh_stats"),
-                    "oom_quality_degradation_level": record.level or 0,
-                    "final_params": record.final_params,
-                },
+    def _refresh_history(self) -> None:
+        h = self.history
+        if not h.stale or h.request is not None or not self._answers():
+            return
+        h.stale = False
+        content: dict[str, Any] = {"limit": h.page_size, "offset": h.page * h.page_size}
+        if h.query:
+            content["query"] = h.query
+        h.request = self.supervisor.request_nowait("jobs", content)
+        self._expect(h.request, self._on_history)
+        if h.prune is None:  # new jobs are never old: ask again only after a delete or a change
+            preview = self.supervisor.request_nowait(
+                "delete_jobs", {"older_than_days": h.prune_days, "dry_run": True}
             )
-        else:
-            error = record.error or {}
-            self._finish(view, record.state.value, error.get("message", ""), error.get("hint"))
-        return True
+            self._expect(preview, self._on_prune_preview)
 
-    def generate_blocking(
-        self,
-        image: bytes,
-        params: dict[str, Any],
-        name: str,
-        filename: str = "image.png",
-        auto_import: bool = True,
-        timeout: float = 600.0,
-    ) -> JobView:
-        """Submit and wait, for `blender -b` scripts where no timer runs."""
-        if self.supervisor is None or not self.running:
-            self.start(wait=True, timeout=self.config.start_timeout)
-        elif not self._ready():
-            self.supervisor.start_and_wait(self.config.start_timeout)
-        view = self.submit(image, params, name, filename, auto_import)
-        return self.wait(view.job_id, timeout)
+    def _on_history(self, pending: Pending) -> None:
+        h = self.history
+        h.request = None
+        if not pending.ok:
+            h.error = one_line(pending.error.message)
+            return
+        reply = pending.reply
+        h.total = int(reply.get("total") or 0)
+        if not reply.get("jobs") and h.page > 0 and h.total:  # the page emptied (deletes)
+            h.page = h.pages - 1
+            h.stale = True
+            return
+        h.entries = [history_entry(j) for j in reply.get("jobs") or []]
+        h.warnings = [one_line(w) for w in reply.get("warnings") or []]
+        h.error = ""
+        h.loaded = True
+        if self.on_history is not None:
+            self.on_history(h.entries)
 
-    # -- history ----------------------------------------------------------------------
+    def _on_prune_preview(self, pending: Pending) -> None:
+        self.history.prune = pending.reply if pending.ok else None
 
-    def refresh_history(self, limit: int = 20) -> list[dict[str, Any]]:
-        """Read the job store (the source of truth; survives Blender and backend restarts)."""
-        try:
-            store = JobStore(self.config.output_dir)
-            records, warnings = store.list(limit)
-        except (OSError, BackendError) as exc:
-            self.history, self.history_warnings = [], [f"cannot read history: {exc}"]
-            self.history_dirty = False
-            return self.history
-        entries = []
-        for record in records:
-            result = record.result or {}
-            folder = store.folder(record.id)
-            final = record.final_params or {}
-            entries.append(
-                {
-                    "job_id": record.id,
-                    "kind": record.kind,
-                    "state": record.state.value,
-                    "engine": record.engine,
-                    "name": Path(record.filename).stem if record.filename else record.id,
-                    "filename": record.filename,
-                    "created": record.created,
-                    "seconds": (record.finished - record.started)
-                    if record.finished and record.started
-                    else None,
-                    "level": record.level or 0,
-                    "seed": final.get("seed", (record.params or {}).get("seed")),
-                    "preset": (record.params or {}).get("preset"),
-                    "glb_path": result.get("glb_path"),
-                    "mesh_stats": result.get("mesh_stats") or {},
-                    "degraded_reason": result.get("degraded_reason"),
-                    "error": record.error,
-                    "folder": str(folder),
-                    "thumbnail": str(folder / "thumbnail.png"),
-                    "input": str(store.input_path(record.id) or ""),
-                }
-            )
-        self.history, self.history_warnings = entries, warnings
-        self.history_dirty = False
-        return entries
+    def refresh_history(self) -> None:
+        self.history.stale = True
+
+    def history_page(self, page: int) -> None:
+        self.history.page = max(0, min(page, self.history.pages - 1))
+        self.history.stale = True
+
+    def history_search(self, query: str) -> None:
+        query = query.strip()
+        if query != self.history.query:
+            self.history.query, self.history.page = query, 0
+            self.history.stale = True
+
+    def history_prune_days(self, days: int) -> None:
+        if days != self.history.prune_days:
+            self.history.prune_days, self.history.prune = max(0, int(days)), None
+            self.history.stale = True
 
     def history_entry(self, job_id: str) -> dict[str, Any] | None:
-        if self.history_dirty or not any(e["job_id"] == job_id for e in self.history):
-            self.refresh_history(limit=200)
-        return next((e for e in self.history if e["job_id"] == job_id), None)
+        return next((e for e in self.history.entries if e["job_id"] == job_id), None)
 
-    # -- status and doctor ------------------------------------------------------------
+    def delete_jobs(self, job_id: str | None = None, older_than_days: int | None = None) -> None:
+        """Remove one finished job, or those older than N days; returns at once."""
+        if not self._answers():
+            raise BackendError(
+                ErrorCode.ENGINE_UNAVAILABLE,
+                "the history is kept by the backend, which is not running",
+                "Start the backend first.",
+            )
+        content: dict[str, Any] = {"job_id": job_id} if job_id else {}
+        if older_than_days is not None:
+            content = {"older_than_days": int(older_than_days)}
+        self._expect(self.supervisor.request_nowait("delete_jobs", content), self._on_deleted)
+
+    def _on_deleted(self, pending: Pending) -> None:
+        h = self.history
+        h.prune = None
+        if pending.ok:
+            count, size = pending.reply.get("count", 0), pending.reply.get("bytes", 0)
+            h.notice = f"Deleted {count} job(s), {format_bytes(size)} freed"
+        else:
+            h.notice = f"Delete failed: {one_line(pending.error.message)}"
+        h.stale = True
+
+    # -- status and doctor ---------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Backend state plus GPU and VRAM from the supervisor's last `status` poll."""
-        out: dict[str, Any] = {"state": self.state, "reason": "", "log_path": None, "pid": None}
+        """Backend state plus GPU and VRAM from the supervisor's last `status` poll (memory)."""
+        out: dict[str, Any] = {
+            "state": self.state,
+            "reason": "",
+            "log_path": None,
+            "pid": None,
+            "engine": self.running_engine(),
+        }
         if self.supervisor is not None:
             sup = self.supervisor.status()
             out.update(
@@ -565,71 +770,129 @@ class Controller:
             out.update(_backend_figures(sup.get("backend") or {}))
         return out
 
-    def run_doctor(self, extra_args: list[str] | None = None) -> None:
-        """Run `python -m backend doctor --json` with the backend's interpreter, in the
-        background (it imports torch); the tick collects the report."""
-        if self._doctor_proc is not None:
+    def run_doctor(self) -> None:
+        """Run `python -m backend doctor` with the backend's interpreter, in the background
+        (it imports torch); the tick collects the report."""
+        if self._doctor is not None:
             return
-        env = dict(os.environ)
-        paths = [str(ADDON_ROOT)]
-        if self.config.own_python:
-            paths += bundled_site_dirs()
-        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        args = [self.config.interpreter, "-m", "backend", "doctor", "--json"]
-        args += ["--output-dir", str(self.config.output_dir)]
-        for key in ("weights_dir", "trellis_checkout"):
-            if self.config.engine_options.get(key):
-                args += [f"--{key.replace('_', '-')}", self.config.engine_options[key]]
-        args += extra_args or []
-        self._doctor_out = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _poll_doctor
-        self.doctor_text = "Running..."
-        self.doctor_report = None
-        try:
-            self._doctor_proc = subprocess.Popen(
-                args,
-                cwd=str(ADDON_ROOT),
-                env=env,
-                stdout=self._doctor_out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        except OSError as exc:
-            self._doctor_proc = None
-            self.doctor_text = f"cannot run {self.config.interpreter}: {exc}"
+        self._doctor = DoctorRun(self.config)
+        self.doctor_text, self.doctor_report = "Running...", None
 
     def _poll_doctor(self) -> bool:
-        proc = self._doctor_proc
-        if proc is None or proc.poll() is None:
+        run = self._doctor
+        if run is None or not run.poll():
             return False
-        self._doctor_proc = None
-        self._doctor_out.seek(0)
-        text = self._doctor_out.read().decode("utf-8", "replace")
-        self._doctor_out.close()
-        start = text.find("{")
-        try:
-            self.doctor_report = json.loads(text[start:]) if start >= 0 else None
-        except ValueError:
-            self.doctor_report = None
-        if self.doctor_report is None:
-            self.doctor_text = text.strip()[-2000:] or f"doctor exited with {proc.returncode}"
-        else:
-            self.doctor_text = "OK" if self.doctor_report.get("ok") else "Problems found"
+        self._doctor = None
+        self.doctor_report, self.doctor_text = run.report, run.text
+        if run.report is None:
+            log.warning("doctor printed no report:\n%s", run.output)
         return True
 
-    def wait_doctor(self, timeout: float = 120.0) -> dict[str, Any] | None:
+    # -- blocking mode (blender -b scripts, tests) ---------------------------------------
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float, sleep: float = 0.02) -> None:
+        """Tick until `done()`; raises on a dead backend or at the timeout. Scripts only."""
         deadline = time.monotonic() + timeout
-        while self._doctor_proc is not None and time.monotonic() < deadline:
+        while not done():
             self.tick()
-            time.sleep(0.05)
+            if done():
+                return
+            if self.state == "dead":
+                error = getattr(self.supervisor, "last_error", None)
+                raise error or BackendError(ErrorCode.BACKEND_DIED, "the backend stopped")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not done within {timeout:.0f} s (backend {self.state})")
+            time.sleep(sleep)
+
+    def wait(self, ident: str, timeout: float = 600.0) -> JobView:
+        """Tick until the job ends (its key or backend id). Scripts only."""
+
+        def ended() -> bool:
+            view = self.find(ident)
+            return view is None or view.terminal
+
+        self._wait_until(ended, timeout)
+        return self.find(ident)
+
+    def wait_idle(self, timeout: float = 600.0) -> None:
+        """Tick until no job is waiting, queued or running. Scripts only."""
+        self._wait_until(lambda: not self.active_jobs(), timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        self._wait_until(self._ready, timeout or self.config.start_timeout + 5.0)
+
+    def wait_stopped(self, timeout: float = 60.0) -> None:
+        self._wait_until(lambda: self.state in ("stopped", "dead"), timeout)
+
+    def generate_blocking(
+        self,
+        image: bytes,
+        params: dict[str, Any],
+        name: str,
+        filename: str = "image.png",
+        auto_import: bool = True,
+        timeout: float = 600.0,
+        cursor: tuple[float, float, float] | None = None,
+    ) -> JobView:
+        """Submit and wait, for `blender -b` scripts where no timer runs."""
+        self.start(wait=True, timeout=self.config.start_timeout)
+        view = self.submit(image, params, name, filename, auto_import, cursor)
+        return self.wait(view.key, timeout)
+
+    def history_blocking(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The current history page, fetched now (starts nothing). Scripts and tests."""
+        self.history.stale = True
+        self._wait_until(lambda: not self.history.stale and self.history.request is None, timeout)
+        return self.history.entries
+
+    def job_entry_blocking(self, job_id: str, timeout: float = 30.0) -> dict[str, Any] | None:
+        """A job as a history entry, asked for now (scripts: a job not on the history page)."""
+        if not self._answers():
+            return None
+        pending = self.supervisor.request_nowait("job", {"job_id": job_id})
+        self._wait_until(lambda: pending.done, timeout)
+        if not pending.ok:
+            return None
+        record, folder = pending.reply["job"], Path(pending.reply["folder"])
+        names = pending.reply.get("files") or {}
+        inputs = sorted(n for n in names if n.startswith("input."))
+        result = record.get("result") or {}
+        return history_entry(
+            {
+                "job_id": record["id"],
+                "kind": record.get("kind"),
+                "state": record.get("state"),
+                "filename": record.get("filename"),
+                "preset": (record.get("params") or {}).get("preset"),
+                "glb_path": result.get("glb_path"),
+                "parent": record.get("parent"),
+                "folder": str(folder),
+                "input": str(folder / inputs[0]) if inputs else None,
+            }
+        )
+
+    def wait_doctor(self, timeout: float = 120.0) -> dict[str, Any] | None:
+        self._wait_until(lambda: self._doctor is None, timeout)
         return self.doctor_report
 
-    def shutdown(self) -> None:
-        """Everything off (unregister, Blender quitting): no orphan processes."""
-        if self._doctor_proc is not None and self._doctor_proc.poll() is None:
-            self._doctor_proc.kill()
-            self._doctor_proc.wait()
-        self._doctor_proc = None
-        self.stop(timeout=None)
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Everything off (unregister, Blender quitting): no orphan processes. This one waits
+        (bounded by the shutdown ladder)."""
+        if self._doctor is not None:
+            self._doctor.kill()
+            self._doctor = None
+        self._start_wanted = False
+        for sup in [*self._retired, self.supervisor]:
+            if sup is not None:
+                try:
+                    sup.stop(timeout)
+                except Exception as exc:  # the process may already be gone; nothing to keep
+                    log.warning("stopping the backend: %s", exc)
+        self._retired.clear()
+        try:
+            self.run_dir.rmdir()  # the connection file is gone; leave no empty folder
+        except OSError:
+            pass
 
 
 def _backend_figures(reply: dict[str, Any]) -> dict[str, Any]:
@@ -637,9 +900,7 @@ def _backend_figures(reply: dict[str, Any]) -> dict[str, Any]:
     if not reply:
         return {}
     vram = reply.get("vram") or {}
-    engine = reply.get("engine")
     return {
-        "engine": engine.get("label") if isinstance(engine, dict) else engine,
         "gpu": vram.get("device") or "",
         "vram_used": vram.get("reserved") or vram.get("allocated"),
         "vram_total": vram.get("total"),
@@ -648,32 +909,3 @@ def _backend_figures(reply: dict[str, Any]) -> dict[str, Any]:
 
 def _enum_value(value: Any) -> str:
     return str(getattr(value, "value", value)).lower()
-
-
-def make_supervisor(config: BackendConfig) -> Any:
-    """The real supervisor for a configuration (imported lazily: it needs pyzmq)."""
-    from ..backend.supervisor import BackendSpec, RespawnPolicy, Supervisor
-
-    run_dir = Path(tempfile.gettempdir()) / f"trellis2-blender-{os.getpid()}"
-    extra = [str(ADDON_ROOT)]
-    if config.own_python:
-        # Blender's Python has the extension's wheels on sys.path; a child needs them spelled out.
-        extra += bundled_site_dirs()
-    spec = BackendSpec(
-        python=config.interpreter,
-        engine=config.engine,
-        engine_options=dict(config.engine_options),
-        output_dir=Path(config.output_dir),
-        connection_file=run_dir / "connection.json",
-        log_dir=Path(config.output_dir) / "logs",
-        extra_pythonpath=extra,
-    )
-    policy = RespawnPolicy(
-        after_failure=True,
-        every_n_jobs=config.every_n if config.respawn == "EVERY_N" else None,
-        fresh_per_job=config.respawn in ("FRESH", "STANDBY"),
-        standby=config.respawn == "STANDBY",
-        heartbeat_timeout=config.heartbeat_timeout,
-        start_timeout=config.start_timeout,
-    )
-    return Supervisor(spec, policy)

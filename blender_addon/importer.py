@@ -1,4 +1,5 @@
-"""Import a generated GLB into the scene: placement, collection, scale, alpha fix-up, selection."""
+"""Import a generated GLB into the scene: placement, collection, scale, alpha fix-up, names,
+selection - all or nothing (a failure removes what the import had made)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ COLLECTION = "TRELLIS.2"
 class ImportOptions:
     collection: str = COLLECTION
     at_cursor: bool = True
+    rest_on_cursor: bool = False  # the bottom of the bounds at the cursor, not the origin
+    location: tuple[float, float, float] | None = None  # the cursor to use (None: where it is)
     scale_to: float | None = None  # longest side in scene units; None keeps the GLB's size
     fix_alpha: bool = True
 
@@ -26,13 +29,65 @@ def _gltf_kwargs(filepath: str) -> dict:
     return {k: v for k, v in wanted.items() if k in known}
 
 
-def _ensure_collection(scene: bpy.types.Scene, name: str) -> bpy.types.Collection:
+def _ensure_collection(
+    scene: bpy.types.Scene, view_layer: bpy.types.ViewLayer, name: str
+) -> bpy.types.Collection:
+    """Our collection, linked into the scene and visible in this view layer. Objects in an
+    excluded or hidden collection are not in the view layer, so they could be neither selected
+    nor seen: the collection - and the collections above it - are made visible."""
     coll = bpy.data.collections.get(name)
     if coll is None:
         coll = bpy.data.collections.new(name)
     if coll not in scene.collection.children_recursive:
         scene.collection.children.link(coll)
+    for layer in _layer_path(view_layer.layer_collection, coll)[1:]:  # [0]: the scene's own
+        layer.exclude = False
+        layer.hide_viewport = False
+        layer.collection.hide_viewport = False
+    coll.hide_select = False
     return coll
+
+
+def _layer_path(layer: bpy.types.LayerCollection, coll) -> list[bpy.types.LayerCollection]:
+    """The layer collections from the view layer's root down to `coll` ([] if not found)."""
+    if layer.collection == coll:
+        return [layer]
+    for child in layer.children:
+        path = _layer_path(child, coll)
+        if path:
+            return [layer, *path]
+    return []
+
+
+def _datablocks() -> dict[str, set]:
+    return {
+        "objects": set(bpy.data.objects),
+        "meshes": set(bpy.data.meshes),
+        "materials": set(bpy.data.materials),
+        "images": set(bpy.data.images),
+    }
+
+
+def _remove_new(before: dict[str, set]) -> None:
+    """Remove what an import made (objects first, then their data): never half an import."""
+    for kind in ("objects", "meshes", "materials", "images"):
+        collection = getattr(bpy.data, kind)
+        for block in [b for b in collection if b not in before[kind]]:
+            collection.remove(block)
+
+
+def _name_after(name: str, new_objects, before: dict[str, set], top) -> None:
+    """Objects, meshes, materials and textures named after the image/job, not the GLB's."""
+    parts = [o for o in new_objects if o is not top]
+    for i, obj in enumerate(parts, 1):
+        obj.name = f"{name}_{i}"
+    for obj in new_objects:
+        if obj.type == "MESH" and obj.data.users == 1 and obj.data not in before["meshes"]:
+            obj.data.name = obj.name
+    for material in [m for m in bpy.data.materials if m not in before["materials"]]:
+        material.name = name
+    for image in [i for i in bpy.data.images if i not in before["images"]]:
+        image.name = f"{name}_texture"
 
 
 def _world_bounds(objects) -> tuple[Vector, Vector] | None:
@@ -104,14 +159,21 @@ def import_glb(
     active = view_layer.objects.active
     if active is not None and active.mode != "OBJECT":
         bpy.ops.object.mode_set(mode="OBJECT")
-    scene = context.scene
-    coll = _ensure_collection(scene, options.collection)
+    before = _datablocks()
+    try:
+        return _import(context, filepath, name, options, before)
+    except BaseException:
+        _remove_new(before)
+        raise
 
-    before = set(bpy.data.objects)
+
+def _import(context, filepath: str, name: str, options: ImportOptions, before) -> bpy.types.Object:
+    scene, view_layer = context.scene, context.view_layer
+    coll = _ensure_collection(scene, view_layer, options.collection)
     result = bpy.ops.import_scene.gltf(**_gltf_kwargs(filepath))
     if "FINISHED" not in result:
         raise RuntimeError(f"the glTF importer did not finish ({', '.join(result)})")
-    new = [obj for obj in bpy.data.objects if obj not in before]
+    new = [obj for obj in bpy.data.objects if obj not in before["objects"]]
     if not new:
         raise RuntimeError(f"{Path(filepath).name} contained no objects")
 
@@ -133,8 +195,7 @@ def import_glb(
             obj.matrix_world = matrix
         new.append(top)
     top.name = name
-    if top.type == "MESH" and top.data.users == 1:
-        top.data.name = name
+    _name_after(name, new, before, top)
 
     view_layer.update()
     if options.scale_to:
@@ -144,7 +205,13 @@ def import_glb(
             if longest > 1e-9:
                 top.scale = top.scale * (options.scale_to / longest)
     if options.at_cursor:
-        top.location = scene.cursor.location.copy()
+        target = Vector(options.location or scene.cursor.location)
+        top.location = target
+        if options.rest_on_cursor:
+            view_layer.update()
+            bounds = _world_bounds(new)
+            if bounds is not None:
+                top.location.z += target.z - bounds[0].z
     view_layer.update()
 
     if options.fix_alpha:
@@ -161,7 +228,6 @@ def import_glb(
         if obj.select_get():
             obj.select_set(False)
     for obj in new:
-        if obj.name in view_layer.objects:
-            obj.select_set(True)
+        obj.select_set(True)  # in the view layer: the collection was made visible
     view_layer.objects.active = top
     return top

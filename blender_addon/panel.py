@@ -1,16 +1,15 @@
-"""The "TRELLIS.2" sidebar tab in the 3D viewport."""
+"""The "TRELLIS.2" sidebar tab in the 3D viewport. Drawing reads memory only (the controller's
+state, icons already loaded): no disk, no backend."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import bpy
 
 from . import runtime
-from .preferences import draw_doctor, get_prefs
-
-HISTORY_ROWS = 8
+from .preferences import draw_doctor, draw_error, draw_status, get_prefs
+from .views import PREVIEW_IGNORES, format_bytes, one_line
 
 
 def _fmt_count(n) -> str:
@@ -32,26 +31,14 @@ class TRELLIS2_PT_main(_Base, bpy.types.Panel):
         layout = self.layout
         ctrl = runtime.get()
         prefs = get_prefs(context)
-        status = ctrl.status() if ctrl is not None else {"state": "stopped"}
-        engine = prefs.engine if prefs is not None else "preview"
-        row = layout.row()
-        label = "Preview (no GPU)" if engine == "preview" else "TRELLIS.2"
-        icon = runtime.state_icon(status["state"])
-        row.label(text=f"Backend: {status['state']} - {label}", icon=icon)
-        row.operator("trellis2.backend", text="", icon="FILE_REFRESH").action = "RESTART"
-        if status.get("reason") and status["state"] in ("dead", "restarting", "starting"):
-            layout.label(text=str(status["reason"])[:120], icon="INFO")
-        if ctrl is not None and ctrl.last_error:
-            layout.label(text=ctrl.last_error[:120], icon="ERROR")
-        if ctrl is not None and ctrl.config_changed:
-            layout.label(text="Settings changed: Restart to apply", icon="ERROR")
+        draw_status(layout, ctrl)
 
         props = context.scene.trellis2
         layout.prop(props, "source")
+        icon = 0
         if props.source == "FILE":
             layout.prop(props, "filepath", text="")
-            preview = bpy.path.abspath(props.filepath) if props.filepath else ""
-            icon = runtime.icon_for(preview) if os.path.isfile(preview) else 0
+            icon = runtime.icon_for(bpy.path.abspath(props.filepath)) if props.filepath else 0
         elif props.source == "IMAGE":
             layout.template_ID(props, "image", open="image.open")
             icon = props.image.preview.icon_id if props.image is not None else 0
@@ -61,9 +48,6 @@ class TRELLIS2_PT_main(_Base, bpy.types.Panel):
             icon = image.preview.icon_id if image is not None else 0
         elif props.source == "CAMERA":
             layout.prop(props, "camera_size")
-            icon = 0
-        else:
-            icon = 0
         if icon:
             layout.template_icon(icon_value=icon, scale=6.0)
 
@@ -75,27 +59,44 @@ class TRELLIS2_PT_main(_Base, bpy.types.Panel):
         sub = row.row(align=True)
         sub.enabled = not props.random_seed
         sub.prop(props, "seed")
+        if ctrl is not None and ctrl.engine_ignores_settings():
+            layout.label(text=f"Preview engine: {PREVIEW_IGNORES} do not affect it", icon="INFO")
         if props.last_seed >= 0:
             layout.label(text=f"Last seed: {props.last_seed}")
 
         row = layout.row(align=True)
         row.scale_y = 1.5
         row.operator("trellis2.generate", icon="MESH_MONKEY")
+        if ctrl is not None and ctrl.config_changed:
+            layout.label(text=f"Generate runs on {ctrl.running_engine()} until a Restart")
 
         job = ctrl.current_job() if ctrl is not None else None
         if job is not None:
+            draw_job(layout.box(), job)
+        failure = ctrl.last_failure() if ctrl is not None and job is None else None
+        if failure is not None:
             box = layout.box()
-            stage = job.label or job.stage or job.state
-            text = f"{job.name}: {stage}"
-            if job.level:
-                text += f" (quality level {job.level})"
-            if hasattr(box, "progress"):  # Blender 4.0+
-                box.progress(factor=job.fraction, type="BAR", text=text)
-            else:
-                box.label(text=f"{text} {job.fraction:.0%}")
-            if job.message:
-                box.label(text=job.message[:120])
-            box.operator("trellis2.cancel", icon="CANCEL").job_id = job.job_id
+            row = box.row()
+            row.label(text=f"{failure.name}: failed", icon="ERROR")
+            row.operator("trellis2.dismiss", text="", icon="X", emboss=False)
+            draw_error(box, failure.message or "no reason given", failure.hint)
+
+
+def draw_job(box, job) -> None:
+    stage = job.label or job.stage or job.state
+    text = f"{job.name}: {stage}"
+    if job.level:
+        text += f" (quality level {job.level})"
+    if job.state == "running" and hasattr(box, "progress"):  # Blender 4.0+
+        box.progress(factor=job.fraction, type="BAR", text=text)
+    elif job.state == "running":
+        box.label(text=f"{text} {job.fraction:.0%}")
+    else:  # waiting, submitting, queued: no progress bar pretending to run
+        where = f" (#{job.position})" if job.position else ""
+        box.label(text=f"{text}{where}", icon="SORTTIME")
+    if job.message:
+        box.label(text=one_line(job.message, 120))
+    box.operator("trellis2.cancel", icon="CANCEL").job_id = job.key
 
 
 class TRELLIS2_PT_advanced(_Base, bpy.types.Panel):
@@ -107,6 +108,9 @@ class TRELLIS2_PT_advanced(_Base, bpy.types.Panel):
         props = context.scene.trellis2
         layout = self.layout
         layout.prop(props, "use_advanced")
+        ctrl = runtime.get()
+        if ctrl is not None and ctrl.engine_ignores_settings():
+            layout.label(text=f"Preview engine: {PREVIEW_IGNORES} do not affect it", icon="INFO")
         col = layout.column()
         col.enabled = props.use_advanced
         for name in (
@@ -131,6 +135,9 @@ class TRELLIS2_PT_import(_Base, bpy.types.Panel):
         layout = self.layout
         layout.prop(props, "auto_import")
         layout.prop(props, "at_cursor")
+        sub = layout.row()
+        sub.enabled = props.at_cursor
+        sub.prop(props, "rest_on_cursor")
         row = layout.row(align=True)
         row.prop(props, "use_scale")
         sub = row.row(align=True)
@@ -151,9 +158,9 @@ class TRELLIS2_PT_queue(_Base, bpy.types.Panel):
     def draw(self, context):
         for job in runtime.get().active_jobs():
             row = self.layout.row(align=True)
-            where = f"#{job.position}" if job.position is not None else job.state
+            where = f"#{job.position}" if job.position is not None else job.label or job.state
             row.label(text=f"{job.name} ({job.kind}) - {where} {job.fraction:.0%}")
-            row.operator("trellis2.cancel", text="", icon="X").job_id = job.job_id
+            row.operator("trellis2.cancel", text="", icon="X").job_id = job.key
 
 
 class TRELLIS2_PT_history(_Base, bpy.types.Panel):
@@ -169,24 +176,57 @@ class TRELLIS2_PT_history(_Base, bpy.types.Panel):
         layout = self.layout
         if ctrl is None:
             return
-        if ctrl.history_dirty:  # cheap: read only after a job ended or settings changed
-            ctrl.refresh_history()
-        if not ctrl.history:
-            layout.label(text="No jobs yet")
-        for entry in ctrl.history[:HISTORY_ROWS]:
+        history = ctrl.history
+        props = context.scene.trellis2
+        layout.prop(props, "history_query", text="", icon="VIEWZOOM")
+        if ctrl.state not in ("loading", "ready", "busy"):
+            col = layout.column(align=True)
+            col.label(text="The backend keeps the history: start it to list jobs", icon="INFO")
+            col.operator("trellis2.backend", text="Start", icon="PLAY").action = "START"
+        if history.error:
+            layout.label(text=one_line(history.error, 120), icon="ERROR")
+        if history.loaded and not history.entries:
+            layout.label(text="No jobs match" if history.query else "No jobs yet")
+        for entry in history.entries[: history.page_size]:
             draw_history_entry(layout.box(), entry)
-        for warning in ctrl.history_warnings[:3]:
-            layout.label(text=warning[:120], icon="ERROR")
+        if history.pages > 1:
+            row = layout.row(align=True)
+            back = row.row(align=True)
+            back.enabled = history.page > 0
+            back.operator("trellis2.history_page", text="", icon="TRIA_LEFT").page = (
+                history.page - 1
+            )
+            row.label(text=f"Page {history.page + 1} of {history.pages} ({history.total} jobs)")
+            ahead = row.row(align=True)
+            ahead.enabled = history.page + 1 < history.pages
+            ahead.operator("trellis2.history_page", text="", icon="TRIA_RIGHT").page = (
+                history.page + 1
+            )
+        for warning in history.warnings[:3]:
+            layout.label(text=one_line(warning, 120), icon="ERROR")
+        box = layout.box()
+        row = box.row(align=True)
+        row.prop(props, "history_days")
+        prune = history.prune or {}
+        label = (
+            f"Clear {prune.get('count', 0)} ({format_bytes(prune.get('bytes', 0))})"
+            if history.prune is not None
+            else "Clear Old Jobs"
+        )
+        row.operator("trellis2.clear_history", text=label, icon="TRASH").days = props.history_days
+        if history.notice:
+            box.label(text=one_line(history.notice, 120))
 
 
 def draw_history_entry(box, entry: dict) -> None:
     row = box.row()
-    icon = runtime.icon_for(entry["thumbnail"]) if os.path.isfile(entry["thumbnail"]) else 0
+    icon = runtime.icon_for(entry.get("thumbnail") or "")
     if icon:
         row.template_icon(icon_value=icon, scale=3.0)
     col = row.column(align=True)
-    when = time.strftime("%m-%d %H:%M", time.localtime(entry["created"] or 0))
-    col.label(text=f"{entry['name']}  ({entry['state']}, {when})")
+    when = time.strftime("%m-%d %H:%M", time.localtime(entry.get("created") or 0))
+    kind = "re-export, " if entry.get("kind") == "reexport" else ""
+    col.label(text=f"{entry['label']}  ({kind}{entry['state']}, {when})")
     stats = entry.get("mesh_stats") or {}
     if entry["state"] == "done":
         level = entry.get("level") or 0
@@ -197,20 +237,27 @@ def draw_history_entry(box, entry: dict) -> None:
         )
         seconds = entry.get("seconds")
         col.label(
-            text=f"seed {entry.get('seed')}, {entry.get('preset') or '-'}, {entry['engine']}"
+            text=f"seed {entry.get('seed')}, {entry.get('preset') or '-'}, {entry.get('engine')}"
             + (f", {seconds:.1f} s" if seconds else "")
         )
     elif entry.get("error"):
-        col.label(text=str(entry["error"].get("message", ""))[:100], icon="ERROR")
+        error = entry["error"] or {}
+        col.label(text=one_line(error.get("message", ""), 100), icon="ERROR")
+        if error.get("hint"):
+            col.label(text=one_line(error["hint"], 100), icon="INFO")
+    col.label(text=f"{format_bytes(entry.get('bytes'))} on disk")
     ops = box.row(align=True)
     sub = ops.row(align=True)
     sub.enabled = bool(entry.get("glb_path"))
     sub.operator("trellis2.import_result", text="Import", icon="IMPORT").job_id = entry["job_id"]
     sub.operator("trellis2.reexport", text="Re-export", icon="EXPORT").job_id = entry["job_id"]
-    ops.operator("trellis2.regenerate", text="New Seed", icon="FILE_REFRESH").job_id = entry[
+    seed = ops.row(align=True)
+    seed.enabled = bool(entry.get("input"))
+    seed.operator("trellis2.regenerate", text="New Seed", icon="FILE_REFRESH").job_id = entry[
         "job_id"
     ]
-    ops.operator("trellis2.open_folder", text="", icon="FILE_FOLDER").path = entry["folder"]
+    ops.operator("trellis2.open_folder", text="", icon="FILE_FOLDER").path = entry.get("folder", "")
+    ops.operator("trellis2.delete_job", text="", icon="TRASH").job_id = entry["job_id"]
 
 
 class TRELLIS2_PT_backend(_Base, bpy.types.Panel):

@@ -7,12 +7,10 @@ from pathlib import Path
 import bpy
 from bpy.props import EnumProperty, IntProperty, StringProperty
 
-from .controller import BackendConfig, default_output_dir
+from ..backend.paths import expand
+from .launch import BackendConfig, default_output_dir
+from .views import ENGINES, engine_label, one_line
 
-ENGINES = (
-    ("preview", "Preview (no GPU)", "A quick CPU proxy with no weights: not TRELLIS.2"),
-    ("trellis2", "TRELLIS.2", "The real model: needs an NVIDIA GPU and a TRELLIS.2 environment"),
-)
 RESPAWN = (
     ("AFTER_FAILURE", "After Failures", "Restart the backend when a job fails or it crashes"),
     ("EVERY_N", "Every N Jobs", "Also restart after every N jobs (VRAM back regularly)"),
@@ -31,18 +29,25 @@ def get_prefs(context=None):
     return addon.preferences if addon is not None else None
 
 
+def path_setting(text: str) -> str:
+    """A typed path made absolute: `~` is home, `//` is next to the .blend file, and any other
+    relative path starts at home (never at Blender's working directory)."""
+    blend = bpy.data.filepath
+    return expand(text, blend_dir=Path(blend).parent if blend else None)
+
+
 def backend_config(prefs) -> BackendConfig:
     """The controller's configuration from the preferences (defaults when there are none)."""
     if prefs is None:
         return BackendConfig()
     options = {}
-    if prefs.weights_dir:
-        options["weights_dir"] = bpy.path.abspath(prefs.weights_dir)
-    if prefs.trellis_checkout:
-        options["trellis_checkout"] = bpy.path.abspath(prefs.trellis_checkout)
-    output = bpy.path.abspath(prefs.output_dir) if prefs.output_dir else ""
+    if prefs.weights_dir.strip():
+        options["weights_dir"] = path_setting(prefs.weights_dir)
+    if prefs.trellis_checkout.strip():
+        options["trellis_checkout"] = path_setting(prefs.trellis_checkout)
+    output = path_setting(prefs.output_dir)
     return BackendConfig(
-        python=bpy.path.abspath(prefs.python) if prefs.python else "",
+        python=path_setting(prefs.python),
         engine=prefs.engine,
         engine_options=options,
         output_dir=Path(output) if output else default_output_dir(),
@@ -57,6 +62,16 @@ def _apply(self, context) -> None:
     ctrl = runtime.get()
     if ctrl is not None:
         ctrl.configure(backend_config(self))
+
+
+def _apply_output(self, context) -> None:
+    """A new output folder is checked now, so the panel says at once when it cannot work."""
+    from . import runtime
+
+    _apply(self, context)
+    ctrl = runtime.get()
+    if ctrl is not None:
+        ctrl.recheck_output()
 
 
 def _size(n) -> str:
@@ -80,7 +95,7 @@ class TRELLIS2_AP_preferences(bpy.types.AddonPreferences):
         name="Output Directory",
         subtype="DIR_PATH",
         description=f"Job folders (history); empty uses {default_output_dir()}",
-        update=_apply,
+        update=_apply_output,
     )
     respawn: EnumProperty(name="Respawn", items=RESPAWN, default="AFTER_FAILURE", update=_apply)
     every_n: IntProperty(name="N", default=10, min=1, max=1000, update=_apply)
@@ -104,13 +119,8 @@ class TRELLIS2_AP_preferences(bpy.types.AddonPreferences):
 
         box = layout.box()
         ctrl = runtime.get()
-        status = ctrl.status() if ctrl is not None else {"state": "stopped"}
-        row = box.row()
-        row.label(text=f"Backend: {status['state']}", icon=runtime.state_icon(status["state"]))
-        if status.get("reason"):
-            box.label(text=str(status["reason"]))
-        if ctrl is not None and ctrl.config_changed:
-            box.label(text="Settings changed: Restart to apply", icon="ERROR")
+        draw_status(box, ctrl)
+        status = ctrl.status() if ctrl is not None else {}
         if status.get("gpu") or status.get("vram_total"):
             box.label(
                 text=f"GPU: {status.get('gpu') or 'none'}   VRAM {_size(status.get('vram_used'))}"
@@ -127,24 +137,70 @@ class TRELLIS2_AP_preferences(bpy.types.AddonPreferences):
         draw_doctor(box, ctrl)
 
 
+def draw_status(layout, ctrl) -> None:
+    """The backend's state and the engine it runs; why it stopped; settings waiting for a
+    Restart; the output folder's problem. Memory only: this runs on every redraw."""
+    if ctrl is None:
+        layout.label(text="Backend: stopped", icon="RADIOBUT_OFF")
+        return
+    from . import runtime
+
+    status = ctrl.status()
+    state = status["state"]
+    engine = status.get("engine") or ctrl.next_engine()
+    row = layout.row()
+    row.label(text=f"Backend: {state} - {engine}", icon=runtime.state_icon(state))
+    row.operator("trellis2.backend", text="", icon="FILE_REFRESH").action = "RESTART"
+    if status.get("reason") and state in ("dead", "restarting", "starting", "stopping"):
+        layout.label(text=one_line(status["reason"], 120), icon="INFO")
+    draw_error(layout, ctrl.last_error, ctrl.last_hint)
+    if ctrl.config_changed:
+        col = layout.column(align=True)
+        col.label(text="Settings changed: they wait for a Restart", icon="ERROR")
+        col.label(text=f"Running: {ctrl.running_engine()}; after Restart: {_next(ctrl)}")
+    problem = ctrl.known_output_problem
+    if problem:
+        draw_error(layout, f"Output Directory: {problem}", "Choose a folder you can write to.")
+
+
+def _next(ctrl) -> str:
+    return engine_label(ctrl.config.engine)
+
+
+def draw_error(layout, message: str, hint: str = "") -> None:
+    """An error and its fix on separate lines."""
+    if not message:
+        return
+    col = layout.column(align=True)
+    col.label(text=one_line(message, 140), icon="ERROR")
+    if hint:
+        col.label(text=one_line(hint, 140), icon="INFO")
+
+
 def draw_doctor(layout, ctrl) -> None:
     if ctrl is None or not ctrl.doctor_text:
         return
     col = layout.column(align=True)
-    col.label(text=f"Doctor: {ctrl.doctor_text.splitlines()[0][:120]}")
+    col.label(text=f"Doctor: {one_line(ctrl.doctor_text, 120)}")
     report = ctrl.doctor_report or {}
-    for check in report.get("checks", [])[:30]:
-        if not isinstance(check, dict):
-            continue
-        ok = check.get("ok")
-        col.label(
-            text=f"{check.get('name', '?')}: {check.get('detail') or check.get('message') or ''}"[
-                :140
-            ],
-            icon="CHECKMARK" if ok else "ERROR",
-        )
-        if not ok and check.get("hint"):
-            col.label(text=f"    {check['hint']}"[:140])
+    checks = [c for c in report.get("checks", []) if isinstance(c, dict)]
+    optional = [c for c in checks if c.get("optional")]
+    for check in [c for c in checks if not c.get("optional")][:30]:
+        _draw_check(col, check)
+    if optional:
+        missing = sum(1 for c in optional if not c.get("ok"))
+        col.label(text=f"TRELLIS.2 only (optional with the preview engine): {missing} missing")
+        for check in optional[:20]:
+            _draw_check(col, check, optional=True)
+
+
+def _draw_check(col, check: dict, optional: bool = False) -> None:
+    ok = check.get("ok")
+    icon = "CHECKMARK" if ok else "INFO" if optional else "ERROR"
+    detail = check.get("detail") or check.get("message") or ""
+    col.label(text=one_line(f"{check.get('name', '?')}: {detail}", 140), icon=icon)
+    if not ok and check.get("hint"):
+        col.label(text=one_line(f"    {check['hint']}", 140))
 
 
 classes = (TRELLIS2_AP_preferences,)

@@ -24,9 +24,32 @@ RESOLUTIONS = (("512", "512", ""), ("1024", "1024", ""), ("1536", "1536", ""))
 TEXTURES = tuple((s, s, "") for s in ("512", "1024", "2048", "4096"))
 
 
+def _filepath_changed(self, context) -> None:
+    from . import runtime
+
+    if self.filepath:  # the thumbnail is loaded now, so drawing only looks it up
+        runtime.load_icon(bpy.path.abspath(self.filepath))
+
+
+def _history_query_changed(self, context) -> None:
+    from . import runtime
+
+    ctrl = runtime.get()
+    if ctrl is not None:
+        ctrl.history_search(self.history_query)
+
+
+def _history_days_changed(self, context) -> None:
+    from . import runtime
+
+    ctrl = runtime.get()
+    if ctrl is not None:
+        ctrl.history_prune_days(self.history_days)
+
+
 class TRELLIS2_PG_settings(bpy.types.PropertyGroup):
     source: EnumProperty(name="Source", items=SOURCES, default="FILE")
-    filepath: StringProperty(name="Image File", subtype="FILE_PATH")
+    filepath: StringProperty(name="Image File", subtype="FILE_PATH", update=_filepath_changed)
     image: PointerProperty(name="Image", type=bpy.types.Image)
     clipboard_image: PointerProperty(name="Pasted Image", type=bpy.types.Image)
     camera_size: IntProperty(
@@ -52,13 +75,36 @@ class TRELLIS2_PG_settings(bpy.types.PropertyGroup):
     image_size: IntProperty(name="Conditioning Size", default=1024, min=128, max=2048)
 
     auto_import: BoolProperty(name="Import When Done", default=True)
-    at_cursor: BoolProperty(name="Place at 3D Cursor", default=True)
+    at_cursor: BoolProperty(
+        name="Place at 3D Cursor",
+        default=True,
+        description="Place the model where the 3D cursor was when Generate was pressed",
+    )
+    rest_on_cursor: BoolProperty(
+        name="Rest on Cursor",
+        default=False,
+        description="Put the bottom of the model's bounds at the cursor (instead of its centre)",
+    )
     use_scale: BoolProperty(name="Scale to Size", default=False)
     scale_to: FloatProperty(name="Size", default=1.0, min=0.001, soft_max=100.0, unit="LENGTH")
     fix_alpha: BoolProperty(
         name="Fix Alpha",
         default=True,
         description="Use the texture's alpha (TRELLIS.2 marks its materials opaque)",
+    )
+
+    history_query: StringProperty(
+        name="Search",
+        description="Show only jobs whose name, id, kind, state or preset contain these words",
+        update=_history_query_changed,
+    )
+    history_days: IntProperty(
+        name="Older Than (days)",
+        default=30,
+        min=0,
+        max=36500,
+        description="Clear History removes finished jobs that ended more than this many days ago",
+        update=_history_days_changed,
     )
 
 
@@ -83,6 +129,7 @@ def import_options(props):
 
     return ImportOptions(
         at_cursor=props.at_cursor,
+        rest_on_cursor=props.rest_on_cursor,
         scale_to=props.scale_to if props.use_scale else None,
         fix_alpha=props.fix_alpha,
     )

@@ -1,18 +1,27 @@
 """Glue between Blender and the controller: the one Controller of this session, the timer that
-ticks it on the main thread, UI redraws and thumbnail icons."""
+ticks it on the main thread (it cannot die: whatever goes wrong inside is reported, and it keeps
+its schedule), UI redraws, thumbnail icons and whether a render exists."""
 
 from __future__ import annotations
 
 import atexit
+import logging
+import os
 import time
 
 import bpy
+from bpy.app.handlers import persistent
 
-from .controller import Controller, JobView
+from .controller import IDLE_INTERVAL, Controller
+from .views import JobView
+
+log = logging.getLogger("trellis2_blender")
 
 _controller: Controller | None = None
 _previews = None  # bpy.utils.previews collection: history and input thumbnails
 _last_redraw = 0.0
+_input_preview = ""  # the input file whose thumbnail was last asked for
+_render = {"done": False}  # a render finished in this session (the Render Result has pixels)
 REDRAW_EVERY = 0.2  # seconds: progress bars need no more than 5 redraws a second
 
 STATE_ICONS = {
@@ -22,6 +31,7 @@ STATE_ICONS = {
     "ready": "CHECKMARK",
     "busy": "RENDER_ANIMATION",
     "restarting": "FILE_REFRESH",
+    "stopping": "SORTTIME",
     "dead": "ERROR",
 }
 
@@ -35,16 +45,39 @@ def state_icon(state: str) -> str:
 
 
 def timer() -> float | None:
-    """The bpy.app.timers callback. All logic is in Controller.tick (tests call that)."""
-    if _controller is None:
+    """The bpy.app.timers callback. Blender drops a timer whose callback raises, so nothing
+    may escape: the controller guards each part of its tick, and this guards the rest."""
+    ctrl = _controller
+    if ctrl is None:
         return None
-    return _controller.tick()
+    try:
+        interval = ctrl.tick()
+    except Exception as exc:
+        ctrl.report_error("ticking", exc)
+        interval = IDLE_INTERVAL
+    try:
+        _refresh_input_preview()
+    except Exception as exc:
+        ctrl.report_error("loading the input thumbnail", exc)
+    return interval
+
+
+def ensure_timer() -> None:
+    """Register the timer again if anything removed it (operators call this; cheap)."""
+    if _controller is not None and not bpy.app.timers.is_registered(timer):
+        bpy.app.timers.register(timer, first_interval=0.1, persistent=True)
 
 
 def _import_finished(view: JobView) -> None:
-    if view.glb_path:
-        bpy.ops.trellis2.import_result(job_id=view.job_id, filepath=view.glb_path, name=view.name)
-        view.imported = True
+    if not view.glb_path:
+        return
+    options = {"job_id": view.job_id, "filepath": view.glb_path, "name": view.name}
+    if view.cursor is not None:  # where the cursor was when Generate was pressed
+        options.update(location=view.cursor, use_location=True)
+    result = bpy.ops.trellis2.import_result(**options)
+    if "FINISHED" not in result:
+        raise RuntimeError("the model could not be imported (see the Info report)")
+    view.imported = True
 
 
 def tag_redraw(force: bool = False) -> None:
@@ -60,22 +93,71 @@ def tag_redraw(force: bool = False) -> None:
                 area.tag_redraw()
 
 
+# -- icons: loaded in the tick or when a setting changes, only looked up while drawing ----------
+
+
 def icon_for(path: str) -> int:
-    """An icon id for an image file (history thumbnails, the input preview); 0 if unreadable."""
+    """The icon id of an image already loaded by load_icon (0 if none): drawing reads memory."""
     if _previews is None or not path:
         return 0
     item = _previews.get(path)
-    if item is None:
-        try:
-            item = _previews.load(path, path, "IMAGE")
-        except (KeyError, RuntimeError):
-            return 0
-    return item.icon_id
+    return item.icon_id if item is not None else 0
+
+
+def load_icon(path: str) -> None:
+    """Load an image file as an icon (history thumbnails, the input preview)."""
+    if _previews is None or not path or path in _previews or not os.path.isfile(path):
+        return
+    try:
+        _previews.load(path, path, "IMAGE")
+    except (KeyError, RuntimeError) as exc:
+        log.debug("no icon for %s: %s", path, exc)
 
 
 def forget_icon(path: str) -> None:
     if _previews is not None and path in _previews:
         del _previews[path]
+
+
+def _load_history_icons(entries: list[dict]) -> None:
+    for entry in entries:
+        load_icon(entry.get("thumbnail") or "")
+
+
+def _refresh_input_preview() -> None:
+    global _input_preview
+    scene = getattr(bpy.context, "scene", None)
+    props = getattr(scene, "trellis2", None)
+    if props is None or props.source != "FILE" or not props.filepath:
+        return
+    path = bpy.path.abspath(props.filepath)
+    if path != _input_preview:
+        _input_preview = path
+        load_icon(path)
+
+
+# -- renders: whether the Render Result holds an image (polls read this flag) ------------------
+
+
+def render_available() -> bool:
+    return _render["done"]
+
+
+@persistent
+def _on_render_complete(*_args) -> None:
+    _render["done"] = True
+
+
+@persistent
+def _on_load_post(*_args) -> None:
+    _render["done"] = False  # a loaded file's Render Result holds no pixels
+    ensure_timer()
+
+
+_HANDLERS = (
+    (bpy.app.handlers.render_complete, _on_render_complete),
+    (bpy.app.handlers.load_post, _on_load_post),
+)
 
 
 def start() -> Controller:
@@ -89,17 +171,23 @@ def start() -> Controller:
     _controller = Controller(backend_config(get_prefs()))
     _controller.on_job_done = _import_finished
     _controller.on_change = tag_redraw
-    if not bpy.app.timers.is_registered(timer):
-        bpy.app.timers.register(timer, first_interval=0.1, persistent=True)
+    _controller.on_history = _load_history_icons
+    ensure_timer()
+    for handlers, handler in _HANDLERS:
+        if handler not in handlers:
+            handlers.append(handler)
     atexit.register(_at_exit)
     return _controller
 
 
 def stop() -> None:
     """Called from unregister(): stop the backend (no orphans), drop the timer and icons."""
-    global _controller, _previews
+    global _controller, _previews, _input_preview
     if bpy.app.timers.is_registered(timer):
         bpy.app.timers.unregister(timer)
+    for handlers, handler in _HANDLERS:
+        if handler in handlers:
+            handlers.remove(handler)
     atexit.unregister(_at_exit)
     ctrl, _controller = _controller, None
     if ctrl is not None:
@@ -107,6 +195,7 @@ def stop() -> None:
     if _previews is not None:
         bpy.utils.previews.remove(_previews)
         _previews = None
+    _input_preview = ""
 
 
 def _at_exit() -> None:

@@ -40,11 +40,21 @@ def problem(context: bpy.types.Context, props) -> str | None:
     elif kind == "CLIPBOARD":
         if props.clipboard_image is None:
             return "Nothing pasted yet: click Paste from Clipboard"
-    elif kind == "RENDER" and bpy.data.images.get("Render Result") is None:
-        return "No Render Result yet: render an image first (F12)"
+    elif kind == "RENDER":
+        from . import runtime
+
+        if render_result() is None:
+            return "No Render Result yet: render an image first (F12)"
+        if not runtime.render_available():
+            return "The Render Result is empty (no render since this file was opened): press F12"
     elif kind == "CAMERA" and context.scene.camera is None:
         return "The scene has no active camera"
     return None
+
+
+def render_result() -> bpy.types.Image | None:
+    """The Render Result image (by type: an ordinary image may carry that name too)."""
+    return next((i for i in bpy.data.images if i.type == "RENDER_RESULT"), None)
 
 
 def _image_has_pixels(image: bpy.types.Image) -> bool:
@@ -142,7 +152,7 @@ class _RenderSettings:
 
 
 def render_result_bytes(scene: bpy.types.Scene) -> bytes:
-    image = bpy.data.images.get("Render Result")
+    image = render_result()
     if image is None:
         raise SourceError("No Render Result yet: render an image first (F12)")
     with tempfile.TemporaryDirectory(prefix="trellis2-") as tmp:

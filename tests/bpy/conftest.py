@@ -53,20 +53,47 @@ def addon():
     bpy.ops.preferences.addon_disable(module=MODULE)
 
 
+PREF_FIELDS = ("python", "engine", "trellis_checkout", "weights_dir", "output_dir", "respawn")
+
+
 @pytest.fixture
-def ctrl(addon):
-    """The add-on's controller; its backend is stopped again after each test."""
+def prefs(addon):
+    """The add-on's preferences; whatever a test changes is put back afterwards."""
+    import bpy
+
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    saved = {name: getattr(prefs, name) for name in PREF_FIELDS}
+    yield prefs
+    for name, value in saved.items():
+        if getattr(prefs, name) != value:
+            setattr(prefs, name, value)
+
+
+@pytest.fixture
+def ctrl(addon, prefs):
+    """The add-on's controller; its backend is stopped (waiting for it) after each test and
+    the session's jobs, history and errors are forgotten."""
     from importlib import import_module
 
     runtime = import_module(f"{MODULE}.blender_addon.runtime")
     preferences = import_module(f"{MODULE}.blender_addon.preferences")
+    views = import_module(f"{MODULE}.blender_addon.views")
     controller = runtime.get()
     # tests/conftest.py points TRELLIS2_OUTPUT_DIR at a fresh folder per test: follow it.
     controller.configure(preferences.backend_config(preferences.get_prefs()))
     yield controller
-    controller.stop()
+    controller.shutdown(timeout=15)
     controller.jobs.clear()
-    controller.last_error = ""
+    controller._keys.clear()
+    controller._outbox.clear()
+    controller._requests.clear()
+    controller._abandoned.clear()
+    controller.history = views.HistoryView()
+    controller.last_error = controller.last_hint = ""
+    controller.last_outcome = None
+    controller.tick_errors.clear()
+    controller._reported.clear()
+    controller.doctor_report, controller.doctor_text = None, ""
 
 
 @pytest.fixture
@@ -78,12 +105,24 @@ def scene(addon):
     return bpy.context.scene
 
 
-@pytest.fixture
-def prefs(addon):
-    import bpy
-
-    return bpy.context.preferences.addons[MODULE].preferences
-
-
 def submodule(name: str):
     return sys.modules[f"{MODULE}.blender_addon.{name}"]
+
+
+@pytest.fixture(scope="session")
+def rgba_glb(tmp_path_factory):
+    """A textured GLB whose texture has alpha but whose material says OPAQUE (like TRELLIS.2)."""
+    import numpy as np
+    import trimesh
+    from PIL import Image
+    from trimesh.visual.material import PBRMaterial
+    from trimesh.visual.texture import TextureVisuals
+
+    mesh = trimesh.creation.box(extents=(0.5, 1.0, 0.25))
+    uv = np.random.default_rng(0).random((len(mesh.vertices), 2))
+    texture = Image.new("RGBA", (16, 16), (200, 50, 50, 128))
+    material = PBRMaterial(baseColorTexture=texture, alphaMode="OPAQUE")
+    mesh.visual = TextureVisuals(uv=uv, material=material)
+    path = tmp_path_factory.mktemp("glb") / "box.glb"
+    mesh.export(path)
+    return path

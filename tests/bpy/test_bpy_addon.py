@@ -16,52 +16,9 @@ import pytest
 bpy = pytest.importorskip("bpy")
 
 from .conftest import EXAMPLE, MODULE, ROOT, submodule  # noqa: E402
+from .support import FakeLayout, draw, operators_in, props_in, tick_until  # noqa: E402
 
 pytestmark = pytest.mark.bpy
-
-
-class FakeLayout:
-    """Records what a draw() puts on screen; every call returns another recorder."""
-
-    def __init__(self, log):
-        self.log = log
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            self.log.append((name, args, kwargs))
-            return FakeLayout(self.log)
-
-        return call
-
-    def __setattr__(self, name, value):
-        if name == "log":
-            object.__setattr__(self, name, value)
-
-
-def draw(panel_cls, context):
-    log = []
-    panel_cls.draw(SimpleNamespace(layout=FakeLayout(log)), context)
-    return log
-
-
-def operators_in(log):
-    return [args[0] for name, args, _ in log if name == "operator"]
-
-
-def props_in(log):
-    return [args[1] for name, args, _ in log if name == "prop"]
-
-
-def tick_until(ctrl, done, timeout=60.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    intervals = []
-    while not done():
-        assert time.monotonic() < deadline, f"timed out ticking: {ctrl.status()} {ctrl.jobs}"
-        intervals.append(submodule("runtime").timer())
-        time.sleep(0.02)
-    return intervals
 
 
 # -- registration and UI --------------------------------------------------------------------
@@ -157,7 +114,7 @@ def test_generate_async_through_a_real_backend_imports_at_the_cursor(scene, ctrl
     assert obj.select_get() and bpy.context.view_layer.objects.active == obj
     assert submodule("runtime").timer() == 0.5  # idle cadence afterwards
 
-    history = ctrl.refresh_history()
+    history = ctrl.history_blocking()
     assert history[0]["job_id"] == view.job_id and history[0]["seed"] == props.last_seed
     log = draw(bpy.types.TRELLIS2_PT_history, bpy.context)
     assert {"trellis2.import_result", "trellis2.reexport", "trellis2.regenerate"} <= set(
@@ -181,6 +138,7 @@ def test_cancel_a_queued_job(scene, ctrl):
     image = EXAMPLE.read_bytes()
     first = ctrl.submit(image, {"preset": "high", "seed": 1}, "first", auto_import=False)
     second = ctrl.submit(image, {"preset": "fast", "seed": 2}, "second", auto_import=False)
+    tick_until(ctrl, lambda: second.job_id)  # the backend named it
     assert bpy.ops.trellis2.cancel(job_id=second.job_id) == {"FINISHED"}
     tick_until(ctrl, lambda: first.terminal and second.terminal)
     assert second.state == "cancelled"
@@ -205,8 +163,8 @@ def test_restart_from_preferences_gives_a_new_backend_session(scene, ctrl):
 def test_history_survives_a_blender_restart(scene, ctrl):
     scene.trellis2.filepath, scene.trellis2.preset = str(EXAMPLE), "fast"
     assert bpy.ops.trellis2.generate(mode="BLOCKING") == {"FINISHED"}
-    ctrl.stop()  # the history is read from disk, without a backend
-    expected = ctrl.refresh_history()[0]
+    expected = ctrl.history_blocking()[0]
+    ctrl.shutdown()
     script = f"""
 import sys, json
 sys.path.insert(0, {str(ROOT / "tests" / "bpy")!r})
@@ -216,7 +174,9 @@ bpy.context.preferences.extensions.repos.new(name=conftest.REPO, module=conftest
     custom_directory=str(conftest.EXT_REPO_DIR), source="USER")
 bpy.ops.preferences.addon_enable(module=conftest.MODULE)
 ctrl = sys.modules[conftest.MODULE + ".blender_addon.runtime"].get()
-print("HISTORY" + json.dumps(ctrl.refresh_history()))
+bpy.ops.trellis2.backend(action="START")  # the backend keeps the history (blocks: -b)
+print("HISTORY" + json.dumps(ctrl.history_blocking()))
+ctrl.shutdown()
 """
     env = dict(os.environ, TRELLIS2_TEST_OUTPUT_DIR=os.environ["TRELLIS2_OUTPUT_DIR"])
     out = subprocess.run(
@@ -230,25 +190,6 @@ print("HISTORY" + json.dumps(ctrl.refresh_history()))
 
 
 # -- import ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rgba_glb(tmp_path_factory):
-    """A textured GLB whose texture has alpha but whose material says OPAQUE (like TRELLIS.2)."""
-    import numpy as np
-    import trimesh
-    from PIL import Image
-    from trimesh.visual.material import PBRMaterial
-    from trimesh.visual.texture import TextureVisuals
-
-    mesh = trimesh.creation.box(extents=(0.5, 1.0, 0.25))
-    uv = np.random.default_rng(0).random((len(mesh.vertices), 2))
-    texture = Image.new("RGBA", (16, 16), (200, 50, 50, 128))
-    material = PBRMaterial(baseColorTexture=texture, alphaMode="OPAQUE")
-    mesh.visual = TextureVisuals(uv=uv, material=material)
-    path = tmp_path_factory.mktemp("glb") / "box.glb"
-    mesh.export(path)
-    return path
 
 
 def test_import_scales_places_and_fixes_alpha_in_one_undo_step(scene, ctrl, rgba_glb):

@@ -1,0 +1,145 @@
+"""What the panel shows, as plain data (no bpy, no I/O): a job as the add-on follows it, a page
+of the history, and the few pure functions that word them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backend.client import Pending
+
+TERMINAL = ("done", "failed", "cancelled")
+HISTORY_PAGE = 8  # jobs per history page
+ENGINES = (
+    ("preview", "Preview (no GPU)", "A quick CPU proxy with no weights: not TRELLIS.2"),
+    ("trellis2", "TRELLIS.2", "The real model: needs an NVIDIA GPU and a TRELLIS.2 environment"),
+)
+# Engine settings the preview engine ignores (the panel says so).
+PREVIEW_IGNORES = "seed, steps and guidance"
+
+
+def engine_label(name: str) -> str:
+    return next((label for key, label, _ in ENGINES if key == name), name)
+
+
+@dataclass
+class JobView:
+    """One job as the panel shows it: requests, replies and events folded into a few fields.
+    `key` is the add-on's own id (stable from Generate on); `job_id` is the backend's, once
+    its reply or events named it."""
+
+    key: str
+    name: str
+    kind: str = "generate"
+    job_id: str = ""
+    # waiting (for a backend), submitting (sent, no reply yet), queued, running, done, failed,
+    # cancelled
+    state: str = "waiting"
+    stage: str = ""
+    label: str = ""
+    fraction: float = 0.0
+    level: int = 0
+    seed: int | None = None
+    position: int | None = None
+    glb_path: str | None = None
+    message: str = ""
+    hint: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+    auto_import: bool = True
+    imported: bool = False
+    submitted: float = 0.0
+    finished: float | None = None
+    cursor: tuple[float, float, float] | None = None  # where the 3D cursor was at Generate
+    engine: str = ""  # the engine it runs on, as the panel names it
+    parent: str = ""  # a re-export's source job
+    on_backend: bool = False  # the backend has it (in its job store): never sent again
+    cancel_requested: bool = False
+    cancel_retry_at: float = 0.0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass
+class Outgoing:
+    """A generate or reexport waiting for a backend that answers."""
+
+    key: str
+    msg_type: str
+    content: dict[str, Any]
+    buffers: tuple[bytes, ...] = ()
+
+
+@dataclass
+class HistoryView:
+    """One page of the job history, as the backend's last `jobs` reply gave it."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    total: int = 0
+    page: int = 0
+    query: str = ""
+    warnings: list[str] = field(default_factory=list)
+    error: str = ""
+    loaded: bool = False  # a listing arrived at least once
+    stale: bool = True  # ask again as soon as a backend answers
+    request: Pending | None = None
+    page_size: int = HISTORY_PAGE
+    prune_days: int = 30
+    prune: dict[str, Any] | None = None  # the dry run: {count, bytes} older than prune_days
+    notice: str = ""  # what the last delete did
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.page_size))
+
+
+def history_entry(summary: dict[str, Any]) -> dict[str, Any]:
+    """A `jobs` summary as the history shows it (plain data, no disk reads)."""
+    entry = dict(summary)
+    filename = summary.get("filename") or ""
+    entry["name"] = Path(filename).stem if filename else summary.get("job_id", "?")
+    started, finished = summary.get("started"), summary.get("finished")
+    entry["seconds"] = finished - started if started and finished else None
+    entry["mesh_stats"] = summary.get("mesh_stats") or {}
+    entry["label"] = (
+        f"{entry['name']} (re-export of {summary['parent']})"
+        if summary.get("kind") == "reexport" and summary.get("parent")
+        else entry["name"]
+    )
+    return entry
+
+
+def event_from_record(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The terminal event a finished job record stands for (a missed event, recovered)."""
+    state = record.get("state")
+    result = record.get("result") or {}
+    if state == "done":
+        return "job_done", {
+            "job_id": record.get("id"),
+            "glb_path": result.get("glb_path"),
+            "mesh_stats": result.get("mesh_stats"),
+            "oom_quality_degradation_level": record.get("level") or 0,
+            "final_params": record.get("final_params"),
+        }
+    if state == "failed":
+        return "job_failed", {"job_id": record.get("id"), **(record.get("error") or {})}
+    return "job_cancelled", {"job_id": record.get("id")}
+
+
+def one_line(text: Any, limit: int = 200) -> str:
+    """A message fit for one label: first line, no traceback, bounded."""
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    if any(ln.startswith("Traceback") for ln in lines):
+        lines = [lines[-1]]  # the exception itself, e.g. "ModuleNotFoundError: No module ..."
+    return (lines[0] if lines else "")[:limit]
+
+
+def format_bytes(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "?"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

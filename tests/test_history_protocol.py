@@ -1,0 +1,112 @@
+"""The history through the protocol: `jobs` pages, searches and reports disk use; `delete_jobs`
+removes finished jobs (one, or those older than N days) and never a queued or running one."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from backend.errors import BackendError, ErrorCode
+from backend.jobs import JobStore
+from tests.conftest import png_bytes
+
+WAIT = 30.0
+FAST = {"steps": "1", "step_seconds": "0.001"}
+
+
+def finish(s, job_ids):
+    deadline = time.monotonic() + WAIT
+    for job_id in job_ids:
+        while s.client.job(job_id)["job"]["state"] not in ("done", "failed", "cancelled"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+
+def generate(s, names):
+    return [s.client.generate(png_bytes(), {"preset": "fast"}, f"{name}.png") for name in names]
+
+
+def test_every_job_is_reachable_by_pages_and_by_search(make_server):
+    s = make_server(engine_options=FAST)
+    ids = generate(s, ["duck", "mug", "robot", "duck_two", "plant"])
+    finish(s, ids)
+    pages, offset = [], 0
+    while True:
+        reply = s.client.request("jobs", {"limit": 2, "offset": offset})
+        assert reply["total"] == 5 and reply["offset"] == offset
+        if not reply["jobs"]:
+            break
+        pages.append([j["job_id"] for j in reply["jobs"]])
+        offset += 2
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert sorted(sum(pages, [])) == sorted(ids)  # each job exactly once
+    assert sum(pages, []) == ids[::-1]  # newest first
+
+    found = s.client.request("jobs", {"query": "DUCK", "limit": 10})
+    assert found["total"] == 2
+    assert {j["filename"] for j in found["jobs"]} == {"duck.png", "duck_two.png"}
+    assert s.client.request("jobs", {"query": "duck two", "limit": 10})["total"] == 1
+    assert s.client.request("jobs", {"query": "nothing-like-it"})["jobs"] == []
+
+
+def test_summaries_say_where_a_job_lives_and_how_much_disk_it_uses(make_server):
+    s = make_server(engine_options=FAST)
+    (job_id,) = generate(s, ["duck"])
+    finish(s, [job_id])
+    (entry,) = s.client.request("jobs", {"limit": 1})["jobs"]
+    folder = JobStore(s.config.output_dir).folder(job_id)
+    assert entry["folder"] == str(folder)
+    assert entry["bytes"] == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert entry["thumbnail"] == str(folder / "thumbnail.png")
+    assert entry["input"] == str(folder / "input.png")
+    assert entry["parent"] is None and entry["kind"] == "generate"
+
+
+def test_delete_one_job_and_clear_old_ones_with_a_dry_run_first(make_server):
+    s = make_server(engine_options=FAST)
+    ids = generate(s, ["a", "b", "c"])
+    finish(s, ids)
+    sizes = {j["job_id"]: j["bytes"] for j in s.client.request("jobs")["jobs"]}
+
+    gone = s.client.request("delete_jobs", {"job_id": ids[0]})
+    assert gone["job_ids"] == [ids[0]] and gone["bytes"] == sizes[ids[0]]
+    with pytest.raises(BackendError) as err:
+        s.client.job(ids[0])
+    assert err.value.code is ErrorCode.NOT_FOUND
+
+    assert s.client.request("delete_jobs", {"older_than_days": 1})["count"] == 0  # all new
+    preview = s.client.request("delete_jobs", {"older_than_days": 0, "dry_run": True})
+    assert preview["count"] == 2 and preview["bytes"] == sizes[ids[1]] + sizes[ids[2]]
+    assert s.client.request("jobs")["total"] == 2  # a dry run removes nothing
+    cleared = s.client.request("delete_jobs", {"older_than_days": 0})
+    assert sorted(cleared["job_ids"]) == sorted(ids[1:])
+    assert s.client.request("jobs")["total"] == 0
+
+
+def test_a_queued_or_running_job_is_never_deleted(make_server):
+    s = make_server(engine_options={"steps": "200", "step_seconds": "0.02"})
+    running, queued = generate(s, ["running", "queued"])
+    for job_id in (running, queued):
+        with pytest.raises(BackendError) as err:
+            s.client.request("delete_jobs", {"job_id": job_id})
+        assert err.value.code is ErrorCode.BUSY
+    assert s.client.request("delete_jobs", {"older_than_days": 0})["count"] == 0
+    for job_id in (queued, running):
+        s.client.cancel(job_id)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {},
+        {"job_id": "20990101-000000-abcdef", "older_than_days": 1},
+        {"older_than_days": -1},
+        {"job_id": "../../etc"},
+    ],
+)
+def test_bad_delete_requests_are_refused(make_server, content):
+    s = make_server()
+    with pytest.raises(BackendError) as err:
+        s.client.request("delete_jobs", content)
+    assert err.value.code in (ErrorCode.BAD_PARAMS, ErrorCode.NOT_FOUND)
