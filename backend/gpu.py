@@ -172,6 +172,17 @@ def device_key(figures: dict[str, Any] | None = None) -> str | None:
     return f"{figures['device']} sm{major}{minor} {round(figures['total'] / 2**30)}GiB"
 
 
+def peak_allocated() -> int | None:
+    """max_memory_allocated since the last reset_peak(), or None without a CUDA context."""
+    torch = _cuda(init=False)
+    if torch is None or _probe.hung:
+        return None
+    try:
+        return int(torch.cuda.max_memory_allocated())
+    except Exception:  # a poisoned context fails here too
+        return None
+
+
 def reset_peak() -> None:
     """Start a new peak measurement (max_memory_allocated restarts from the current value)."""
     torch = _cuda(init=False)

@@ -63,6 +63,11 @@ def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def _highest(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
 def check_disk(path: os.PathLike | str, min_free: int) -> None:
     try:
         free = shutil.disk_usage(path).free
@@ -279,6 +284,7 @@ class Runner:
             before = dict(state)
             began = self.clock()
             failure = None
+            gpu.reset_peak()  # a peak per stage: the memory model of the engine (issue #12)
             try:
                 self.engine.run_stage(stage.name, state, params, ctx)
             except (JobCancelled, BackendError):
@@ -295,6 +301,9 @@ class Runner:
                 traceback.clear_frames(exc.__traceback__)
             finally:
                 attempt["stage_seconds"][stage.name] = round(self.clock() - began, 4)
+                peak = gpu.peak_allocated()
+                if peak is not None:
+                    attempt.setdefault("stage_vram_peaks", {})[stage.name] = peak
             if failure is not None:
                 del before
                 raise failure
@@ -370,7 +379,9 @@ class Runner:
             stage=stage.name,
             error=error,
             error_code=error_code or (None if outcome == "ok" else outcome),
-            vram_peak=(figures or {}).get("peak"),
+            vram_peak=_highest(
+                (figures or {}).get("peak"), *attempt.get("stage_vram_peaks", {}).values()
+            ),
         )
         self.stats.append("attempt", **attempt)
         if self.profile is not None and outcome in ("ok", "oom"):

@@ -148,6 +148,7 @@ def summary(job: dict, stats: dict) -> dict:
         "final_params": job.get("final_params"),
         "seconds": stats.get("seconds"),
         "stage_seconds": attempts[-1]["stage_seconds"] if attempts else None,
+        "stage_vram_peaks": attempts[-1].get("stage_vram_peaks") if attempts else None,
         "vram_peak": max((a.get("vram_peak") or 0) for a in attempts) if attempts else None,
         "mesh_stats": stats.get("mesh_stats"),
     }

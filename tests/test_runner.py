@@ -285,3 +285,22 @@ def test_poisoned_backend_exits_with_the_documented_code_and_a_fresh_one_finishe
 
 def test_ladder_level_names_match_the_table():
     assert ladder.describe(0) == "as requested" and len({lv.name for lv in ladder.LEVELS}) == 13
+
+
+def test_each_stage_records_its_own_vram_peak(tmp_path, monkeypatch):
+    """The per-stage peaks are the engine's memory model on a real GPU (issue #12): reset
+    before each stage, read after it; the attempt's peak is the highest of them."""
+    peaks = iter([100, 700, 300, 900, 200, 400, 500, 600, 800])
+    resets: list[int] = []
+    monkeypatch.setattr(gpu, "reset_peak", lambda: resets.append(1))
+    monkeypatch.setattr(gpu, "peak_allocated", lambda: next(peaks))
+    h = Harness(tmp_path, FaultEngine())
+    _, result = h.run({"preset": "fast"})
+    assert result.outcome == "done", result.error
+    (attempt,) = result.attempts
+    stages = [s.name for s in h.engine.stages]
+    assert list(attempt["stage_vram_peaks"]) == stages
+    assert attempt["vram_peak"] == max(attempt["stage_vram_peaks"].values())
+    assert len(resets) >= len(stages)
+    line = h.lines("attempt")[-1]
+    assert line["stage_vram_peaks"] == attempt["stage_vram_peaks"]
