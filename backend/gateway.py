@@ -252,22 +252,22 @@ class Gateway:
             self.rejected[ErrorCode.BAD_MESSAGE.value] += 1
             return
         identity = frames[0].bytes
-        user = self.users.get(frames[1].get("User-Id") or "")
-        if user is None:  # authorized at connect time, removed since
-            self.rejected["revoked"] += 1
-            error = BackendError(
-                ErrorCode.BAD_SIGNATURE,
-                "this key is no longer authorized on the gateway",
-                "Ask the studio admin for a new connection string.",
-            )
-            self._reply(identity, "error", protocol.error_reply(error), {})
-            return
         try:
             message = self.session.deserialize([f.bytes for f in frames[1:]])
             protocol.check_request(message, REQUESTS)
         except ProtocolError as exc:
             self.rejected[exc.code.value] += 1
             self._reply(identity, "error", protocol.error_reply(exc), {})
+            return
+        user = self.users.get(frames[1].get("User-Id") or "")
+        if user is None:  # authorized when it connected, removed since
+            self.rejected["revoked"] += 1
+            error = BackendError(
+                ErrorCode.BAD_SIGNATURE,
+                "this key is no longer authorized on the gateway",
+                "Ask the studio admin for a new connection string.",
+            )
+            self._reply(identity, message.msg_type, protocol.error_reply(error), message.header)
             return
         self.counters[message.msg_type] += 1
         buffers: list[bytes] = []
