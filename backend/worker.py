@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 RELAYED = ("job_progress", "job_retry")
 SUBMIT_PATIENCE = 300.0  # seconds to wait for a restarting local backend to take the job
 LOCAL_CHECK = 0.25  # seconds between looks at the local job's record
-TERMINAL_EVENTS = {"done": "job_done", "failed": "job_failed", "cancelled": "job_cancelled"}
+LOCAL_ENDS = ("job_done", "job_failed", "job_cancelled")
 
 
 @dataclass
@@ -303,12 +303,12 @@ class WorkerRuntime:
                 messages = self.sup.tick()
                 dead = self.sup.state is SupervisorState.DEAD
             for message in messages:
-                if (
-                    isinstance(message, protocol.Message)
-                    and message.msg_type in RELAYED
-                    and message.content.get("job_id") == local_id
-                ):
+                if message.content.get("job_id") != local_id:
+                    continue
+                if isinstance(message, protocol.Message) and message.msg_type in RELAYED:
                     self._publish(message.msg_type, {**message.content, "job_id": job_id})
+                elif message.msg_type in LOCAL_ENDS:
+                    next_check = 0.0  # look at the record now, not at the next round
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + LOCAL_CHECK

@@ -107,7 +107,7 @@ def throughput(engine: str, options: dict, workers: int, jobs: int, image: bytes
             cluster.close()
 
 
-def latency_gateway(runs: int, image: bytes) -> list[float]:
+def latency_gateway(runs: int, image: bytes) -> list[tuple[float, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         cluster, sessions = _cluster(Path(tmp), "preview", {}, 1, depth=8)
         try:
@@ -117,9 +117,10 @@ def latency_gateway(runs: int, image: bytes) -> list[float]:
             for _ in range(runs):
                 began = time.perf_counter()
                 job_id = remote.generate(image, {"preset": "fast"})
+                submitted = time.perf_counter() - began
                 remote.wait_for_job(job_id, 120)
                 remote.download(job_id)
-                out.append(time.perf_counter() - began)
+                out.append((time.perf_counter() - began, submitted))
             return out
         finally:
             for s in sessions:
@@ -193,6 +194,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--slow-seconds", type=float, default=2.0, help="device time per job")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument(
+        "--phases", default="throughput,latency,download", help="comma-separated subset"
+    )
     args = parser.parse_args()
     image = png_bytes()
     step = args.slow_seconds / 30  # SlowEngine: 3 stages x 10 steps
@@ -201,20 +205,26 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "throughput": [],
     }
-    for engine, options in ((SLOW, slow), ("preview", {})):
-        for workers in (1, 2):
-            row = throughput(engine, options, workers, args.jobs, image)
-            results["throughput"].append(row)
-            print(json.dumps(row), flush=True)
-    local, remote = latency_local(args.runs, image), latency_gateway(args.runs, image)
-    results["latency_local"] = _summary(local)
-    results["latency_gateway"] = _summary(remote)
-    results["added_latency_median_ms"] = round(
-        results["latency_gateway"]["median_ms"] - results["latency_local"]["median_ms"], 1
-    )
-    print(json.dumps({k: results[k] for k in results if k.startswith("latency") or "added" in k}))
-    results["download"] = [download_rate(64, chunk) for chunk in (1, 4)]
-    print(json.dumps(results["download"]), flush=True)
+    phases = set(args.phases.split(","))
+    if "throughput" in phases:
+        for engine, options in ((SLOW, slow), ("preview", {})):
+            for workers in (1, 2):
+                row = throughput(engine, options, workers, args.jobs, image)
+                results["throughput"].append(row)
+                print(json.dumps(row), flush=True)
+    if "latency" in phases:
+        local, remote = latency_local(args.runs, image), latency_gateway(args.runs, image)
+        results["latency_local"] = _summary(local)
+        results["latency_gateway"] = _summary([r[0] for r in remote])
+        results["gateway_submit"] = _summary([r[1] for r in remote])
+        results["added_latency_median_ms"] = round(
+            results["latency_gateway"]["median_ms"] - results["latency_local"]["median_ms"], 1
+        )
+        keys = ("latency_local", "latency_gateway", "gateway_submit", "added_latency_median_ms")
+        print(json.dumps({k: results[k] for k in keys}), flush=True)
+    if "download" in phases:
+        results["download"] = [download_rate(64, chunk) for chunk in (1, 4)]
+        print(json.dumps(results["download"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
