@@ -186,6 +186,10 @@ class Gateway:
     def serve_forever(self) -> int:
         if self.shell is None:
             self.bind()
+        try:  # know the workers before the first request (the thread refreshes the list)
+            self._workers = self.coord.workers()
+        except Exception as exc:
+            log.warning("cannot list the workers yet: %s", exc)
         self._reconcile()
         self._thread = threading.Thread(target=self._redis_loop, name="redis", daemon=True)
         self._thread.start()

@@ -343,7 +343,12 @@ class WorkerRuntime:
             if local_id is not None:
                 self._cancel_local(local_id)
             raise _LeaseLost() from None
-        if worker_state.should_stop or worker_state.should_terminate:
+        # Celery's warm/cold shutdown flags hold an exit code (0 for a SIGTERM): set means
+        # "not None and not False", as in celery.worker.state.maybe_shutdown.
+        if any(
+            flag is not None and flag is not False
+            for flag in (worker_state.should_stop, worker_state.should_terminate)
+        ):
             if local_id is not None:
                 self._cancel_local(local_id)
             self._give_back(job_id, lease, "its worker is stopping", counted=False)

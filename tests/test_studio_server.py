@@ -380,6 +380,24 @@ def _answers(remote: RemoteBackend) -> bool:
         return False
 
 
+def test_a_stopping_worker_hands_its_job_to_the_other(slow):
+    remote = slow.remote
+    job_id = remote.generate(png_bytes())
+    store = _store(slow)
+    wait_for(lambda: store.get(job_id).extra.get("local_job"), WAIT, "the job to run")
+    leaving = store.get(job_id).extra["worker"]
+    staying = next(name for name in slow.workers if name != leaving)
+    slow.stop(slow.workers[leaving])  # SIGTERM: Celery's warm shutdown
+    assert slow.workers[leaving].returncode == 0, slow.log_tail(leaving)
+    assert remote.wait_for_job(job_id, WAIT)["event"] == "job_done"
+    record = store.get(job_id)
+    assert record.extra["runs"] == [leaving, staying]
+    assert record.recoveries == 0  # a planned stop is not a lost run
+    slow.start_worker(leaving, vram_gb=24, gpu=0)  # back to two workers
+    slow.wait_workers([leaving, staying])
+    wait_for(lambda: len(remote.status()["workers"]) == 2, WAIT, "two workers listed", step=0.2)
+
+
 def test_worker_killed_mid_job_runs_again_on_the_other_exactly_once(slow):
     remote = slow.remote
     events: list = []
