@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 import zmq
@@ -18,6 +17,7 @@ from backend import curvekeys, validate
 from backend.client import ClientTimeout
 from backend.errors import BackendError
 from backend.jobs import JobStore
+from backend.params import parse_params
 from backend.procutil import pid_alive
 from backend.protocol import ConnectionInfo, read_connection_file
 from backend.remote import RemoteBackend
@@ -255,9 +255,20 @@ def test_a_removed_key_is_refused_at_its_next_request(preview):
     with RemoteBackend(string) as carol:
         assert carol.hello()["user"] == "carol"
         curvekeys.remove_user(preview.home, "carol")
-        time.sleep(1.5)  # the gateway looks at the folder every heartbeat (1 s)
+        # The gateway looks at the folder every heartbeat; the open connection stays up.
+        wait_for(lambda: _revoked(carol), WAIT, "carol's key to be revoked", step=0.3)
         with pytest.raises(BackendError, match="no longer authorized"):
-            carol.hello()
+            carol.generate(png_bytes())
+
+
+def _revoked(remote: RemoteBackend) -> bool:
+    try:
+        remote.ping()
+    except BackendError as exc:
+        if "no longer authorized" in exc.message:
+            return True
+        raise
+    return False
 
 
 def _can_hello(string: str) -> bool:
@@ -362,11 +373,15 @@ def test_gateway_restart_loses_no_queued_or_finished_job(slow):
     store = _store(slow)
     wait_for(lambda: store.get(ids[0]).state.value != "queued", WAIT, "a job to start")
     slow.kill(slow.gateway)  # SIGKILL: nothing is saved on the way out
+    # A job the dead gateway had written but not yet queued (it died in between):
+    orphan = store.create(
+        "generate", "slow", parse_params({}).to_dict(), image=png_bytes(), filename="o.png"
+    ).id
     slow.start_gateway()
     wait_for(lambda: _answers(remote), WAIT, "the new gateway", step=0.2)
-    outcomes = _all_done(remote, ids)
-    assert [o["event"] for o in outcomes] == ["job_done"] * 4
-    for job_id in ids:
+    outcomes = _all_done(remote, [*ids, orphan])
+    assert [o["event"] for o in outcomes] == ["job_done"] * 5
+    for job_id in [*ids, orphan]:
         assert len(store.get(job_id).extra["runs"]) == 1  # each ran once
     listed = {j["job_id"]: j["state"] for j in remote.jobs()["jobs"]}
     assert all(listed[j] == "done" for j in [finished, *ids])
