@@ -119,6 +119,7 @@ class Gateway:
         self.users: dict[str, str] = {}
         self._users_stamp: tuple = ()
         self._workers: list[dict[str, Any]] = []  # refreshed by the Redis thread
+        self._waiting = 0  # jobs waiting for a worker, as of the Redis thread's last look
         self._stopping = threading.Event()
         self.ctx = zmq.Context()
         self.auth: ThreadAuthenticator | None = None
@@ -315,7 +316,7 @@ class Gateway:
                 "state": self._state()[0],
                 "session": self.session.session_id,
                 "pid": os.getpid(),
-                "queue": len(self._pending_ids()),
+                "queue": self._waiting,
                 "running": self._running(),
             },
         )
@@ -341,6 +342,9 @@ class Gateway:
                     if time.monotonic() >= next_scan:
                         next_scan = time.monotonic() + 1.0
                         self._workers = self.coord.workers()
+                        self._waiting = self.coord.pending_count()
+                except zmq.Again:
+                    log.warning("event dropped: the gateway's loop is behind")
                 except zmq.ZMQError:
                     return  # the context is closing
                 except Exception as exc:  # Redis away: wait, then subscribe again

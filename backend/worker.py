@@ -27,6 +27,7 @@ from redis.exceptions import LockError
 
 from . import protocol
 from .backend_process import BackendSpec
+from .client import ClientTimeout
 from .coord import Coordinator, Lease
 from .dispatch import TASK_NAME, Timing, make_celery, queues_for_card
 from .errors import BackendError, ErrorCode
@@ -259,10 +260,12 @@ class WorkerRuntime:
                     if client is None:
                         raise BackendError(ErrorCode.BUSY, f"local backend {self.sup.state.value}")
                     return self._send(client, record), None
+            except ClientTimeout:
+                # The backend may or may not have queued it: never send it twice. The job
+                # goes back on the queue, counted as a lost run.
+                self._give_back(record.id, lease, "no answer from its worker's backend")
             except BackendError as exc:
-                if exc.code in (ErrorCode.BUSY, ErrorCode.BACKEND_DIED) and (
-                    time.monotonic() < deadline
-                ):
+                if exc.code is ErrorCode.BUSY and time.monotonic() < deadline:
                     time.sleep(0.1)  # the local backend is (re)starting
                     continue
                 return None, exc

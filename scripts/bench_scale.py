@@ -70,7 +70,6 @@ def throughput(engine: str, options: dict, workers: int, jobs: int, image: bytes
         try:
             before = _commands(cluster.redis.url)
             ids: list[list[str]] = [[], []]
-            events = [0, 0]
             began = time.monotonic()
 
             def artist(i: int) -> None:
@@ -78,9 +77,7 @@ def throughput(engine: str, options: dict, workers: int, jobs: int, image: bytes
                 for _ in range(jobs // 2):
                     ids[i].append(remote.generate(image, {"preset": "fast"}))
                 for job_id in ids[i]:
-                    remote.wait_for_job(
-                        job_id, 600, on_event=lambda m, i=i: events.__setitem__(i, events[i] + 1)
-                    )
+                    remote.wait_for_job(job_id, 600)
 
             threads = [threading.Thread(target=artist, args=(i,)) for i in range(2)]
             for t in threads:
@@ -99,7 +96,6 @@ def throughput(engine: str, options: dict, workers: int, jobs: int, image: bytes
                 "jobs_per_minute": round(done / seconds * 60, 1),
                 "redis_commands_per_job": round(sum(calls.values()) / done, 1),
                 "redis_publish_per_job": round(calls.get("publish", 0) / done, 1),
-                "client_events_per_job": round(sum(events) / done, 1),
             }
         finally:
             for s in sessions:
