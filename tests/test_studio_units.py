@@ -176,3 +176,21 @@ def test_outcome_events_match_the_local_backend_shapes():
     failed = JobRecord(**base, state=JobState.FAILED, error={"code": "internal", "message": "m"})
     assert outcome_event(failed) == ("job_failed", {"job_id": base["id"], **failed.error})
     assert outcome_event(JobRecord(**base, state=JobState.CANCELLED))[0] == "job_cancelled"
+
+
+def test_the_remote_connection_needs_no_server_packages():
+    """The add-on imports backend.remote with Blender's Python: pyzmq, never Celery or Redis."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, backend.remote; "
+        "print(sorted(m for m in ('celery', 'kombu', 'redis', 'numpy', 'PIL', 'torch') "
+        "if m in sys.modules))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
