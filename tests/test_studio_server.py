@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import zmq
@@ -146,6 +147,14 @@ def test_two_artists_three_sessions_generate_on_two_workers(preview):
     for ids, *_ in results.values():
         for job_id in ids:
             assert listed[job_id]["state"] == "done" and listed[job_id]["worker"] in workers
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc/<pid>/environ")
+def test_each_worker_pins_its_own_backend_to_its_gpu(preview):
+    for name, gpu in (("w1", "0"), ("w2", "1")):
+        info = read_connection_file(preview.folder / "workers" / name / "run" / "backend.json")
+        environ = Path(f"/proc/{info.pid}/environ").read_bytes().split(b"\0")
+        assert f"CUDA_VISIBLE_DEVICES={gpu}".encode() in environ, name
 
 
 def test_texture_and_reexport_through_the_gateway(preview):
