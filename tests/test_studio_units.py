@@ -11,7 +11,7 @@ import zmq
 
 from backend import curvekeys, dispatch, protocol
 from backend.errors import BackendError, ProtocolError
-from backend.gateway import REQUESTS
+from backend.jobdesk import REQUESTS
 from backend.jobs import JobRecord, JobState
 from backend.worker import outcome_event
 
