@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import re
 import signal
 import sys
 import threading
@@ -40,10 +39,6 @@ log = logging.getLogger(__name__)
 
 EVENTS_URL = "inproc://gateway-events"
 ZAP_DOMAIN = b"trellis2"
-FETCH_DEFAULT = 1 << 20  # bytes per `fetch` chunk unless asked for less
-FETCH_MAX = 4 << 20  # the most one reply carries
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
-MAX_VRAM_GB = 1024
 
 
 @dataclass
