@@ -270,9 +270,10 @@ class JobDesk:
         return protocol.ok_reply(job_id=record.id, position=position, state="queued")
 
     def _enqueue(self, job_id: str, queue: str) -> None:
+        """Queue a job just written; if Redis cannot take it, the job fails at once (the
+        artist is told now rather than never)."""
         try:
-            self.coord.add_pending(job_id)
-            self.celery.send_task(TASK_NAME, args=[job_id], queue=queue, task_id=job_id)
+            self._send(job_id, queue)
         except Exception as exc:
             error = BackendError(
                 ErrorCode.ENGINE_UNAVAILABLE,
@@ -286,6 +287,10 @@ class JobDesk:
             self.store.transition(job_id, "fail", error=error.to_dict())
             raise error from None
 
+    def _send(self, job_id: str, queue: str) -> None:
+        self.coord.add_pending(job_id)
+        self.celery.send_task(TASK_NAME, args=[job_id], queue=queue, task_id=job_id)
+
     def reconcile(self) -> None:
         """A gateway that died between writing a job and queueing it: queue it now. (A job
         queued twice runs once: the worker checks its record and lease.)"""
@@ -295,8 +300,8 @@ class JobDesk:
                 if record.state.value == "queued" and record.id not in pending:
                     queue = record.extra.get("queue") or queue_name(need_tier(0))
                     log.info("queueing job %s, which was never queued", record.id)
-                    self._enqueue(record.id, queue)
-        except Exception as exc:  # Redis away at start: the loop runs anyway
+                    self._send(record.id, queue)
+        except Exception as exc:  # Redis away at start: the jobs wait for the next start
             log.warning("cannot reconcile the queue: %s", exc)
 
     def on_cancel(self, message, user, buffers) -> dict:
