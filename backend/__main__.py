@@ -28,6 +28,9 @@ use these commands for scripts, batch jobs and troubleshooting.
   stats      success rate, timings and memory figures of past jobs
   doctor     check a TRELLIS.2 installation (packages, GPU, weights) and say how to fix it
   supervise  keep a backend alive for scripts: restart it when it crashes
+  worker     studio server: a Celery worker that owns one GPU (docs/SCALE.md)
+  gateway    studio server: the encrypted, authenticated entry point for artists;
+             `gateway add-user NAME` prints an artist's connection string
 """
 
 
@@ -213,6 +216,93 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     return supervise_main(args)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .worker import main as worker_main
+
+    return worker_main(args)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from . import curvekeys
+
+    if not getattr(args, "home", None):
+        raise SystemExit("gateway needs --home FOLDER (its keys)")
+    action = getattr(args, "action", None)
+    if action == "add-user":
+        address = args.connect
+        if not address:
+            info = curvekeys.read_gateway_info(args.home) or {}
+            address = info.get("shell")
+        if not address or "0.0.0.0" in address:
+            raise SystemExit(
+                "add-user needs the address artists connect to: --connect tcp://HOST:PORT"
+            )
+        print(curvekeys.add_user(args.home, args.name, address))
+        return 0
+    if action == "remove-user":
+        curvekeys.remove_user(args.home, args.name)
+        print(f"removed {args.name}; their open connections are refused from their next request")
+        return 0
+    if action == "list-users":
+        for key, name in sorted(curvekeys.authorized_users(args.home).items(), key=lambda i: i[1]):
+            print(f"{name}  {key}")
+        return 0
+    missing = [flag for flag in ("listen", "broker", "store") if not getattr(args, flag)]
+    if missing:
+        raise SystemExit(f"gateway needs --{', --'.join(missing)}")
+    from .gateway import main as gateway_main
+
+    return gateway_main(args)
+
+
+def _add_worker_parser(sub) -> None:
+    from .dispatch import Timing
+
+    p = sub.add_parser("worker", help="studio server: a Celery worker that owns one GPU")
+    p.add_argument("--broker", required=True, help="the Redis broker, redis://HOST:PORT/DB")
+    p.add_argument("--store", required=True, help="the shared job store (the gateway's --store)")
+    p.add_argument(
+        "--work-dir", required=True, help="this worker's own folder (its backend's jobs, logs)"
+    )
+    p.add_argument("--gpu", type=int, metavar="N", help="the GPU this worker owns")
+    p.add_argument(
+        "--vram-gb", type=float, required=True, help="the card's memory in GB (sets its queues)"
+    )
+    p.add_argument("--name", help="unique worker name (default gpuN-HOSTNAME)")
+    p.add_argument("--engine", default="preview", help="preview, trellis2, or pkg.module:Class")
+    p.add_argument("--engine-opt", action="append", metavar="KEY=VALUE")
+    p.add_argument("--python", help="interpreter for the backend (default this one)")
+    p.add_argument("--min-free-disk-mb", type=float, help="the backend's free-disk threshold")
+    p.add_argument("--heartbeat-timeout", type=float, help="the backend's (default 5 s)")
+    for name in Timing.__dataclass_fields__:  # the distributed path's time limits
+        flag = f"--{name.replace('_', '-')}"
+        default = getattr(Timing, name)
+        p.add_argument(flag, type=float, dest=name, help=f"seconds (default {default:g})")
+    p.set_defaults(func=cmd_worker)
+
+
+def _add_gateway_parser(sub) -> None:
+    # --home before or after the action; SUPPRESS keeps an action from erasing it.
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--home", default=argparse.SUPPRESS, help="the gateway's keys folder")
+    p = sub.add_parser(
+        "gateway", parents=[home], help="studio server: the entry point for artists' Blenders"
+    )
+    p.add_argument("--listen", help="tcp://HOST:PORT for requests; events use PORT+1")
+    p.add_argument("--broker", help="the Redis broker, redis://HOST:PORT/DB")
+    p.add_argument("--store", help="the shared job store (workers use the same folder)")
+    p.add_argument("--queue-depth", type=int, default=32, help="waiting jobs before 'busy'")
+    p.add_argument("--min-free-disk-mb", type=float, default=1024)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    q = actions.add_parser("add-user", parents=[home], help="authorize an artist; prints a string")
+    q.add_argument("name")
+    q.add_argument("--connect", help="tcp://HOST:PORT artists reach (default: the --listen)")
+    q = actions.add_parser("remove-user", parents=[home], help="revoke an artist's key")
+    q.add_argument("name")
+    actions.add_parser("list-users", parents=[home], help="authorized artists and their keys")
+    p.set_defaults(func=cmd_gateway)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m backend",
@@ -350,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storm-window", type=float, help="seconds (default 120)")
     p.set_defaults(func=cmd_supervise)
+
+    _add_worker_parser(sub)
+    _add_gateway_parser(sub)
     return parser
 
 

@@ -254,9 +254,10 @@ def _check_header(header: dict[str, Any]) -> None:
         )
 
 
-def check_request(message: Message) -> None:
-    """Check a request's type, content fields and buffer count against REQUESTS."""
-    spec = REQUESTS.get(message.msg_type)
+def check_request(message: Message, requests: dict[str, dict[str, Any]] = REQUESTS) -> None:
+    """Check a request's type, content fields and buffer count against REQUESTS (or another
+    table in the same form: the gateway's, backend/jobdesk.py)."""
+    spec = requests.get(message.msg_type)
     if spec is None:
         raise ProtocolError(ErrorCode.UNKNOWN_REQUEST, f"unknown request {message.msg_type!r}")
     for name, (kind, required) in spec["fields"].items():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh machine (idempotent):
-#   .venv/          Python 3.11 (or python3) with the backend, test and lint dependencies
+#   .venv/          Python 3.11 (or python3) with the backend, server (Celery, redis-py), test and
+#                   lint dependencies (the studio-server tests also need `redis-server` on PATH)
 #   node_modules/   the Khronos glTF-Validator used by the tests
 #   .venv-bpy42/    Blender 4.2 LTS as a Python module (Python 3.11)   } only with --bpy
 #   .venv-bpy53/    Blender 5.3 as a Python module (Python 3.13)        }
@@ -29,7 +30,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 # torch is pinned: the fake TRELLIS.2 tests need it, and an unpinned torch pulls a multi-GB CUDA build.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" "torch==2.13.0"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,server]" "torch==2.13.0"
 
 if command -v npm >/dev/null 2>&1; then
   if [ ! -d node_modules/gltf-validator ]; then
