@@ -210,6 +210,10 @@ def _valid_content(msg_type: str, src) -> dict[str, Any]:
     """Content of the right types (values may still be refused by the handler)."""
     content: dict[str, Any] = {}
     for name, (kind, required) in protocol.REQUESTS[msg_type]["fields"].items():
+        if name == "idempotency_key":  # a fresh key: a reused one answers with its old job
+            if src.integer(0, 1):
+                content[name] = uuid.uuid4().hex
+            continue
         if required or src.integer(0, 1):
             content[name] = {
                 str: src.choice(TRAVERSAL) if name == "job_id" else src.text(0, 10),
