@@ -245,6 +245,8 @@ def m_no_delimiter(src, forge: Forge) -> list[Probe]:
         full = full[1:]
     else:
         full[0] = src.choice([b"", b"<IDS|MSG>", protocol.DELIMITER.lower(), src.blob(1, 20)])
+        if full[0] == protocol.DELIMITER:  # hypothesis can draw the delimiter itself
+            full[0] = b"x"
     return [Probe("no_delimiter", full, frozenset({"bad_message"}))]
 
 
