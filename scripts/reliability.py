@@ -421,7 +421,7 @@ def _store_rows(f: dict, row) -> None:
     ):
         if key in f:
             d = f[key]
-            extra = f" ({d['how']})" if "how" in d else ""
+            extra = f", {d['how']}" if "how" in d else ""
             row(
                 name + extra,
                 f"{d.get('jobs', d.get('jobs_running_or_queued'))} jobs running or queued",
