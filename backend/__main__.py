@@ -190,7 +190,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     output_dir = Path(args.output_dir or default_output_dir())
     path = Path(args.file) if args.file else output_dir / "state" / "stats.jsonl"
-    records, bad = read_lines(path)
+    try:
+        records, bad = read_lines(path)  # never through a link
+    except OSError as exc:
+        print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
     summary = aggregate(records)
     summary["malformed_lines"] = bad
     summary["file"] = str(path)
