@@ -340,14 +340,15 @@ class Supervisor:
         """Block (ticking, so respawns happen) until the job has one outcome in the job store;
         returns its record. For scripts and tests."""
         deadline = self.clock() + timeout
-        next_check = 0.0
+        next_check = next_view = 0.0
         while True:
             self._events.extend(self.tick())
             now = self.clock()
             if now >= next_check:
                 next_check = now + 0.25
                 record = self._job_store().get(job_id).to_dict()
-                if record["state"] not in ("done", "failed", "cancelled"):
+                if record["state"] not in ("done", "failed", "cancelled") and now >= next_view:
+                    next_view = now + 2.0  # the backend may hold an outcome it cannot write
                     record = self._backend_view(job_id) or record
                 if record["state"] in ("done", "failed", "cancelled"):
                     return record
