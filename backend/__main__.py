@@ -83,6 +83,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         recover=not args.no_recover,
     )
     server = Server(config)
+    from .ownerlock import LOCKED_EXIT_CODE, OutputLocked
+
+    try:
+        server.claim()  # before the connection file: a refused backend never looks alive
+    except OutputLocked as exc:
+        print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+        return LOCKED_EXIT_CODE
     info = server.bind()
     logging.getLogger(__name__).info(
         "backend %s serving engine %s on 127.0.0.1:%s/%s (session %s)",
@@ -116,9 +123,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise BackendError("bad_image", f"cannot read {image_path}: {exc.strerror}") from None
     validate.load_image(data)
     params = parse_params(_params_from_args(args)).to_dict()
+    from .ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
+
     output_dir = Path(args.output_dir or default_output_dir())
     engine = create_engine(args.engine, **_engine_options(args.engine_opt))
-    store = JobStore(output_dir)
+    # This process runs a job in the folder: it must own it like a backend (typed error if
+    # a supervisor or backend does).
+    locks = [
+        OutputLock(output_dir, name, "generate command") for name in (OWNER_LOCK, BACKEND_LOCK)
+    ]
+    store = JobStore(output_dir, locks=locks)
+    store.claim()
+    if store.problem is not None:
+        raise store.problem
     stats = StatsLog(output_dir / "state" / "stats.jsonl")
     engine.load(lambda fraction, text="": None)
     runner = Runner(
@@ -180,7 +197,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     output_dir = Path(args.output_dir or default_output_dir())
     path = Path(args.file) if args.file else output_dir / "state" / "stats.jsonl"
-    records, bad = read_lines(path)
+    try:
+        records, bad = read_lines(path)  # never through a link
+    except OSError as exc:
+        print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
     summary = aggregate(records)
     summary["malformed_lines"] = bad
     summary["file"] = str(path)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +23,7 @@ from .client import Client
 from .errors import BackendError, ErrorCode
 from .lifecycle import LadderWalk
 from .procutil import pid_alive
+from .safefs import Folder
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +54,26 @@ class BackendSpec:
     extra_args: list[str] = field(default_factory=list)  # more `serve` arguments
 
     def __post_init__(self) -> None:
-        self.output_dir = Path(self.output_dir)
-        self.connection_file = Path(self.connection_file)
-        self.log_dir = Path(self.log_dir) if self.log_dir else self.output_dir / "logs"
+        # Resolved once, here: the backend runs in another working directory (the extension
+        # root), so a relative path would name another folder there. Bytes paths are decoded.
+        self.output_dir = absolute(self.output_dir)
+        self.connection_file = absolute(self.connection_file)
+        self.log_dir = absolute(self.log_dir) if self.log_dir else self.output_dir / "logs"
+        self.state_dir = absolute(self.state_dir) if self.state_dir else None
+        self.python = os.fsdecode(self.python)
+        if os.sep in self.python or (os.altsep and os.altsep in self.python):
+            self.python = str(absolute(self.python))  # a bare name is looked up on PATH
+        self.extra_pythonpath = [str(absolute(p)) for p in self.extra_pythonpath]
 
     @property
     def standby_connection_file(self) -> Path:
         path = self.connection_file
         return path.with_name(f"{path.stem}.standby{path.suffix or '.json'}")
+
+
+def absolute(path: str | bytes | os.PathLike) -> Path:
+    """`path` against this process's working directory (no link resolved, `..` kept)."""
+    return Path.cwd() / os.fsdecode(path)
 
 
 class StartError(BackendError):
@@ -76,15 +91,12 @@ class StartError(BackendError):
 
 
 def log_tail(path: Path | None, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES) -> str:
-    """The last lines of a log file ("" if it cannot be read)."""
+    """The last lines of a log file ("" if it cannot be read; never through a link)."""
     if path is None:
         return ""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
+        with Folder.at(path.parent) as folder:
+            data = folder.read_tail(path.name, max_bytes)
     except OSError:
         return ""
     text = data.decode("utf-8", "replace")
@@ -92,21 +104,30 @@ def log_tail(path: Path | None, lines: int = TAIL_LINES, max_bytes: int = TAIL_B
 
 
 def rotate_logs(log_dir: Path, keep: int, protect: set[Path] = frozenset()) -> list[Path]:
-    """Remove the oldest backend logs so that at most `keep` remain; returns those removed."""
+    """Remove the oldest backend logs so that at most `keep` remain; returns those removed.
+    Only regular files in the logs folder itself: a link (at a log's name, or the folder) is
+    never followed, so nothing outside is ever deleted."""
     try:
-        logs = sorted(log_dir.glob(f"{LOG_PREFIX}*.log"), key=lambda p: (p.stat().st_mtime, p.name))
+        with Folder.at(log_dir) as folder:
+            logs = sorted(
+                (st.st_mtime, name)
+                for name, st in folder.entries()
+                if name.startswith(LOG_PREFIX)
+                and name.endswith(".log")
+                and stat.S_ISREG(st.st_mode)
+            )
+            removed = []
+            for _, name in logs[: max(0, len(logs) - keep)]:
+                if log_dir / name in protect:
+                    continue
+                try:
+                    folder.remove(name)
+                    removed.append(log_dir / name)
+                except OSError:
+                    pass
+            return removed
     except OSError:
         return []
-    removed = []
-    for path in logs[: max(0, len(logs) - keep)]:
-        if path in protect:
-            continue
-        try:
-            path.unlink()
-            removed.append(path)
-        except OSError:
-            pass
-    return removed
 
 
 # -- one backend process ------------------------------------------------------------------
@@ -197,14 +218,14 @@ def spawn(
     stale = read_conn(conn_path)
     if stale is not None and not pid_alive(stale.pid):
         unlink_quietly(conn_path)  # a dead backend's file must not describe anything
-    spec.log_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    rotate_logs(spec.log_dir, max(1, spec.keep_logs) - 1, protect)
-    log_path = spec.log_dir / f"{LOG_PREFIX}{stamp}-{role}.log"
-    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by BackendProcess.close()
     command = backend_command(spec, conn_path, role, heartbeat)
-    log_file.write(f"# {' '.join(command)}\n".encode())
-    log_file.flush()
+    log_dir, log_file = open_log(spec, f"{LOG_PREFIX}{stamp}-{role}.log", protect)
+    log_path = log_dir / f"{LOG_PREFIX}{stamp}-{role}.log"
+    try:  # a full disk loses the header, not the backend
+        log_file.write(os.fsencode(f"# {' '.join(command)}\n"))
+    except OSError:
+        pass
     try:
         proc = subprocess.Popen(
             command,
@@ -221,10 +242,11 @@ def spawn(
         raise StartError(
             f"cannot run the backend interpreter {spec.python}: {exc}", log_path, ""
         ) from None
-    final = log_path.with_name(f"{LOG_PREFIX}{stamp}-{proc.pid}.log")
+    final = f"{LOG_PREFIX}{stamp}-{proc.pid}.log"
     try:  # name the log after the pid (Windows cannot rename an open file: keep the name)
-        os.replace(log_path, final)
-        log_path = final
+        with Folder.at(log_dir) as folder:
+            folder.rename(log_path.name, final)
+        log_path = log_dir / final
     except OSError:
         pass
     b = BackendProcess(
@@ -232,6 +254,29 @@ def spawn(
     )
     log.info("spawned %s backend pid %s (log %s)", role, proc.pid, log_path)
     return b
+
+
+def open_log(spec: BackendSpec, name: str, protect: set[Path]) -> tuple[Path, Any]:
+    """A new 0600 log file in the logs folder (never a link); when that folder cannot be used
+    (read-only, full, a planted link) a private folder in the temp dir, then nowhere."""
+    for log_dir in (spec.log_dir, Path(tempfile.gettempdir()) / f"trellis2-logs-{_user()}"):
+        try:
+            with Folder.at(log_dir, create=True) as folder:
+                rotate_logs(log_dir, max(1, spec.keep_logs) - 1, protect)
+                fd = folder.create(name)
+        except OSError as exc:
+            log.warning("cannot write backend logs in %s: %s", log_dir, exc)
+            continue
+        return log_dir, os.fdopen(fd, "ab", buffering=0)
+    return Path(os.devnull).parent, open(os.devnull, "ab", buffering=0)  # noqa: SIM115 - no log
+
+
+def _is_log(name: str) -> bool:
+    return name.startswith(LOG_PREFIX) and name.endswith(".log")
+
+
+def _user() -> str:
+    return str(os.geteuid()) if hasattr(os, "geteuid") else os.environ.get("USERNAME", "user")
 
 
 def backend_command(spec: BackendSpec, conn_path: Path, role: str, heartbeat: float) -> list[str]:

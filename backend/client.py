@@ -268,10 +268,14 @@ class Client:
         params: dict[str, Any] | None = None,
         filename: str = "image.png",
         timeout: float = 10.0,
+        idempotency_key: str | None = None,
     ) -> str:
-        reply = self.request(
-            "generate", {"params": params or {}, "filename": filename}, [image], timeout=timeout
-        )
+        """Queue a generation. Resending with the same `idempotency_key` after a timeout
+        returns the job the first request made instead of a second one."""
+        content: dict[str, Any] = {"params": params or {}, "filename": filename}
+        if idempotency_key is not None:
+            content["idempotency_key"] = idempotency_key
+        reply = self.request("generate", content, [image], timeout=timeout)
         return reply["job_id"]
 
     def texture(
@@ -299,8 +303,13 @@ class Client:
     def cancel(self, job_id: str, timeout: float = 5.0) -> dict:
         return self.request("cancel", {"job_id": job_id}, timeout=timeout)
 
-    def jobs(self, limit: int = 50, timeout: float = 5.0) -> dict:
-        return self.request("jobs", {"limit": limit}, timeout=timeout)
+    def jobs(self, limit: int = 50, timeout: float = 5.0, before: str | None = None) -> dict:
+        """One page of the history, newest first; the reply's `next` is the `before` of the
+        next page (None after the last)."""
+        content: dict[str, Any] = {"limit": limit}
+        if before is not None:
+            content["before"] = before
+        return self.request("jobs", content, timeout=timeout)
 
     def job(self, job_id: str, timeout: float = 5.0) -> dict:
         return self.request("job", {"job_id": job_id}, timeout=timeout)

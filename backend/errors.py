@@ -27,6 +27,8 @@ class ErrorCode(str, Enum):
     BAD_MESH_INPUT = "bad_mesh_input"
     # resources
     DISK_FULL = "disk_full"
+    OUTPUT_UNWRITABLE = "output_unwritable"  # read-only, deleted, or holding a planted link
+    OUTPUT_LOCKED = "output_locked"  # another supervisor or backend owns the output folder
     OUT_OF_MEMORY = "out_of_memory"
     GPU_POISONED = "gpu_poisoned"
     GPU_HUNG = "gpu_hung"
@@ -82,6 +84,15 @@ _DEFAULTS: dict[ErrorCode, tuple[str, bool]] = {
     ),
     ErrorCode.BAD_MESH_INPUT: ("Use a GLB or PLY file with at least one triangle.", False),
     ErrorCode.DISK_FULL: ("Free some disk space or choose another output folder.", True),
+    ErrorCode.OUTPUT_UNWRITABLE: (
+        "Make the output folder writable, or choose another one; the backend resumes by itself "
+        "once it can write there.",
+        True,
+    ),
+    ErrorCode.OUTPUT_LOCKED: (
+        "Another backend uses this output folder: connect to it, or choose another folder.",
+        False,
+    ),
     ErrorCode.OUT_OF_MEMORY: (
         "Out of GPU memory even at the lowest quality; close other GPU programs or use 'fast'.",
         True,

@@ -156,6 +156,12 @@ CAUSES: dict[Cause, CauseRule] = {
 }
 
 
+def rung_for(rung: Rung, stopped: bool) -> Rung:
+    """A stopped process (SIGSTOP, T state) answers no request and keeps SIGTERM pending
+    until it is continued: it gets SIGKILL at once."""
+    return Rung.KILL if stopped else rung
+
+
 def classify_exit(code: int, poisoned_code: int = 75) -> tuple[Cause, str]:
     """Why a backend process that nobody asked to stop has exited."""
     if code == poisoned_code:
@@ -218,8 +224,16 @@ CLEAN_FAILURES = frozenset(
         ErrorCode.NOT_FOUND,
         ErrorCode.CANCELLED,
         ErrorCode.DISK_FULL,
+        ErrorCode.OUTPUT_UNWRITABLE,
     )
 )
+
+
+def paused(gap: float, heartbeat_timeout: float) -> bool:
+    """The supervisor itself did not run for `gap` seconds between two ticks (SIGSTOP, a host
+    that slept, a busy host application). Silence it did not watch says nothing about the
+    backend: liveness is measured again from the moment it woke."""
+    return gap > max(1.0, heartbeat_timeout / 2)
 
 
 def after_job(
@@ -306,10 +320,22 @@ class LadderWalk:
         self.done = False
         self.ended_by: Rung | None = None
         self.survived = False  # still alive after the last rung's wait
+        self.acted: list[Rung] = []  # the rungs acted on, in order
 
     @property
     def rung(self) -> Rung | None:
         return self.steps[self.index].rung if self.index >= 0 else None
+
+    def jump(self, rung: Rung, now: float) -> None:
+        """Act on `rung` now instead of the current one (the caller performs it); the walk
+        then waits that rung's wait."""
+        for index, step in enumerate(self.steps):
+            if step.rung is rung:
+                self.index = index
+                self.deadline = now + step.wait
+                if self.acted:
+                    self.acted[-1] = rung
+                return
 
     def poll(self, now: float, exited: bool) -> Rung | None:
         """The rung to act on now, or None. Call again until `done`."""
@@ -327,4 +353,5 @@ class LadderWalk:
             self.survived = True
             return None
         self.deadline = now + self.steps[self.index].wait
+        self.acted.append(self.steps[self.index].rung)
         return self.steps[self.index].rung

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from . import ladder
-from .files import atomic_write_bytes
 from .params import GenerationParams
+from .safefs import Folder
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class MemoryProfile:
     def _read_all(self) -> dict[str, dict[str, Any]]:
         """{gpu_key: {"entries": {...}, "stage_ooms": [...]}} from disk; bad parts dropped."""
         try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            with Folder.at(self.path.parent) as folder:  # never through a link
+                raw = json.loads(folder.read(self.path.name).decode("utf-8"))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
@@ -143,11 +144,11 @@ class MemoryProfile:
     def save(self) -> None:
         """Write this GPU's section, keeping other GPUs' sections as they are on disk."""
         with self._lock:
-            data = self._read_all() if self.path.exists() else {}
+            data = self._read_all()
             data[self.gpu_key] = {"entries": self._entries, "stage_ooms": self._stage_ooms}
             payload = json.dumps({"version": FORMAT_VERSION, "gpus": data}, indent=1)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.path, payload.encode("utf-8"))
+            with Folder.at(self.path.parent, create=True) as folder:
+                folder.write(self.path.name, payload.encode("utf-8"))
 
     # -- learning ----------------------------------------------------------------------
 

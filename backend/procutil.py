@@ -22,11 +22,21 @@ def pid_alive(pid: int) -> bool:
 
 
 def _is_zombie(pid: int) -> bool:
+    return _proc_state(pid) == "Z"
+
+
+def is_stopped(pid: int) -> bool:
+    """True while the process is stopped (SIGSTOP, a debugger): it handles no signal but
+    SIGKILL until it is continued. Linux only (/proc); False elsewhere."""
+    return _proc_state(pid) in ("T", "t")
+
+
+def _proc_state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
+        return ""
 
 
 def _win_pid_alive(pid: int) -> bool:

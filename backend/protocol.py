@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendError, ErrorCode, ProtocolError
-from .files import atomic_write_bytes
+from .safefs import read_file, write_file
 
 PROTOCOL_VERSION = "1.1"  # 1.1: jobs paging/search/disk use, delete_jobs
 DELIMITER = b"<TRELLIS2|MSG>"
@@ -39,18 +39,37 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "hello": {"fields": {"client": (str, False)}, "buffers": (0, 0)},
     "ping": {"fields": {}, "buffers": (0, 0)},
     "status": {"fields": {}, "buffers": (0, 0)},
+    # `idempotency_key`: a request resent with the same key gets the job the first one made.
     "generate": {
-        "fields": {"params": (dict, False), "filename": (str, False)},
+        "fields": {
+            "params": (dict, False),
+            "filename": (str, False),
+            "idempotency_key": (str, False),
+        },
         "buffers": (1, 1),
     },
     "texture": {
-        "fields": {"params": (dict, False), "filename": (str, False), "mesh_format": (str, True)},
+        "fields": {
+            "params": (dict, False),
+            "filename": (str, False),
+            "mesh_format": (str, True),
+            "idempotency_key": (str, False),
+        },
         "buffers": (2, 2),
     },
-    "reexport": {"fields": {"job_id": (str, True), "params": (dict, False)}, "buffers": (0, 0)},
+    "reexport": {
+        "fields": {"job_id": (str, True), "params": (dict, False), "idempotency_key": (str, False)},
+        "buffers": (0, 0),
+    },
     "cancel": {"fields": {"job_id": (str, True)}, "buffers": (0, 0)},
     "jobs": {
-        "fields": {"limit": (int, False), "offset": (int, False), "query": (str, False)},
+        # `offset` pages by position; `before` (the `next` of the previous page) by job id.
+        "fields": {
+            "limit": (int, False),
+            "offset": (int, False),
+            "query": (str, False),
+            "before": (str, False),
+        },
         "buffers": (0, 0),
     },
     # Remove finished jobs' folders: one job, or every job older than N days.
@@ -321,17 +340,19 @@ def new_key() -> str:
 
 
 def write_connection_file(path: str | Path, info: ConnectionInfo) -> Path:
-    """Write atomically with owner-only permissions (0600) from the first byte."""
+    """Write atomically with owner-only permissions (0600) from the first byte, never through
+    a link, in a folder that is made 0700 (an existing one must be ours, and loses group and
+    other access, or be a shared sticky folder such as /tmp)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(asdict(info), indent=2).encode("utf-8"), mode=0o600)
+    write_file(path, json.dumps(asdict(info), indent=2).encode("utf-8"))
     return path
 
 
 def read_connection_file(path: str | Path) -> ConnectionInfo:
+    """Read a connection file; one that is a link or another user's is refused."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_file(path, MAX_JSON_FRAME).decode("utf-8"))
     except FileNotFoundError:
         raise BackendError(
             ErrorCode.NOT_FOUND,

@@ -3,6 +3,7 @@ failed stage, cleans the GPU after every attempt, validates the output and recor
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -10,12 +11,13 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import gpu, heap, ladder, validate
 from .engines.base import Engine, Stage, StageContext
 from .errors import BackendError, ErrorCode, JobCancelled, OutputError
-from .jobs import RESULT_TMP, JobRecord, JobStore
+from .jobs import JobRecord, JobStore
 from .params import GenerationParams, parse_params
 from .stats import StatsLog
 
@@ -57,10 +59,17 @@ class _Failure(Exception):
         self.trace = trace
 
 
-def _disk_full(exc: BaseException) -> bool:
-    import errno
-
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+def _output_failure(exc: BaseException, folder: Path) -> str | None:
+    """A stage's OSError that is about the job's output rather than the engine: the disk is
+    full, or the job folder is read-only, gone or holds a link."""
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full"
+    inside = exc.filename is not None and str(folder) in os.fsdecode(exc.filename)
+    if inside and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ELOOP):
+        return "output_unwritable"
+    return None
 
 
 def _highest(*values: int | None) -> int | None:
@@ -69,10 +78,17 @@ def _highest(*values: int | None) -> int | None:
 
 
 def check_disk(path: os.PathLike | str, min_free: int) -> None:
+    """Refuse work when less than `min_free` bytes are free where `path` is (or would be: a
+    deleted output folder is measured at its nearest existing parent)."""
+    where = Path(os.fsdecode(path))
+    while not where.exists() and where.parent != where:
+        where = where.parent
     try:
-        free = shutil.disk_usage(path).free
+        free = shutil.disk_usage(where).free
     except OSError as exc:
-        raise BackendError(ErrorCode.INTERNAL, f"cannot read free disk space: {exc}") from None
+        raise BackendError(
+            ErrorCode.OUTPUT_UNWRITABLE, f"cannot read free disk space of {path}: {exc}"
+        ) from None
     if free < min_free:
         raise BackendError(
             ErrorCode.DISK_FULL,
@@ -215,6 +231,8 @@ class Runner:
                     raise BackendError(ErrorCode.GPU_POISONED, failure.message) from None
                 if failure.kind == "disk_full":  # the user can fix this one: say so
                     raise BackendError(ErrorCode.DISK_FULL, failure.message) from None
+                if failure.kind == "output_unwritable":
+                    raise BackendError(ErrorCode.OUTPUT_UNWRITABLE, failure.message) from None
                 if failure.kind != "oom":
                     self.store.append_log(job.id, failure.trace)
                     raise BackendError(ErrorCode.ENGINE_ERROR, failure.message) from None
@@ -293,7 +311,7 @@ class Runner:
                 # Keep text only: the exception's traceback pins frames and GPU tensors, so
                 # it must not outlive this block (raised below, outside it, with no context).
                 failure = _Failure(
-                    "disk_full" if _disk_full(exc) else gpu.classify_error(exc),
+                    _output_failure(exc, self.store.folder(job.id)) or gpu.classify_error(exc),
                     index,
                     f"{type(exc).__name__}: {exc}",
                     traceback.format_exc(),
@@ -314,25 +332,28 @@ class Runner:
     # -- helpers ---------------------------------------------------------------------
 
     def _initial_state(self, job: JobRecord, image: Any | None = None) -> dict[str, Any]:
+        if job.kind == "reexport" and not job.parent:
+            raise BackendError(ErrorCode.BAD_PARAMS, "reexport needs a parent job")
+        # No link in the job's folder (or its parent's) and a fresh result.tmp.glb: what the
+        # engine reads and writes there is never redirected outside the store.
+        output = self.store.prepare(job.id, also=(job.parent,) if job.kind == "reexport" else ())
         folder = self.store.folder(job.id)
-        state: dict[str, Any] = {"output_path": folder / RESULT_TMP, "job_dir": folder}
+        state: dict[str, Any] = {"output_path": output, "job_dir": folder}
         if job.kind == "reexport":
-            if not job.parent:
-                raise BackendError(ErrorCode.BAD_PARAMS, "reexport needs a parent job")
             state.update(self.engine.load_cache(self.store.folder(job.parent)))
             return state
         if image is None:
-            source = self.store.input_path(job.id)
+            source = self.store.read_input(job.id)
             if source is None:
                 raise BackendError(ErrorCode.NOT_FOUND, f"job {job.id} has no input image")
-            image = validate.load_image(source.read_bytes())
+            image = validate.load_image(source[1])
         state["image"] = image
         if job.kind == "texture":
-            mesh = self.store.input_path(job.id, stem="mesh")
+            mesh = self.store.read_input(job.id, stem="mesh")
             if mesh is None:
                 raise BackendError(ErrorCode.BAD_MESH_INPUT, f"job {job.id} has no input mesh")
-            state["mesh_bytes"] = mesh.read_bytes()
-            state["mesh_format"] = mesh.suffix.lstrip(".").lower()
+            state["mesh_bytes"] = mesh[1]
+            state["mesh_format"] = mesh[0].rsplit(".", 1)[-1].lower()
         return state
 
     def _start_level(self, request: GenerationParams) -> tuple[int, str]:
@@ -406,6 +427,7 @@ class Runner:
                 raise OutputError(ErrorCode.INVALID_MESH, f"engine produced no {key}")
         vertices, faces = state["mesh_arrays"]
         warnings = validate.validate_mesh(vertices, faces)
+        self.store.check_output(job.id, state["glb_path"])  # still our file, not a link
         report = validate.validate_glb_file(state["glb_path"])
         warnings += report.get("warnings", [])
         final = self.store.publish_result(job.id, state["glb_path"])
@@ -420,7 +442,7 @@ class Runner:
         # over what was asked: users and the memory profile need the former.
         result.params = {**params.to_dict(), **state.get("effective_params", {})}
         result.glb_path = str(final)
-        result.mesh_stats = dict(state["mesh_stats"], glb_bytes=final.stat().st_size)
+        result.mesh_stats = dict(state["mesh_stats"], glb_bytes=self.store.result_size(job.id))
         if "structure" in state:
             result.mesh_stats["structure"] = dict(state["structure"])
         result.warnings = warnings
@@ -434,10 +456,7 @@ class Runner:
             )
 
     def _discard_tmp(self, job_id: str) -> None:
-        try:
-            (self.store.folder(job_id) / RESULT_TMP).unlink(missing_ok=True)
-        except OSError:
-            pass
+        self.store.discard_output(job_id)
 
     def _finish(self, job: JobRecord, result: JobResult, emit: Emit) -> None:
         summary = {

@@ -23,8 +23,9 @@ import zmq
 
 from . import __version__, gpu, heap, protocol, validate
 from .engines import create as create_engine
-from .errors import BackendError, ErrorCode, ProtocolError
-from .jobs import INPUT_STEM, JOB_ID, THUMBNAIL, JobRecord, JobStore
+from .errors import BackendError, ErrorCode, JobCancelled, ProtocolError
+from .jobs import INPUT_STEM, JOB_ID, THUMBNAIL, JobRecord, JobState, JobStore
+from .ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
 from .params import parse_params
 from .procutil import pid_alive
 from .runner import MAX_RECOVERIES, Runner, RunnerConfig, check_disk
@@ -36,6 +37,8 @@ EVENTS_URL = "inproc://backend-events"
 EXPORT_PARAMS = ("texture_size", "decimation_target", "remesh")
 MESH_FORMATS = ("glb", "ply")
 MAX_MESH_BYTES = 512 << 20
+JOBS_REPLY_BUDGET = protocol.MAX_JSON_FRAME // 2  # bytes of job summaries in one `jobs` page
+MAX_KEY_CHARS = 200  # idempotency keys
 
 
 class BackendState(str, Enum):
@@ -70,9 +73,14 @@ class ServerConfig:
     settle_heap: bool = True
 
     def __post_init__(self) -> None:
-        self.connection_file = Path(self.connection_file)
-        self.output_dir = Path(self.output_dir)
-        self.state_dir = Path(self.state_dir) if self.state_dir else self.output_dir / "state"
+        # Absolute once, here: nothing below depends on the working directory.
+        self.connection_file = Path.cwd() / os.fsdecode(self.connection_file)
+        self.output_dir = Path.cwd() / os.fsdecode(self.output_dir)
+        self.state_dir = (
+            Path.cwd() / os.fsdecode(self.state_dir)
+            if self.state_dir
+            else self.output_dir / "state"
+        )
 
 
 class Server:
@@ -82,7 +90,15 @@ class Server:
         self.started_at = time.monotonic()
         self.key = protocol.new_key()
         self.session = protocol.Session(self.key, clock=clock)
-        self.store = JobStore(config.output_dir)
+        # The backend that runs jobs holds backend.lock; one run without a supervisor (no
+        # parent) owns the folder itself too (owner.lock). Taken by claim(), at activation.
+        locks = [OutputLock(config.output_dir, BACKEND_LOCK, "backend", config.connection_file)]
+        if not config.parent_pid:
+            locks.insert(
+                0, OutputLock(config.output_dir, OWNER_LOCK, "backend", config.connection_file)
+            )
+        self.store = JobStore(config.output_dir, locks=locks)
+        self._keys: dict[str, str] = {}  # idempotency key -> job id
         self.stats = StatsLog(config.state_dir / "stats.jsonl")
         self.state = BackendState.STARTING
         self.state_reason = "starting"
@@ -163,7 +179,14 @@ class Server:
         protocol.write_connection_file(self.config.connection_file, self.connection)
         return self.connection
 
+    def claim(self) -> None:
+        """Take the output folder (its locks) before binding; raises OutputLocked when another
+        process owns it. A standby claims it when activated."""
+        if not self.config.standby:
+            self.store.claim()
+
     def start(self) -> None:
+        self.claim()
         if self.shell is None:
             self.bind()
         if not self.config.standby:
@@ -178,8 +201,11 @@ class Server:
         with self._queue_cv:
             if self._active.is_set():
                 return
+            self.store.claim()  # raises OutputLocked: the standby must not run anything
+            records, _ = self.store.list()
+            self._keys = {r.idempotency_key: r.id for r in records if r.idempotency_key}
             if self.config.recover:
-                self._recover_jobs()
+                self._recover_jobs(records)
             self._active.set()
             self._queue_cv.notify_all()
 
@@ -206,6 +232,8 @@ class Server:
                     next_beat = now + self.config.heartbeat_interval
                     self._heartbeat()
                     self._watch_parent()
+                    if self._active.is_set() and (self.store.problem or self.store.pending()):
+                        self.store.recover()  # a full, read-only or deleted folder came back
             self._drain_events()
         finally:
             self._close()
@@ -232,6 +260,7 @@ class Server:
             if sock is not None:
                 sock.close(linger=200)
         self._remove_connection_file()
+        self.store.release()
         # destroy() also closes the per-thread PUSH sockets, which term() would wait on forever.
         self.ctx.destroy(linger=200)
 
@@ -420,11 +449,15 @@ class Server:
             vram=gpu.vram(),
             gpu_health=gpu.probe_health(0.5),
             output_dir=str(self.config.output_dir),
+            output=self._output_health(),
             rejected=dict(self.rejected),
             memory=heap.figures(),
         )
 
     def _on_generate(self, message, identity) -> dict:
+        duplicate = self._duplicate(message)
+        if duplicate is not None:
+            return duplicate
         self._admit()
         params = parse_params(message.content.get("params"))
         image_bytes = message.buffers[0]
@@ -439,6 +472,9 @@ class Server:
 
     def _on_texture(self, message, identity) -> dict:
         self.engine.stages_for("texture")  # typed error if this engine cannot texture
+        duplicate = self._duplicate(message)
+        if duplicate is not None:
+            return duplicate
         self._admit()
         params = parse_params(message.content.get("params"))
         fmt = message.content["mesh_format"].lower()
@@ -462,6 +498,9 @@ class Server:
 
     def _on_reexport(self, message, identity) -> dict:
         self.engine.stages_for("reexport")
+        duplicate = self._duplicate(message)
+        if duplicate is not None:
+            return duplicate
         self._admit()
         parent = self.store.get(message.content["job_id"])
         if parent.state.value != "done" or parent.kind == "texture":
@@ -478,15 +517,35 @@ class Server:
         params = parse_params(
             {"preset": (parent.params or {}).get("preset", "balanced"), **base, **changes}
         )
-        thumb = self.store.path(parent.id, "thumbnail.png")
         return self._submit(
             "reexport",
             params.to_dict(),
             message,
             parent=parent.id,
             filename=parent.filename,
-            thumbnail=thumb.read_bytes() if thumb.exists() else None,
+            thumbnail=self.store.read(parent.id, "thumbnail.png", 8 << 20),
         )
+
+    def _duplicate(self, message) -> dict | None:
+        """A request sent again with its idempotency key (say, after a client timeout) is
+        answered with the job the first one made, whatever the queue or disk say now."""
+        key = message.content.get("idempotency_key")
+        if key is None:
+            return None
+        if not key or len(key) > MAX_KEY_CHARS:
+            raise BackendError(
+                ErrorCode.BAD_PARAMS, f"idempotency_key must be 1..{MAX_KEY_CHARS} characters"
+            )
+        job_id = self._keys.get(key)
+        if job_id is None:
+            return None
+        try:
+            state = self.store.get(job_id).state.value
+        except BackendError:
+            return None  # its folder is gone: the request makes a new job
+        with self._queue_cv:
+            position = self._queue.index(job_id) + 1 if job_id in self._queue else 0
+        return protocol.ok_reply(job_id=job_id, position=position, state=state, duplicate=True)
 
     def _admit(self) -> None:
         """Refuse a new job before any work is spent on it (decoding the image costs more
@@ -504,6 +563,9 @@ class Server:
                 ErrorCode.ENGINE_UNAVAILABLE,
                 (self.engine_error or {}).get("message", "engine failed to load"),
             )
+        problem = self.store.problem
+        if problem is not None:  # disk full, read-only, deleted, another owner: typed
+            raise BackendError(problem.code, problem.message, problem.hint)
         with self._queue_cv:
             if len(self._queue) >= self.config.queue_depth:
                 raise BackendError(
@@ -542,7 +604,10 @@ class Server:
                 mesh=mesh,
                 mesh_ext=mesh_ext,
                 parent=parent,
+                idempotency_key=message.content.get("idempotency_key"),
             )
+            if record.idempotency_key:
+                self._keys[record.idempotency_key] = record.id
             self._queue.append(record.id)
             if image is not None:
                 self._decoded[record.id] = image
@@ -560,13 +625,14 @@ class Server:
         record = self.store.get(job_id)
         with self._queue_cv:
             if job_id in self._queue:
+                self.store.transition(job_id, "cancel")  # first: a failed write leaves it queued
                 self._queue.remove(job_id)
                 self._decoded.pop(job_id, None)
-                self.store.transition(job_id, "cancel")
                 self._emit("job_cancelled", {"job_id": job_id})
                 return protocol.ok_reply(job_id=job_id, state="cancelled")
         flag = self._running.get(job_id)
         if flag is not None:
+            self.store.request_cancel(job_id)  # on disk: a crash before the stop keeps it cancelled
             flag.set()
             return protocol.ok_reply(job_id=job_id, state="cancelling")
         return protocol.ok_reply(job_id=job_id, state=record.state.value)
@@ -581,6 +647,10 @@ class Server:
             raise BackendError(ErrorCode.BAD_PARAMS, "offset must be 0..1000000")
         if len(query) > 200:
             raise BackendError(ErrorCode.BAD_PARAMS, "query is longer than 200 characters")
+        before = message.content.get("before")
+        if before is not None:  # paging by id: stable while jobs are being added
+            records, warnings, _ = self.store.page(limit, before)
+            return self._listing(records, warnings, 0, limit, None)
         if query:  # reads every record: about 3 ms per 100 jobs on the 2-core CI machine
             return self._search_jobs(query, limit, offset)
         records, warnings, total = _newest(self.store, offset + limit)
@@ -591,10 +661,30 @@ class Server:
         found = [r for r in records if _matches(r, query.split())]
         return self._listing(found, warnings, offset, limit, len(found))
 
-    def _listing(self, records, warnings, offset: int, limit: int, total: int) -> dict:
+    def _listing(self, records, warnings, offset: int, limit: int, total: int | None) -> dict:
+        """One page, cut short where it would pass the reply limit. `next` is the id to give
+        as `before` for the following page (None after the last)."""
         page = records[offset : offset + limit]
-        jobs = [dict(_summary(r), **_folder_facts(self.store.folder(r.id))) for r in page]
-        return protocol.ok_reply(jobs=jobs, warnings=warnings, total=total, offset=offset)
+        jobs: list[dict] = []
+        used = 0
+        for record in page:
+            entry = dict(_summary(record), **_folder_facts(self.store.folder(record.id)))
+            used += len(json.dumps(entry, default=str))
+            if jobs and used > JOBS_REPLY_BUDGET:
+                break
+            jobs.append(entry)
+        more = (
+            len(jobs) < len(page)
+            or (total is None and len(page) == limit)
+            or (total is not None and offset + len(page) < total)
+        )
+        return protocol.ok_reply(
+            jobs=jobs,
+            warnings=[w[:300] for w in warnings[:50]],
+            total=total,
+            offset=offset,
+            next=jobs[-1]["job_id"] if jobs and more else None,
+        )
 
     def _on_delete_jobs(self, message, identity) -> None:
         job_id = message.content.get("job_id")
@@ -658,20 +748,10 @@ class Server:
 
     def _on_job(self, message, identity) -> dict:
         record = self.store.get(message.content["job_id"])
-        folder = self.store.folder(record.id)
-        files = {}
-        for path in folder.iterdir():
-            if path.name.startswith("."):
-                continue  # an atomic write's temp file, renamed away any moment now
-            try:
-                if path.is_file():
-                    files[path.name] = path.stat().st_size
-            except FileNotFoundError:  # the running job replaced it meanwhile
-                pass
         return protocol.ok_reply(
             job=record.to_dict(),
-            folder=str(folder),
-            files=files,
+            folder=str(self.store.folder(record.id)),
+            files=self.store.files(record.id),  # regular files only: links are never followed
             # The log excerpt (up to 16 KB) only on request: clients poll `job` for its state.
             log=self.store.log_excerpt(record.id) if message.content.get("log") else None,
         )
@@ -719,6 +799,14 @@ class Server:
 
         self._defer(identity, message, work)
         return None
+
+    def _output_health(self) -> dict[str, Any]:
+        problem = self.store.problem
+        return {
+            "ok": problem is None,
+            "error": problem.to_dict() if problem else None,
+            "unrecorded": self.store.pending(),  # outcomes kept in memory until writable
+        }
 
     def _on_activate(self, message, identity) -> dict:
         self._activate()
@@ -768,7 +856,11 @@ class Server:
             pending = list(self._queue)
             self._queue.clear()
         for job_id in pending:
-            self.store.transition(job_id, "fail", error=error.to_dict())
+            try:
+                self.store.transition(job_id, "fail", error=error.to_dict())
+            except BackendError as exc:
+                self._end_unrecorded(job_id, exc)
+                continue
             self._emit("job_failed", {"job_id": job_id, **error.to_dict()})
 
     def _worker(self) -> None:
@@ -784,7 +876,13 @@ class Server:
                 image = self._decoded.pop(job_id, None)
                 cancel = threading.Event()
                 self._running[job_id] = cancel
+            result = None
             try:
+                problem = self.store.problem
+                if problem is not None:  # the folder cannot record it: it ends typed, now
+                    reason = f"not run: the output folder cannot be used ({problem.message})"
+                    self._end_unrecorded(job_id, BackendError(problem.code, reason, problem.hint))
+                    continue
                 record = self.store.get(job_id)
                 result = self.runner.run(
                     record,
@@ -793,9 +891,11 @@ class Server:
                     interrupted=self._stopping.is_set,
                     image=image,
                 )
-            except Exception:
+            except BackendError as exc:  # the store could not write the job's record
+                self._end_unrecorded(job_id, exc)
+            except Exception as exc:
                 log.exception("worker failed on job %s", job_id)
-                result = None
+                self._end_unrecorded(job_id, BackendError(ErrorCode.INTERNAL, repr(exc)))
             finally:
                 self._running.pop(job_id, None)
             if result is not None and result.poisoned:
@@ -809,21 +909,64 @@ class Server:
             if self._ready.is_set():
                 self._health = dict(gpu.probe_health(2.0), checked=self.clock())
 
-    def _recover_jobs(self) -> None:
-        """Jobs a dead backend left queued or running run again (running ones only once)."""
-        for record in self.store.unfinished():
-            if record.state.value == "running":
-                if record.recoveries >= MAX_RECOVERIES:
+    def _recover_jobs(self, records: list[JobRecord]) -> None:
+        """Every job a dead backend left queued or running runs again (running ones only
+        once); one the user cancelled while it ran stays cancelled. A job whose record cannot
+        be written ends failed with the store's typed error."""
+        for record in sorted((r for r in records if not r.terminal), key=lambda r: r.created):
+            try:
+                if record.state is JobState.RUNNING and record.cancel_requested:
+                    self.store.transition(record.id, "cancel", error=JobCancelled().to_dict())
+                    self.store.append_log(record.id, "cancelled (its backend stopped first)")
+                    self._emit("job_cancelled", {"job_id": record.id})
+                    continue
+                if record.state is JobState.RUNNING and record.recoveries >= MAX_RECOVERIES:
                     error = BackendError(
                         ErrorCode.BACKEND_DIED, "the backend died twice while running this job"
                     )
                     self.store.transition(record.id, "fail", error=error.to_dict())
                     self.store.append_log(record.id, "failed: backend died again")
+                    self._job_stats(record, error)
                     continue
-                self.store.transition(record.id, "requeue", recoveries=record.recoveries + 1)
-                self.store.append_log(record.id, "backend died during this job; running it again")
-            if len(self._queue) < max(self.config.queue_depth, 1) * 4:
-                self._queue.append(record.id)
+                if record.state is JobState.RUNNING:
+                    self.store.transition(record.id, "requeue", recoveries=record.recoveries + 1)
+                    self.store.append_log(
+                        record.id, "backend died during this job; running it again"
+                    )
+            except BackendError as exc:
+                self._end_unrecorded(record.id, exc)
+                continue
+            self._queue.append(record.id)
+
+    def _end_unrecorded(self, job_id: str, error: BackendError) -> None:
+        """A job the store could not record (disk full, read-only or deleted folder) still
+        ends: failed with that typed error, kept in memory until the folder is writable."""
+        if error.code is ErrorCode.NOT_FOUND:
+            error = BackendError(
+                ErrorCode.OUTPUT_UNWRITABLE, f"the folder of job {job_id} is gone: {error.message}"
+            )
+        if not self.store.settle(job_id, error):
+            return  # it had ended already
+        log.warning("job %s failed: %s", job_id, error.message)
+        self.store.discard_output(job_id)
+        try:
+            self._job_stats(self.store.get(job_id), error)
+        except BackendError:
+            pass  # its folder is gone
+        self._emit("job_failed", {"job_id": job_id, **error.to_dict()})
+
+    def _job_stats(self, record: JobRecord, error: BackendError) -> None:
+        """The stats line of a job that ended without running to its end."""
+        self.stats.append(
+            "job",
+            job_id=record.id,
+            engine=record.engine,
+            job_kind=record.kind,
+            params=record.params,
+            attempts=record.attempts,
+            outcome="failed",
+            error_code=error.code.value,
+        )
 
 
 def _summary(record: JobRecord) -> dict[str, Any]:
@@ -854,9 +997,15 @@ def _newest(store: JobStore, count: int | None) -> tuple[list[JobRecord], list[s
     for unreadable folders, and how many job folders there are. The order is the id's second
     (ids start with it), then `created`: so any page of `jobs` is a slice of one order and
     paging never skips or repeats a job, although this reads only the newest ids."""
-    names = sorted((p.name for p in store.jobs_dir.iterdir() if JOB_ID.match(p.name)), reverse=True)
     records: list[JobRecord] = []
     warnings: list[str] = []
+    try:
+        listing = os.listdir(store.jobs_dir)
+    except FileNotFoundError:  # made on the first job (a deleted folder is made again)
+        return records, warnings, 0
+    except OSError as exc:
+        return records, [f"cannot read {store.jobs_dir}: {exc}"], 0
+    names = sorted((name for name in listing if JOB_ID.match(name)), reverse=True)
     boundary = None
     for name in names:
         if boundary is not None and name[:15] != boundary:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .safefs import Folder, read_file
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +25,11 @@ def _iso(ts: float) -> str:
 
 
 class StatsLog:
-    """Append-only JSON lines. A full disk loses a stats line, never a job."""
+    """Append-only JSON lines in the state folder, which is made 0700 and is never a link;
+    the file is 0600 and never a link either. A full disk loses a stats line, never a job."""
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(os.fsdecode(path))
         self.clock = clock
         self._lock = threading.Lock()
 
@@ -37,26 +38,37 @@ class StatsLog:
         line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
         with self._lock:
             try:
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(line)
-                    f.flush()
-                    os.fsync(f.fileno())
+                with Folder.at(self.path.parent, create=True) as folder:
+                    folder.append(self.path.name, line.encode("utf-8"))
             except OSError as exc:
                 log.warning("cannot append to stats log %s: %s", self.path, exc)
         return record
 
     def read(self) -> list[dict[str, Any]]:
-        return read_lines(self.path)[0]
+        try:
+            with Folder.at(self.path.parent) as folder:
+                data = folder.read(self.path.name)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            log.warning("cannot read stats log %s: %s", self.path, exc)
+            return []
+        return parse_lines(data)[0]
 
 
 def read_lines(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """Parse a stats file; returns (records, number of malformed lines skipped)."""
-    records: list[dict[str, Any]] = []
-    bad = 0
+    """Parse a stats file (never through a link); returns (records, malformed lines)."""
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        data = read_file(path)
     except FileNotFoundError:
         return [], 0
+    return parse_lines(data)
+
+
+def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    records: list[dict[str, Any]] = []
+    bad = 0
+    text = data.decode("utf-8", errors="replace")
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -70,6 +82,16 @@ def read_lines(path: str | Path) -> tuple[list[dict[str, Any]], int]:
         else:
             bad += 1
     return records, bad
+
+
+def _once_per_job(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per job (the last): a job recorded twice (a crash between its stats line and
+    its record, two backends on one folder in older versions) counts once."""
+    last: dict[Any, int] = {}
+    for index, line in enumerate(lines):
+        job_id = line.get("job_id")
+        last[job_id if isinstance(job_id, str) else index] = index
+    return [lines[i] for i in sorted(last.values())]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -89,7 +111,7 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Success rate, time per generation (mean, p50, p95), failures by code, ladder levels,
     retries per job, VRAM peaks and time to ready."""
     records = list(records)
-    jobs = [r for r in records if r.get("kind") == "job"]
+    jobs = _once_per_job([r for r in records if r.get("kind") == "job"])
     attempts = [r for r in records if r.get("kind") == "attempt"]
     ready = [r for r in records if r.get("kind") == "ready"]
     finished = [j for j in jobs if j.get("outcome") in ("done", "failed")]

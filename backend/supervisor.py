@@ -38,7 +38,7 @@ from .backend_process import (
     unlink_quietly,
 )
 from .client import Client, Pending
-from .errors import BackendError, ErrorCode
+from .errors import BackendError, ErrorCode, JobCancelled
 from .jobs import JobState, JobStore
 from .lifecycle import (
     CAUSES,
@@ -52,10 +52,15 @@ from .lifecycle import (
     after_job,
     classify_exit,
     liveness,
+    paused,
     recent,
+    rung_for,
     shutdown_ladder,
     storm,
 )
+from .ownerlock import BACKEND_LOCK, LOCKED_EXIT_CODE, OWNER_LOCK, OutputLock, OutputLocked
+from .procutil import is_stopped
+from .stats import StatsLog
 
 __all__ = [
     "BackendSpec",
@@ -74,6 +79,7 @@ log = logging.getLogger(__name__)
 POISONED_EXIT_CODE = 75  # backend.gpu.POISONED_EXIT_CODE (gpu.py is not imported here)
 ACTIVATE_TIMEOUT = 10.0
 STANDBY_MAX_FAILURES = 3
+CLAIM_RETRY = 2.0  # seconds between tries to lock an output folder that cannot hold a lock yet
 JOB_EVENTS = ("job_done", "job_failed", "job_cancelled")
 
 
@@ -128,6 +134,8 @@ class SupervisorEvent:
 
 # -- the supervisor ---------------------------------------------------------------------------
 
+_IDLE = (SupervisorState.STOPPED, SupervisorState.DEAD)
+
 _SUPERVISORS: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
 
@@ -173,6 +181,12 @@ class Supervisor:
         self.last_shutdown: dict[str, Any] | None = None  # {pid, rung, exit_code, reason}
         self._store: JobStore | None = None
         self._zmq: zmq.Context | None = None  # shared by this supervisor's clients
+        # One owner per output folder: this supervisor, for as long as it runs.
+        self._owner = OutputLock(spec.output_dir, OWNER_LOCK, "supervisor", spec.connection_file)
+        self._next_claim = 0.0
+        self._was_ready = False  # a backend was ready since start(): later start crashes respawn
+        self._last_tick = clock()
+        self._woke_at = 0.0  # when the supervisor last woke from a pause (its own clock)
         _SUPERVISORS.add(self)
 
     # -- public properties ---------------------------------------------------------------
@@ -222,7 +236,10 @@ class Supervisor:
         self._last_error = None
         self._restarts.clear()
         self._standby_failures = 0
+        self._was_ready = False
         self._fire(Trigger.START, "starting the backend")
+        if not self._claim_folder(self.clock()):
+            return
         self._want_spawn = True
         self._maybe_spawn(self.clock())
 
@@ -281,11 +298,21 @@ class Supervisor:
         if self._zmq is not None:  # every client is closed; destroy closes any stray socket
             self._zmq.destroy(linger=0)
             self._zmq = None
+        self._owner.release()
 
-    def submit(self, image: bytes, params: dict | None = None, filename: str = "image.png") -> str:
-        """Queue a generation on the live backend; returns the job id."""
+    def submit(
+        self,
+        image: bytes,
+        params: dict | None = None,
+        filename: str = "image.png",
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Queue a generation on the live backend; returns the job id. Sending it again with
+        the same `idempotency_key` (after a timeout, say) returns the same job."""
         client = self._require_client()
-        return client.generate(image, params, filename, timeout=10.0)
+        return client.generate(
+            image, params, filename, timeout=10.0, idempotency_key=idempotency_key
+        )
 
     def cancel(self, job_id: str) -> None:
         client = self.client
@@ -358,21 +385,25 @@ class Supervisor:
             ),
             "last_shutdown": self.last_shutdown,
             "last_error": self._last_error.to_dict() if self._last_error else None,
+            "owns_output_dir": self._owner.held,
         }
 
     def wait_for_job(self, job_id: str, timeout: float) -> dict[str, Any]:
         """Block (ticking, so respawns happen) until the job has one outcome in the job store;
         returns its record. For scripts and tests."""
         deadline = self.clock() + timeout
-        next_check = 0.0
+        next_check = next_view = 0.0
         while True:
             self._events.extend(self.tick())
             now = self.clock()
             if now >= next_check:
                 next_check = now + 0.25
-                record = self._job_store().get(job_id)
-                if record.terminal:
-                    return record.to_dict()
+                record = self._job_store().get(job_id).to_dict()
+                if record["state"] not in ("done", "failed", "cancelled") and now >= next_view:
+                    next_view = now + 2.0  # the backend may hold an outcome it cannot write
+                    record = self._backend_view(job_id) or record
+                if record["state"] in ("done", "failed", "cancelled"):
+                    return record
             if now > deadline:
                 raise BackendError(ErrorCode.BUSY, f"job {job_id} did not finish in {timeout} s")
             self.sleep(0.02)
@@ -383,6 +414,14 @@ class Supervisor:
         """Poll everything once without blocking; returns backend messages and
         SupervisorEvents since the last call."""
         now = self.clock()
+        gap, self._last_tick = now - self._last_tick, now
+        if self._lc.state not in _IDLE and paused(gap, self.policy.heartbeat_timeout):
+            # We were not running (SIGSTOP, a sleeping host): the backends' silence meanwhile
+            # is ours, not theirs. Liveness is measured again from now.
+            log.info("the supervisor did not run for %.1f s; re-checking the backend", gap)
+            self._woke_at = now
+        if not self._owner.held and self._lc.state not in _IDLE and now >= self._next_claim:
+            self._claim_folder(now)
         out: list[Any] = list(self._events)
         self._events.clear()
         for b in list(self._retiring):
@@ -579,6 +618,7 @@ class Supervisor:
             self._fire(Trigger.CONNECTED, reason or "loading the engine")
         elif b.loaded and self.state in (SupervisorState.STARTING, SupervisorState.LOADING):
             seconds = now - b.spawned_at
+            self._was_ready = True
             self._fire(Trigger.LOADED, f"ready ({seconds:.1f} s after spawn, pid {b.pid})")
 
     def _on_job_event(self, message: protocol.Message, now: float) -> None:
@@ -652,6 +692,14 @@ class Supervisor:
                 self._standby_failures += 1
                 self._retire(b, None, now, text)
                 self._want_spawn = True
+            elif code == LOCKED_EXIT_CODE and not b.loaded:
+                owner = OutputLock(self.spec.output_dir, BACKEND_LOCK, "").recorded_owner()
+                error = OutputLocked(self.spec.output_dir, owner)
+                self._give_up(error.message, now, error=error, error_from=b)
+            elif self._was_ready and not b.loaded:
+                # A respawned backend that dies while starting counts like any crash, so the
+                # storm guard (not the first death) decides when to stop.
+                self._respawn(cause, f"the backend exited while starting: {text}", now, b)
             elif not b.loaded or self.state in (SupervisorState.STARTING, SupervisorState.LOADING):
                 self._give_up(f"the backend exited while starting: {text}", now, error_from=b)
             else:
@@ -669,7 +717,7 @@ class Supervisor:
             return
         if b.hello is None:
             return
-        last_seen = max(b.client.last_seen or 0.0, b.connected_at or 0.0)
+        last_seen = self._last_seen(b)
         verdict = liveness(
             now=now,
             last_seen=last_seen,
@@ -685,6 +733,10 @@ class Supervisor:
                 self._give_up(f"the backend hung while loading: {verdict[1]}", now, error_from=b)
             return
         self._poll_status(b, now, last_seen)
+
+    def _last_seen(self, b: BackendProcess) -> float:
+        """When the backend was last heard from, or the supervisor last woke from a pause."""
+        return max(b.client.last_seen or 0.0, b.connected_at or 0.0, self._woke_at)
 
     def _poll_status(self, b: BackendProcess, now: float, last_seen: float) -> None:
         """Ask for status often while loading (fast READY), rarely after; ping when quiet."""
@@ -711,12 +763,28 @@ class Supervisor:
             elif b.hello is not None and now >= b.next_status and not b.waiting_for("status"):
                 b.next_status = now + 0.05
                 b.send("status", now)
+            return
+        # Health-checked like the active one: a frozen standby would fail its takeover.
+        last_seen = self._last_seen(b)
+        verdict = liveness(
+            now=now,
+            last_seen=last_seen,
+            heartbeat_timeout=self.policy.heartbeat_timeout,
+            job_started_at=None,
+            job_watchdog=None,
+        )
+        if verdict is not None:
+            self._standby_failed(b, verdict[1], now, first=Rung.TERMINATE)
+        elif now - last_seen > self.policy.heartbeat_timeout / 2 and not b.waiting_for("ping"):
+            b.send("ping", now)
 
-    def _standby_failed(self, b: BackendProcess | None, reason: str, now: float) -> None:
+    def _standby_failed(
+        self, b: BackendProcess | None, reason: str, now: float, first: Rung = Rung.REQUEST
+    ) -> None:
         self._standby_failures += 1
         if b is not None and self._standby is b:
             self._standby = None
-            self._retire(b, Rung.REQUEST, now, reason)
+            self._retire(b, first, now, reason)
         disabled = self._standby_failures >= STANDBY_MAX_FAILURES
         text = f"standby failed: {reason}" + ("; standby disabled" if disabled else "")
         tail = log_tail(b.log_path) if b is not None else ""
@@ -812,6 +880,10 @@ class Supervisor:
                 self._finish(b)
 
     def _act(self, b: BackendProcess, rung: Rung, now: float) -> None:
+        stopped = rung_for(rung, is_stopped(b.proc.pid))
+        if stopped is not rung and b.walk is not None:
+            b.walk.jump(stopped, now)  # SIGTERM would wait pending until a SIGCONT
+            rung = stopped
         log.info("stopping backend pid %s: %s (%s)", b.pid, rung.value, b.why_gone)
         try:
             if rung is Rung.REQUEST:
@@ -832,6 +904,7 @@ class Supervisor:
             "pid": b.pid,
             "role": b.role,
             "rung": rung.value if rung else None,
+            "rungs": [r.value for r in b.walk.acted] if b.walk else [],
             "exit_code": code,
             "survived": survived,
             "reason": b.why_gone,
@@ -868,6 +941,10 @@ class Supervisor:
                 f"--- last lines of {b.log_path.name} ---\n{tail}\n---",
             )
             try:
+                if record.cancel_requested:  # the user cancelled it: it stays cancelled
+                    store.transition(record.id, "cancel", error=JobCancelled().to_dict())
+                    self._emit("job_cancelled", why, job_id=record.id, pid=b.pid)
+                    continue
                 if record.recoveries >= JOB_RETRIES:
                     error = BackendError(
                         ErrorCode.BACKEND_DIED,
@@ -876,12 +953,21 @@ class Supervisor:
                     ).to_dict()
                     error["log_tail"] = tail
                     store.transition(record.id, "fail", error=error)
+                    self._stats().append(
+                        "job",
+                        job_id=record.id,
+                        engine=record.engine,
+                        job_kind=record.kind,
+                        attempts=record.attempts,
+                        outcome="failed",
+                        error_code=ErrorCode.BACKEND_DIED.value,
+                    )
                     self._emit("job_failed", why, job_id=record.id, pid=b.pid, data=error)
                     continue
                 if no_successor:
                     store.transition(record.id, "requeue", recoveries=record.recoveries + 1)
                 self._emit("job_retried", why, job_id=record.id, pid=b.pid)
-            except BackendError as exc:  # the record changed under us: leave it be
+            except BackendError as exc:  # changed under us, or the folder cannot be written
                 log.warning("cannot settle job %s: %s", record.id, exc.message)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -905,6 +991,35 @@ class Supervisor:
         if self._store is None:
             self._store = JobStore(self.spec.output_dir)
         return self._store
+
+    def _stats(self) -> StatsLog:
+        state_dir = self.spec.state_dir or self.spec.output_dir / "state"
+        return StatsLog(state_dir / "stats.jsonl")
+
+    def _backend_view(self, job_id: str) -> dict[str, Any] | None:
+        """The live backend's record of a job: it holds outcomes it could not write yet."""
+        client = self.client
+        if client is None:
+            return None
+        try:
+            return client.job(job_id, timeout=2.0)["job"]
+        except BackendError:
+            return None
+
+    def _claim_folder(self, now: float) -> bool:
+        """Own the output folder for as long as this supervisor runs. Another owner is fatal
+        (dead, with an error naming it); a folder that cannot hold a lock yet (read-only,
+        full) is tried again later while the backend refuses jobs with a typed error."""
+        try:
+            self._owner.acquire()
+        except OutputLocked as exc:
+            self._give_up(exc.message, now, error=exc)
+            return False
+        except OSError as exc:
+            if self._next_claim == 0.0:
+                log.warning("cannot lock the output folder yet: %s", exc)
+            self._next_claim = now + CLAIM_RETRY
+        return True
 
     def _require_client(self) -> Client:
         client = self.client

@@ -86,6 +86,33 @@ below are measured, not estimated. CI runs the same tests with smaller counts
    after `busy`. Every accepted job must end exactly once (no duplicate terminal event, one
    folder, state `done`), the control loop must keep answering `ping`, and the backend's RSS
    (`VmRSS`, after a warm-up) must grow by less than 50 MB.
+8. **The job store as a trust boundary** (`test_store.py`): symbolic links planted where the
+   backend writes or reads (a queued job's `result.tmp.glb`, its preview cache files and
+   `log.txt`, a finished job's cache used by a re-export, a job folder that is itself a link,
+   `state/stats.jsonl`, the logs folder with old logs to rotate) must be refused, with nothing
+   outside changed (a snapshot) and no outside content served (`job` with `log: true`,
+   `stats`). Under umask 000 and 022, every folder the supervisor and backend make (the
+   connection file's too) must be 0700 and every file 0600. A connection folder or file of
+   another user is refused (as root: `chown`).
+9. **A shared, failing folder** (`test_store.py`, `test_supervision.py`): a second supervisor
+   and a hand-started backend on a folder a supervisor owns are refused with `output_locked`
+   naming the owner, while the owner's backend is killed mid-job and respawned: every job runs
+   once (twice for the killed one), counted once in `stats`. ENOSPC injected exactly at the
+   job record (the fault hook of `backend/safefs.py`), a real 8 MiB tmpfs filled to the last
+   byte under a running job and two queued ones (then kept full for a new backend and a new
+   supervisor), a read-only folder (a read-only bind mount as root, `chmod a-w` otherwise) and
+   a deleted one: every job ends with `disk_full` or `output_unwritable`, new jobs are refused
+   with it, the processes stay up and recover by themselves.
+10. **Frozen processes and the protocol's own limits** (`test_supervision.py`,
+   `test_store.py`): a supervisor SIGSTOPped for three heartbeat timeouts mid-job, and one
+   whose monotonic clock jumps 30 s between two ticks, must not kill the healthy backend; a
+   SIGSTOPped backend must get SIGKILL at once (a 600 s terminate wait would fail the test);
+   a SIGSTOPped warm standby must be replaced; kills of respawned backends while they load
+   must go through the storm guard; 40–80 unfinished jobs are all recovered at start; 2,500–
+   5,000 jobs are listed in pages under the 1 MiB reply limit; a `generate` resent with its
+   idempotency key (also to a later backend) makes one job; a job cancelled just before its
+   backend is SIGKILLed stays cancelled (standalone and supervised); relative and non-UTF-8
+   paths name the same folder in the supervisor and the backend.
 
 ## Bugs this suite found (fixed)
 
@@ -103,6 +130,18 @@ below are measured, not estimated. CI runs the same tests with smaller counts
   The listing now skips temp files and files that vanish meanwhile.
 - A disk that filled during export failed the job as `engine_error`; it is now `disk_full`
   with its hint (free some space), so the user knows what to do.
+- Issue #17, from an engineer who attacked the store and the supervisor: links in job folders,
+  `state/` and `logs/` were followed (outside files overwritten, appended to, deleted by log
+  rotation, served back); umask 000 made everything world-writable; two supervisors on one
+  folder ran a job on two backends; a full disk while writing a job record left jobs `running`
+  or `queued` forever (and crashed the next backend and `supervise`); a read-only folder gave
+  `internal`, a deleted one refused every job until restart; a paused supervisor killed a
+  healthy backend; a stopped backend took 15 s to replace and a stopped standby was never
+  checked; only 32 unfinished jobs were recovered; a crash while a respawned backend started
+  skipped the storm guard; relative paths meant another folder in the backend; a non-UTF-8
+  path killed `supervise`; `jobs` over ~2,300 entries timed out; a resent `generate` made two
+  jobs; a cancelled job caught by a crash ran to `done`; a job could count twice in `stats`.
+  Each is now a test above; `safefs`, `ownerlock` and the store's health are the fixes.
 """
 
 
@@ -315,6 +354,7 @@ def _summary(f: dict) -> list[str]:
             f"{d['rss_start_mb']} → {d['rss_end_mb']} MB (growth {d['rss_growth_mb']} MB, "
             f"peak {d['rss_peak_mb']} MB)",
         )
+    _store_rows(f, row)
     notes = []
     load = f.get("load")
     if load:
@@ -340,6 +380,99 @@ def _summary(f: dict) -> list[str]:
             "replay guard remembers up to 65,536 message ids (about 12 MB when full).",
         ]
     return ["## Summary", "", *rows, *notes]
+
+
+def _store_rows(f: dict, row) -> None:
+    """Rows for the job store and supervision checks (issue #17)."""
+    if "links" in f:
+        d = f["links"]
+        row(
+            "Planted symbolic links",
+            f"{d['links_planted']} links (job files, caches, log, job folder, stats, re-export)",
+            f"{d['jobs_refused']} jobs refused with {', '.join(d['codes'])}; "
+            f"{d['outside_files_changed']} files changed outside; outside content served: "
+            f"{'yes' if d['outside_content_served'] else 'no'}; logs folder link: not written, "
+            "not pruned",
+        )
+    modes = [f[k] for k in sorted(f) if k.startswith("modes_umask_")]
+    if modes:
+        row(
+            "Permissions",
+            ", ".join(f"umask {d['umask']}" for d in modes),
+            "; ".join(
+                f"umask {d['umask']}: {d['folders']} folders, {d['files']} files, "
+                f"{d['not_private']} not 0700/0600"
+                for d in modes
+            ),
+        )
+    if "one_owner" in f:
+        d = f["one_owner"]
+        row(
+            "Two owners of one folder",
+            "a second supervisor, a hand-started backend, a kill -9 mid-job",
+            f"{d['second_supervisor']}; {d['backend_without_supervisor']}; runs per job "
+            f"{d['runs_per_job']}; `stats` counts {d['stats_jobs']} jobs",
+        )
+    for key, name in (
+        ("disk_full_job_record", "Disk full at the job record (injected)"),
+        ("disk_full_real", "Disk filled to the last byte (tmpfs)"),
+        ("read_only", "Read-only output folder"),
+        ("deleted_output_dir", "Deleted output folder"),
+    ):
+        if key in f:
+            d = f[key]
+            extra = f", {d['how']}" if "how" in d else ""
+            row(
+                name + extra,
+                f"{d.get('jobs', d.get('jobs_running_or_queued'))} jobs running or queued",
+                f"every job ended with {', '.join(d['ended_with'])}; the backend stayed up, "
+                "refused new jobs with it, recovered by itself",
+            )
+    if "paused_supervisor" in f or "paused_supervisor_clock" in f:
+        a, b = f.get("paused_supervisor", {}), f.get("paused_supervisor_clock", {})
+        row(
+            "Paused supervisor",
+            f"SIGSTOP {a.get('paused_s')} s; a clock jump of {b.get('jump_s')} s",
+            f"respawns {a.get('respawns')} and {b.get('respawns')}; the job finished on its "
+            "first backend",
+        )
+    if "stopped_backend" in f:
+        d = f["stopped_backend"]
+        row(
+            "Stopped backend / standby",
+            f"SIGSTOP (terminate wait {d['terminate_wait_s']} s)",
+            f"rungs {d['rungs']}: SIGKILL at once; a stopped standby was replaced: "
+            f"{'yes' if f.get('frozen_standby', {}).get('replaced') else 'no'}",
+        )
+    if "storm_guard_at_start" in f:
+        d = f["storm_guard_at_start"]
+        row(
+            "Crashes while starting",
+            f"{d['kills_during_start']} kills of respawned backends while loading",
+            f"respawned, the job done; dead only after the storm guard ({d['dead_after']})",
+        )
+    rest = []
+    if "recover_all" in f:
+        d = f["recover_all"]
+        rest.append(
+            f"{d['recovered_and_done']} of {d['unfinished_at_start']} unfinished jobs "
+            "recovered at start"
+        )
+    if "paging" in f:
+        d = f["paging"]
+        rest.append(
+            f"{d['jobs']:,} jobs listed in {d['pages']} pages (largest reply "
+            f"{d['largest_reply_bytes']:,} bytes)"
+        )
+    if "idempotency" in f:
+        d = f["idempotency"]
+        rest.append(f"{d['sends']} sends of one idempotency key made {d['jobs_made']} job")
+    if "cancel_then_crash" in f:
+        rest.append("a job cancelled before its backend's kill -9 stayed cancelled (1 run)")
+    if "paths" in f:
+        rest.append("relative and non-UTF-8 paths: one folder for supervisor and backend")
+    if rest:
+        row("Protocol and recovery limits", "history, resends, cancel, paths", "; ".join(rest))
 
 
 def _tests(junit: Path) -> list[dict]:

@@ -97,15 +97,139 @@ def test_log_excerpt_is_bounded(tmp_path):
 def test_disk_full_while_creating_a_job_is_a_typed_error(tmp_path, monkeypatch):
     import errno
 
-    from backend import jobs
+    from backend import safefs
 
     store = JobStore(tmp_path)
 
-    def full(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(operation, path):
+        if operation == "write":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(jobs, "atomic_write_bytes", full)
+    monkeypatch.setattr(safefs, "fault", full)
     with pytest.raises(BackendError) as err:
         store.create("generate", "preview", {}, image=b"x")
     assert err.value.code is ErrorCode.DISK_FULL
     assert list(store.jobs_dir.iterdir()) == []  # nothing half-written is left
+
+
+# -- the store as a trust boundary -------------------------------------------------------------
+
+
+def _fail_writes(monkeypatch, code=None):
+    """Every disk change through safefs fails with `code` (None: works again)."""
+    import os
+
+    from backend import safefs
+
+    def fault(operation, path):
+        if code is not None:
+            raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(safefs, "fault", fault)
+
+
+def test_a_job_that_cannot_be_recorded_still_ends_and_is_written_later(tmp_path, monkeypatch):
+    import errno
+
+    store = JobStore(tmp_path)
+    job = store.create("generate", "preview", {})
+    store.transition(job.id, "start")
+    _fail_writes(monkeypatch, errno.ENOSPC)
+    with pytest.raises(BackendError) as err:
+        store.transition(job.id, "finish")
+    assert err.value.code is ErrorCode.DISK_FULL and store.problem is not None
+    assert store.get(job.id).state is JobState.RUNNING  # a failed write changes nothing
+    assert store.settle(job.id, err.value)
+    settled = store.get(job.id)  # kept in memory, seen by get and list
+    assert settled.state is JobState.FAILED and settled.error["code"] == "disk_full"
+    assert not store.settle(job.id, err.value)  # it has ended: once
+    assert store.list()[0][0].state is JobState.FAILED
+    on_disk = json.loads((store.folder(job.id) / "job.json").read_text())
+    assert on_disk["state"] == "running"
+    assert not store.recover()  # still full
+    _fail_writes(monkeypatch, None)
+    assert store.recover() and store.problem is None and store.pending() == []
+    on_disk = json.loads((store.folder(job.id) / "job.json").read_text())
+    assert on_disk["state"] == "failed" and on_disk["error"]["code"] == "disk_full"
+
+
+def test_a_read_only_folder_is_a_typed_error(tmp_path, monkeypatch):
+    import errno
+
+    store = JobStore(tmp_path)
+    _fail_writes(monkeypatch, errno.EROFS)
+    with pytest.raises(BackendError) as err:
+        store.create("generate", "preview", {})
+    assert err.value.code is ErrorCode.OUTPUT_UNWRITABLE and err.value.retryable
+    assert "Read-only file system" in err.value.message
+    assert store.problem.code is ErrorCode.OUTPUT_UNWRITABLE
+
+
+def test_links_in_a_job_folder_are_refused_never_followed(tmp_path):
+    store = JobStore(tmp_path / "out")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    job = store.create("generate", "preview", {}, image=b"PNG")
+    folder = store.folder(job.id)
+    (folder / "log.txt").symlink_to(outside)
+    store.append_log(job.id, "a line")  # refused: the link is neither read nor replaced
+    assert store.log_excerpt(job.id) == ""
+    assert store.read(job.id, "log.txt") is None
+    assert "log.txt" not in store.files(job.id) and "input.png" in store.files(job.id)
+    with pytest.raises(BackendError) as err:
+        store.prepare(job.id)
+    assert err.value.code is ErrorCode.OUTPUT_UNWRITABLE and "log.txt" in err.value.message
+    assert store.problem is None  # one job's link is not the whole folder's problem
+    (folder / "log.txt").unlink()
+    (folder / "result.tmp.glb").symlink_to(outside)
+    with pytest.raises(BackendError):
+        store.prepare(job.id)
+    assert outside.read_text() == "secret" and (folder / "result.tmp.glb").is_symlink()
+
+
+def test_a_job_folder_that_is_a_link_is_not_a_job(tmp_path):
+    store = JobStore(tmp_path / "out")
+    good = store.create("generate", "preview", {})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    planted = "20990101-000000-abcdef"
+    (elsewhere / "job.json").write_text(
+        json.dumps(
+            {"id": planted, "kind": "generate", "state": "queued", "engine": "x", "params": {}}
+        )
+    )
+    (store.jobs_dir / planted).symlink_to(elsewhere)
+    records, warnings = store.list()
+    assert [r.id for r in records] == [good.id]
+    assert any(planted in w for w in warnings)
+    with pytest.raises(BackendError) as err:
+        store.get(planted)
+    assert err.value.code is ErrorCode.NOT_FOUND
+    assert store.unfinished() == [store.get(good.id)]
+
+
+def test_pages_cover_every_job_once_within_a_budget(tmp_path):
+    store = JobStore(tmp_path)
+    ids = {store.create("generate", "preview", {"seed": i}).id for i in range(25)}
+    seen, before, pages = [], None, 0
+    while True:
+        records, warnings, before = store.page(
+            limit=7, before=before, budget=2_000, size=lambda r: 500
+        )
+        assert len(records) <= 4 and warnings == []  # 4 x 500 bytes fit the budget
+        seen += [r.id for r in records]
+        pages += 1
+        if before is None:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen)) and pages == 7
+
+
+def test_a_cancel_request_is_written_for_a_running_job_only(tmp_path):
+    store = JobStore(tmp_path)
+    job = store.create("generate", "preview", {})
+    assert store.request_cancel(job.id)  # queued: nothing to note (cancelled at once instead)
+    assert not store.get(job.id).cancel_requested
+    store.transition(job.id, "start")
+    assert store.request_cancel(job.id) and store.get(job.id).cancel_requested
+    store.transition(job.id, "cancel")
+    assert not store.request_cancel(job.id)  # ended

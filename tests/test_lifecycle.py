@@ -21,6 +21,8 @@ from backend.lifecycle import (
     after_job,
     classify_exit,
     liveness,
+    paused,
+    rung_for,
     shutdown_ladder,
     storm,
 )
@@ -208,3 +210,24 @@ def test_ladder_walk_when_the_process_is_already_gone():
     walk = LadderWalk(shutdown_ladder(1.0, 1.0, 1.0), now=0.0)
     assert walk.poll(0.0, exited=True) is None
     assert walk.done and walk.ended_by is None
+
+
+def test_a_stopped_process_goes_straight_to_kill():
+    assert rung_for(Rung.TERMINATE, stopped=True) is Rung.KILL
+    assert rung_for(Rung.REQUEST, stopped=True) is Rung.KILL
+    assert rung_for(Rung.TERMINATE, stopped=False) is Rung.TERMINATE
+    walk = LadderWalk(shutdown_ladder(20.0, 10.0, 5.0, start=Rung.TERMINATE), now=0.0)
+    assert walk.poll(0.0, exited=False) is Rung.TERMINATE
+    walk.jump(Rung.KILL, now=0.0)  # the supervisor saw T state: SIGKILL instead of SIGTERM
+    assert walk.acted == [Rung.KILL]
+    assert walk.poll(4.9, exited=False) is None  # the kill rung's wait, not terminate's 10 s
+    assert walk.poll(5.0, exited=True) is None
+    assert walk.done and walk.ended_by is Rung.KILL
+
+
+def test_a_pause_of_the_supervisor_is_told_from_a_tick_gap():
+    assert not paused(0.05, heartbeat_timeout=5.0)
+    assert not paused(2.0, heartbeat_timeout=5.0)
+    assert paused(2.6, heartbeat_timeout=5.0)  # half the timeout without a tick
+    assert paused(1.1, heartbeat_timeout=1.0)  # never below a second
+    assert not paused(0.9, heartbeat_timeout=1.0)

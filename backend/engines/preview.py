@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from PIL import Image
 
 from ..errors import BackendError, ErrorCode, InputError
 from ..params import GenerationParams
+from ..safefs import Folder
 from .base import Engine, Stage, StageContext
 
 # Only numpy, Pillow and trimesh: this engine also runs in Blender's own Python with the
@@ -79,25 +79,34 @@ class PreviewEngine(Engine):
         handler(state, params, ctx)
 
     def save_cache(self, state: dict[str, Any], directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         mask = Image.fromarray(np.asarray(state["preview_mask"], dtype=np.uint8) * 255, "L")
-        _save_png_atomic(state["preview_rgba"], directory / CACHE_IMAGE)
-        _save_png_atomic(mask, directory / CACHE_MASK)
+        # Through a folder handle: a link planted at a cache name is replaced, never written
+        # through (the cache holds a copy of the input image: 0600 like the input).
+        with Folder.at(directory, create=True) as folder:
+            folder.write(CACHE_IMAGE, _png(state["preview_rgba"]))
+            folder.write(CACHE_MASK, _png(mask))
 
     def load_cache(self, directory: Path) -> dict[str, Any]:
         directory = Path(directory)
-        image_path, mask_path = directory / CACHE_IMAGE, directory / CACHE_MASK
-        if not (image_path.is_file() and mask_path.is_file()):
+        try:
+            with Folder.at(directory) as folder:
+                image_data, mask_data = folder.read(CACHE_IMAGE), folder.read(CACHE_MASK)
+        except FileNotFoundError:
             raise BackendError(
                 ErrorCode.NOT_FOUND,
                 f"no preview cache in {directory}",
                 "This job has nothing to re-export; generate it again.",
-            )
+            ) from None
+        except OSError as exc:  # a link or another user's file: never followed
+            raise BackendError(
+                ErrorCode.NOT_FOUND,
+                f"the preview cache in {directory} is unreadable: {exc}",
+                "Generate this job again.",
+            ) from None
         try:
-            with Image.open(image_path) as im:
+            with Image.open(io.BytesIO(image_data)) as im:
                 rgba = im.convert("RGBA")
-            with Image.open(mask_path) as im:
+            with Image.open(io.BytesIO(mask_data)) as im:
                 mask = np.asarray(im.convert("L")) >= 128
         except OSError as exc:
             raise BackendError(
@@ -114,10 +123,10 @@ class PreviewEngine(Engine):
         return {"preview_rgba": rgba, "preview_mask": mask}
 
 
-def _save_png_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", compress_level=1)  # a cache: speed over size
-    os.replace(tmp, path)
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # a cache: speed over size
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- mask stage

@@ -36,3 +36,39 @@ class OnceFaultEngine(SlowEngine):
                         f.write(chunk)
                         f.flush()
         super().run_stage(stage, state, params, ctx)
+
+
+# -- disk faults in a backend process -------------------------------------------------------
+# REL_FS_FAULT names a control file. While it holds "<ERRNO> [name]" (e.g. "ENOSPC job.json"),
+# every change to the disk through backend.safefs (of that file name only, if one is given)
+# fails with that errno, as on a full or read-only disk. Installed when the backend imports an
+# engine from this module, which it does before it touches the output folder.
+
+
+def _disk_fault(operation: str, path) -> None:
+    try:
+        with open(os.environ["REL_FS_FAULT"], encoding="ascii") as f:
+            words = f.read().split()
+    except (OSError, KeyError):
+        return
+    if not words:
+        return
+    name = words[1] if len(words) > 1 else None
+    target = os.path.basename(str(path))
+    if name is None or target == name or target.startswith(f".{name}."):
+        import errno
+
+        code = getattr(errno, words[0])
+        raise OSError(code, os.strerror(code), str(path))
+
+
+if os.environ.get("REL_FS_FAULT"):
+    from backend import safefs
+
+    safefs.fault = _disk_fault
+
+
+class FaultFsEngine(SlowEngine):
+    """The SlowEngine in a backend whose disk writes fail on demand (REL_FS_FAULT)."""
+
+    name = "fault-fs"

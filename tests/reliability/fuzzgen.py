@@ -210,6 +210,10 @@ def _valid_content(msg_type: str, src) -> dict[str, Any]:
     """Content of the right types (values may still be refused by the handler)."""
     content: dict[str, Any] = {}
     for name, (kind, required) in protocol.REQUESTS[msg_type]["fields"].items():
+        if name == "idempotency_key":  # a fresh key: a reused one answers with its old job
+            if src.integer(0, 1):
+                content[name] = uuid.uuid4().hex
+            continue
         if required or src.integer(0, 1):
             content[name] = {
                 str: src.choice(TRAVERSAL) if name == "job_id" else src.text(0, 10),
@@ -241,6 +245,8 @@ def m_no_delimiter(src, forge: Forge) -> list[Probe]:
         full = full[1:]
     else:
         full[0] = src.choice([b"", b"<IDS|MSG>", protocol.DELIMITER.lower(), src.blob(1, 20)])
+        if full[0] == protocol.DELIMITER:  # hypothesis can draw the delimiter itself
+            full[0] = b"x"
     return [Probe("no_delimiter", full, frozenset({"bad_message"}))]
 
 

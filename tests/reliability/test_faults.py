@@ -162,22 +162,6 @@ def test_a_hung_job_trips_the_watchdog_and_runs_again_on_a_fresh_backend(supervi
 # -- disk full ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """An 8 MiB tmpfs (needs root); skipped with the reason when it cannot be mounted."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.strip() or done.returncode}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 def _fill(path: Path, leave: int) -> None:
     """Fill the filesystem of `path` until only about `leave` bytes are free."""
     import shutil
