@@ -31,7 +31,7 @@ import zmq
 import zmq.auth
 
 from .errors import BackendError, ErrorCode
-from .files import atomic_write_bytes
+from .safefs import write_file
 
 CONNECTION_PREFIX = "trellis2-remote-1:"  # the version is part of the prefix
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -128,7 +128,7 @@ def ensure_home(home: str | Path) -> GatewayKeys:
     if not signing.exists():
         from .protocol import new_key
 
-        atomic_write_bytes(signing, new_key().encode("ascii"), mode=0o600)
+        write_file(signing, new_key().encode("ascii"))
     public, secret = zmq.auth.load_certificate(str(secret_file))
     if secret is None:
         raise BackendError(ErrorCode.INTERNAL, f"{secret_file} holds no secret key")
@@ -212,7 +212,7 @@ def folder_stamp(home: str | Path) -> tuple:
 
 
 def write_gateway_info(home: str | Path, info: dict) -> None:
-    atomic_write_bytes(Path(home) / GATEWAY_INFO, json.dumps(info, indent=2).encode(), mode=0o600)
+    write_file(Path(home) / GATEWAY_INFO, json.dumps(info, indent=2).encode())
 
 
 def read_gateway_info(home: str | Path) -> dict | None:

@@ -427,6 +427,10 @@ class Supervisor:
         for b in list(self._retiring):
             self._drain(b, now, connect=False)  # a going backend's messages are dropped
         self._advance_retiring(now)
+        if self._lc.state is SupervisorState.STOPPED and not self._retiring and self._owner.held:
+            # A stop walked by the tick (begin_stop) has finished: the folder is free for the
+            # next supervisor (the add-on's Restart with new settings makes one).
+            self._owner.release()
         active = self._active
         if active is not None:
             out.extend(self._drain(active, now))

@@ -141,7 +141,8 @@ def test_tilde_and_relative_paths_are_expanded_and_no_tilde_folder_appears(
     prefs.python = ""
     ctrl.configure(submodule("preferences").backend_config(prefs))
     ctrl.start(wait=True, timeout=60)
-    assert (home / "trellis-out" / "jobs").is_dir()
+    assert (home / "trellis-out").is_dir()  # the backend took the expanded folder
+    assert (home / "trellis-out" / "owner.lock").is_file()
     assert not (tmp_path / "~").exists() and not (Path.cwd() / "~").exists()
 
 
