@@ -11,6 +11,7 @@ block (bounded) for scripts and tests.
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import signal
 import sys
@@ -75,6 +76,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# A folder path that cannot become a folder however long we wait: part of it is a file.
+IMPOSSIBLE_FOLDER = frozenset({errno.ENOTDIR, errno.EEXIST})
 
 POISONED_EXIT_CODE = 75  # backend.gpu.POISONED_EXIT_CODE (gpu.py is not imported here)
 ACTIVATE_TIMEOUT = 10.0
@@ -1020,6 +1023,17 @@ class Supervisor:
             self._give_up(exc.message, now, error=exc)
             return False
         except OSError as exc:
+            if exc.errno in IMPOSSIBLE_FOLDER:  # no waiting makes a path through a file work
+                self._give_up(
+                    f"the output folder {self.spec.output_dir} cannot exist: {exc.strerror}",
+                    now,
+                    error=BackendError(
+                        ErrorCode.OUTPUT_UNWRITABLE,
+                        f"the output folder {self.spec.output_dir} cannot exist: {exc.strerror}",
+                        "Choose another output folder in the preferences.",
+                    ),
+                )
+                return False
             if self._next_claim == 0.0:
                 log.warning("cannot lock the output folder yet: %s", exc)
             self._next_claim = now + CLAIM_RETRY
