@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import attention, meshes, sparse_attention, surface
+from .. import attention, sparse_attention
 from ..errors import BackendError, ErrorCode, InputError
 from ..params import SAMPLER_KEYS, GenerationParams
 from .base import KNOBS, Engine, Stage, StageContext
@@ -496,6 +496,8 @@ def _crop_premultiply(rgba: Image.Image) -> Image.Image:
 
 
 def _parse_mesh(data: bytes, fmt: str) -> Any:
+    from .. import meshes  # numpy: imported when used, so doctor runs on a bare Python
+
     return meshes.read_mesh(data, fmt)  # the reader both engines share (UVs kept)
 
 
@@ -1197,6 +1199,8 @@ class Trellis2Engine(Engine):
 
     def _write_glb(self, glb: Any, state: dict[str, Any], texture_size: int) -> None:
         import numpy as np
+
+        from .. import surface
 
         path = Path(state["output_path"])
         path.parent.mkdir(parents=True, exist_ok=True)
