@@ -38,6 +38,21 @@ def evaluated_mesh(context: bpy.types.Context, obj: bpy.types.Object) -> bpy.typ
     return obj.evaluated_get(context.view_layer.depsgraph).data
 
 
+def split_at_seams(corners: np.ndarray, corner_uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One vertex per (vertex, UV) pair of the triangle corners: a UV seam splits a vertex in
+    two. Returns the first corner of each new vertex and each corner's new vertex. (A sort on
+    a 64-bit key of the UV's float bits: about 4x faster than np.unique over rows.)"""
+    bits = np.ascontiguousarray(corner_uv, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    key = (bits[:, 0] << np.uint64(32)) | bits[:, 1]
+    order = np.lexsort((key, corners))
+    k, c = key[order], corners[order]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = (k[1:] != k[:-1]) | (c[1:] != c[:-1])
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.cumsum(starts) - 1
+    return order[starts], inverse
+
+
 def problem(context: bpy.types.Context) -> str | None:
     """Why the active object cannot be textured (cheap enough for a poll)."""
     obj = context.active_object
@@ -77,12 +92,10 @@ def export(context: bpy.types.Context, obj: bpy.types.Object) -> SentMesh:
         if layer is not None:
             per_loop = np.empty(len(mesh.loops) * 2, np.float32)
             layer.uv.foreach_get("vector", per_loop)
-            corner_uv = per_loop.reshape(-1, 2)[loops].astype(np.float64)
-            # One vertex per (position, UV) pair: a UV seam splits a vertex in two.
-            keys = np.column_stack([corners.astype(np.float64), corner_uv])
-            unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-            positions = world[unique[:, 0].astype(np.int64)]
-            uv, triangles = unique[:, 1:], inverse.reshape(-1, 3)
+            corner_uv = per_loop.reshape(-1, 2)[loops]
+            first, inverse = split_at_seams(corners, corner_uv)
+            positions, uv = world[corners[first]], corner_uv[first]
+            triangles = inverse.reshape(-1, 3)
         else:
             positions, triangles = world, corners.reshape(-1, 3)
         y_up = np.column_stack([positions[:, 0], positions[:, 2], -positions[:, 1]])

@@ -72,6 +72,33 @@ def test_texture_button_says_why_it_is_disabled(scene, ctrl, monkeypatch):
         bpy.ops.trellis2.texture_mesh()
 
 
+def test_the_mesh_sent_is_in_world_space_y_up_with_its_uvs_per_corner(scene, ctrl):
+    import numpy as np
+
+    from backend import meshes
+
+    obj = _textured_cube()
+    sent = submodule("selection").export(bpy.context, obj)
+    got = meshes.read_mesh(sent.data, "glb")
+    evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh()
+    evaluated.calc_loop_triangles()
+    matrix = obj.matrix_world
+    uv_layer = evaluated.uv_layers["UVMap"].uv
+    expected_pos, expected_uv = [], []
+    for tri in evaluated.loop_triangles:
+        for vertex, loop in zip(tri.vertices, tri.loops, strict=True):
+            x, y, z = matrix @ evaluated.vertices[vertex].co
+            expected_pos.append((x, z, -y))  # glTF is Y-up
+            expected_uv.append(tuple(uv_layer[loop].vector))
+    corners = np.asarray(got.faces).ravel()
+    assert np.allclose(np.asarray(got.vertices)[corners], expected_pos, atol=1e-5)
+    assert np.allclose(np.asarray(got.visual.uv)[corners], expected_uv, atol=1e-6)
+    # Split only at seams: fewer vertices than corners, more than positions.
+    assert len(evaluated.vertices) < len(got.vertices) < len(corners)
+    assert (sent.triangles, sent.uv_map, sent.modifiers_applied) == (44, "UVMap", True)
+    obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh_clear()
+
+
 def _textured_cube(location=(3.0, 1.0, 0.5)):
     bpy.ops.mesh.primitive_cube_add(location=location, rotation=(0.0, 0.0, 0.6))
     obj = bpy.context.object
