@@ -341,6 +341,8 @@ class Controller:
                 continue  # the first job started the backend; the rest wait for it to answer
             in_flight = sum(1 for i in group.items if i.key and not i.ended)
             for item in group.pending()[: max(0, grouping.IN_FLIGHT - in_flight)]:
+                if self.queue_full():
+                    return  # the backend would answer `busy`: wait for room, fail nothing
                 self._submit_item(group, item)
 
     def _submit_item(self, group: Group, item: grouping.GroupItem) -> None:
