@@ -309,6 +309,21 @@ def test_cancel_all_stops_a_batch_and_logs_it(scene, ctrl, tmp_path):
     assert ctrl.active_jobs() == [] and ctrl.active_groups() == []
 
 
+def test_a_batch_waits_for_room_in_the_queue_instead_of_failing(scene, ctrl, tmp_path, monkeypatch):
+    _slow(ctrl)
+    monkeypatch.setattr(submodule("controller"), "QUEUE_LIMIT", 1)  # full with one job
+    groups = submodule("groups")
+    folder = _batch_folder(tmp_path)
+    images = ["mug.png", "robot.png", "star_toy.png"]
+    group = ctrl.start_group(groups.batch(str(folder), images, [], {"preset": "fast"}, (0,) * 3))
+    tick_until(ctrl, lambda: group.items[0].state == "running")
+    for _ in range(20):
+        submodule("runtime").timer()
+    assert [i.state for i in group.items] == ["running", "pending", "pending"]
+    ctrl.cancel_group(group.key)
+    tick_until(ctrl, lambda: group.ended)
+
+
 def test_a_folder_without_images_is_refused(scene, ctrl, tmp_path):
     (tmp_path / "readme.txt").write_text("x")
     scene.trellis2.batch_folder = str(tmp_path)
