@@ -14,6 +14,12 @@ SAMPLER_STAGES = ("sparse_structure", "shape", "texture")
 # The only sampler keys TRELLIS.2's samplers accept; anything else reaches a model's
 # forward() and raises TypeError in stage 1 (reference/trellis2.md §1.4).
 SAMPLER_KEYS = ("steps", "guidance_strength", "guidance_rescale", "guidance_interval", "rescale_t")
+# The most triangles a mesh sent for texturing may have. With every corner split for UVs a
+# triangle costs at most 72 bytes of GLB, so a mesh at the limit fits one 96 MiB frame
+# (protocol.MAX_BUFFER_FRAME); TRELLIS.2 voxelises it on the CPU, which grows with faces.
+TEXTURE_MAX_FACES = 1_000_000
+# How many seeds one Variations action may ask for.
+VARIATIONS_MIN, VARIATIONS_MAX = 2, 16
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from typing import Any
 from ..backend.client import ClientTimeout, Pending
 from ..backend.errors import BackendError, ErrorCode
 from ..backend.paths import output_dir_problem
+from . import groups as grouping
+from .groups import Group
 from .launch import BackendConfig, DoctorRun, make_supervisor, remove_stale_run_dirs, run_dir
 from .views import (
     TERMINAL,
@@ -87,6 +89,7 @@ class Controller:
         self._abandoned: dict[str, str] = {}  # submits reported failed whose outcome is unknown
         self._checking: set[str] = set()  # keys with a `job` request in flight
         self._cancelling: set[str] = set()  # keys with a cancel in flight
+        self.groups: dict[str, Group] = {}  # Variations and Batches of this session, oldest first
         self.history = HistoryView()
         self.last_error = ""
         self.last_hint = ""
@@ -278,6 +281,115 @@ class Controller:
         view.parent = job_id
         return view
 
+    def texture(
+        self,
+        image: bytes,
+        mesh: bytes,
+        params: dict[str, Any],
+        name: str,
+        target: str,
+        filename: str = "image.png",
+        result: str = "APPLY",
+        uv_map: str = "",
+        modifiers_applied: bool = False,
+        auto_import: bool = True,
+    ) -> JobView:
+        """Queue texturing of a mesh (GLB bytes) with an image; the result goes onto `target`
+        (APPLY) or beside it (COPY) when it comes. Starts the backend if needed."""
+        content = {"params": params, "filename": filename, "mesh_format": "glb"}
+        view = self._enqueue("texture", content, (image, mesh), name, auto_import, None)
+        view.seed = params.get("seed")
+        view.target, view.texture_result, view.uv_map = target, result, uv_map
+        view.modifiers_applied = modifiers_applied
+        return view
+
+    # -- groups: Variations and Batches ----------------------------------------------------
+
+    def start_group(self, group: Group) -> Group:
+        """Run a group: its jobs go to the backend a few at a time (the tick feeds them), so
+        a batch of hundreds never fills the backend's queue. Starts the backend if needed."""
+        if not self.running:
+            self.start()
+        self.groups[group.key] = group
+        self._feed_groups()
+        self._sync_groups(force=True)
+        self._changed()
+        return group
+
+    def active_groups(self) -> list[Group]:
+        return [g for g in self.groups.values() if not g.ended]
+
+    def cancel_group(self, key: str) -> Group | None:
+        """Cancel every job of a group that has not ended; returns at once."""
+        group = self.groups.get(key)
+        if group is None:
+            return None
+        group.cancelled = True
+        for item in group.items:
+            if item.state == "pending":
+                item.state, item.error = "cancelled", "cancelled before it was sent"
+            elif item.key and not item.ended:
+                self.cancel(item.key)
+        self._sync_groups(force=True)
+        return group
+
+    def _feed_groups(self) -> None:
+        for group in self.groups.values():
+            if group.cancelled or not group.pending():
+                continue
+            if not self._ready() and any(i.key for i in group.items):
+                continue  # the first job started the backend; the rest wait for it to answer
+            in_flight = sum(1 for i in group.items if i.key and not i.ended)
+            for item in group.pending()[: max(0, grouping.IN_FLIGHT - in_flight)]:
+                if self.queue_full():
+                    return  # the backend would answer `busy`: wait for room, fail nothing
+                self._submit_item(group, item)
+
+    def _submit_item(self, group: Group, item: grouping.GroupItem) -> None:
+        if group.kind == "batch":
+            try:
+                image = Path(item.path).read_bytes()
+            except OSError as exc:  # a file gone or unreadable: reported, the batch goes on
+                item.state, item.error = "failed", f"cannot read it: {exc.strerror or exc}"
+                return
+            filename, name = item.label, Path(item.label).stem
+        else:
+            image, filename, name = group.image, group.filename, f"{group.name} seed {item.seed}"
+        params = dict(group.params)
+        if item.seed is not None:  # else the backend's default seed
+            params["seed"] = item.seed
+        content = {"params": params, "filename": filename}
+        where = group.location(item.index)
+        view = self._enqueue("generate", content, (image,), name, group.auto_import, where)
+        view.seed, view.group = item.seed, group.key
+        item.key, item.state = view.key, view.state
+
+    def _sync_groups(self, force: bool = False) -> bool:
+        """Fold the jobs' states into their groups; a batch's log follows every change."""
+        changed = False
+        for group in self.groups.values():
+            moved = force and not group.finished
+            for item in group.items:
+                view = self.jobs.get(item.key) if item.key else None
+                if view is None:
+                    continue
+                now = (view.state, view.job_id, view.glb_path or "", view.object_name)
+                if now != (item.state, item.job_id, item.glb_path, item.object):
+                    item.state, item.job_id = view.state, view.job_id
+                    item.glb_path, item.object = view.glb_path or "", view.object_name
+                    item.error = view.message if view.state in ("failed", "cancelled") else ""
+                    moved = True
+            if group.ended and group.finished is None:
+                group.finished, moved = time.time(), True
+            if moved and group.kind == "batch":
+                grouping.write_log(group)
+            changed = changed or moved
+        return changed
+
+    def item_of(self, view: JobView) -> tuple[Group | None, grouping.GroupItem | None]:
+        group = self.groups.get(view.group) if view.group else None
+        return group, group.item_for(view.key) if group is not None else None
+
     def _enqueue(self, msg_type, content, buffers, name, auto_import, cursor) -> JobView:
         if not self.running:
             self.start()  # raises (e.g. an unusable output folder) before any job exists
@@ -433,15 +545,18 @@ class Controller:
         changed = bool(self._guard("resolving replies", self._resolve_requests)) or changed
         changed = bool(self._guard("watching the backend", self._watch_state)) or changed
         self._guard("starting the backend", self._maybe_start)
+        self._guard("feeding groups", self._feed_groups)
         self._guard("sending jobs", self._flush_outbox)
         self._guard("cancelling jobs", self._retry_cancels)
         if self.clock() >= self._next_reconcile:
             self._guard("checking jobs", self._reconcile)
         self._guard("reading the history", self._refresh_history)
         changed = bool(self._guard("running the doctor", self._poll_doctor)) or changed
+        changed = bool(self._guard("following groups", self._sync_groups)) or changed
         if changed:
             self._guard("redrawing", self._changed)
-        busy = self.active_jobs() or self._requests or self.state in CHANGING
+        busy = self.active_jobs() or self.active_groups() or self._requests
+        busy = busy or self.state in CHANGING
         return BUSY_INTERVAL if busy else IDLE_INTERVAL
 
     def _guard(self, where: str, fn: Callable[[], Any]) -> Any:
@@ -507,6 +622,9 @@ class Controller:
             if view is not None and not view.terminal:
                 self._finish(view, "failed", f"not sent: {self.last_error}", self.last_hint)
         self._outbox.clear()
+        for group in self.groups.values():
+            for item in group.pending():
+                item.state, item.error = "failed", f"not sent: {self.last_error}"
         self._park_jobs("Waiting for a backend: Restart it")
 
     def _reconcile(self) -> None:
@@ -815,8 +933,14 @@ class Controller:
         return self.find(ident)
 
     def wait_idle(self, timeout: float = 600.0) -> None:
-        """Tick until no job is waiting, queued or running. Scripts only."""
-        self._wait_until(lambda: not self.active_jobs(), timeout)
+        """Tick until no job is waiting, queued or running, and no group has jobs left to send.
+        Scripts only."""
+        self._wait_until(lambda: not self.active_jobs() and not self.active_groups(), timeout)
+
+    def wait_group(self, key: str, timeout: float = 600.0) -> Group:
+        """Tick until every job of the group has ended. Scripts only."""
+        self._wait_until(lambda: self.groups[key].ended, timeout)
+        return self.groups[key]
 
     def wait_ready(self, timeout: float | None = None) -> None:
         self._wait_until(self._ready, timeout or self.config.start_timeout + 5.0)

@@ -1,15 +1,22 @@
-"""Import a generated GLB into the scene: placement, collection, scale, alpha fix-up, names,
-selection - all or nothing (a failure removes what the import had made)."""
+"""Import a generated GLB into the scene: placement, collection, scale, the material's blend
+mode from the GLB's alpha mode, names, selection - all or nothing (a failure removes what the
+import had made). A texture job's result goes onto its object or beside it."""
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import bpy
-from mathutils import Vector
+from mathutils import Matrix, Vector
 
 COLLECTION = "TRELLIS.2"
+# glTF alphaMode -> EEVEE's surface render method. Since 4.2 a material is dithered or
+# blended; a MASK is the glTF importer's alpha-clip nodes in front of a dithered surface.
+RENDER_METHOD = {"OPAQUE": "DITHERED", "MASK": "DITHERED", "BLEND": "BLENDED"}
+BESIDE = 1.15  # a textured copy stands this many of the object's widths to its right
 
 
 @dataclass
@@ -22,9 +29,9 @@ class ImportOptions:
     fix_alpha: bool = True
 
 
-def _gltf_kwargs(filepath: str) -> dict:
+def _gltf_kwargs(filepath: str, merge: bool = False) -> dict:
     """Only options this Blender's importer knows (4.2 is the oldest we support)."""
-    wanted = {"filepath": filepath, "merge_vertices": False, "import_shading": "NORMALS"}
+    wanted = {"filepath": filepath, "merge_vertices": merge, "import_shading": "NORMALS"}
     known = set(bpy.ops.import_scene.gltf.get_rna_type().properties.keys())
     return {k: v for k, v in wanted.items() if k in known}
 
@@ -143,6 +150,50 @@ def fix_alpha(material: bpy.types.Material) -> bool:
     return True
 
 
+def glb_alpha_modes(filepath: str | Path) -> list[tuple[str | None, str, float | None]]:
+    """(name, alphaMode, alphaCutoff) of each material in a GLB, from its JSON chunk."""
+    with open(filepath, "rb") as f:
+        header = f.read(20)
+        if len(header) < 20 or header[:4] != b"glTF":
+            return []
+        length, kind = struct.unpack_from("<I4s", header, 12)
+        if kind != b"JSON":
+            return []
+        doc = json.loads(f.read(length))
+    return [
+        (m.get("name"), m.get("alphaMode", "OPAQUE"), m.get("alphaCutoff"))
+        for m in doc.get("materials") or []
+    ]
+
+
+def _alpha_of(materials: list, modes: list) -> dict:
+    """Each new material's glTF alpha mode: by name (the importer names materials after the
+    glTF's, adding .001 on clashes), or the only one when the GLB has one."""
+    if len(modes) == 1:
+        return {m: modes[0][1] for m in materials}
+    by_name = {name: mode for name, mode, _ in modes if name}
+    out = {}
+    for material in materials:
+        base, _, suffix = material.name.rpartition(".")
+        out[material] = by_name.get(material.name) or by_name.get(
+            base if suffix.isdigit() else material.name, "OPAQUE"
+        )
+    return out
+
+
+def set_blend_mode(material: bpy.types.Material, mode: str) -> None:
+    """The material's EEVEE blend mode for its glTF alpha mode (Cycles reads the nodes)."""
+    material.surface_render_method = RENDER_METHOD.get(mode, "DITHERED")
+
+
+def _materials_follow_alpha(filepath: str, before, options: ImportOptions) -> None:
+    new = [m for m in bpy.data.materials if m not in before["materials"]]
+    for material, mode in _alpha_of(new, glb_alpha_modes(filepath)).items():
+        set_blend_mode(material, mode)
+        if mode == "OPAQUE" and options.fix_alpha:
+            fix_alpha(material)  # results made before the backend wrote alpha modes
+
+
 def import_glb(
     context: bpy.types.Context,
     filepath: str | Path,
@@ -167,15 +218,22 @@ def import_glb(
         raise
 
 
-def _import(context, filepath: str, name: str, options: ImportOptions, before) -> bpy.types.Object:
-    scene, view_layer = context.scene, context.view_layer
-    coll = _ensure_collection(scene, view_layer, options.collection)
-    result = bpy.ops.import_scene.gltf(**_gltf_kwargs(filepath))
+def _load(filepath: str, before, merge: bool = False) -> list[bpy.types.Object]:
+    """Run the glTF importer; the objects it made (materials follow the GLB's alpha modes)."""
+    result = bpy.ops.import_scene.gltf(**_gltf_kwargs(filepath, merge))
     if "FINISHED" not in result:
         raise RuntimeError(f"the glTF importer did not finish ({', '.join(result)})")
     new = [obj for obj in bpy.data.objects if obj not in before["objects"]]
     if not new:
         raise RuntimeError(f"{Path(filepath).name} contained no objects")
+    return new
+
+
+def _import(context, filepath: str, name: str, options: ImportOptions, before) -> bpy.types.Object:
+    scene, view_layer = context.scene, context.view_layer
+    coll = _ensure_collection(scene, view_layer, options.collection)
+    new = _load(filepath, before)
+    _materials_follow_alpha(filepath, before, options)
 
     # Move everything into our collection (the importer links into the active one).
     for obj in new:
@@ -213,21 +271,158 @@ def _import(context, filepath: str, name: str, options: ImportOptions, before) -
             if bounds is not None:
                 top.location.z += target.z - bounds[0].z
     view_layer.update()
+    _select_only(view_layer, new, top)
+    return top
 
-    if options.fix_alpha:
-        done = set()
-        for obj in new:
-            if obj.type != "MESH":
-                continue
-            for slot in obj.material_slots:
-                if slot.material is not None and slot.material.name not in done:
-                    done.add(slot.material.name)
-                    fix_alpha(slot.material)
 
+def _select_only(view_layer, objects, active) -> None:
     for obj in view_layer.objects:
         if obj.select_get():
             obj.select_set(False)
-    for obj in new:
+    for obj in objects:
         obj.select_set(True)  # in the view layer: the collection was made visible
-    view_layer.objects.active = top
-    return top
+    view_layer.objects.active = active
+
+
+# -- a texture job's result ------------------------------------------------------------------
+
+
+def pin_uv_map(material: bpy.types.Material, uv_map: str) -> None:
+    """Make the material's textures read `uv_map` (the one sent), whatever map is active."""
+    tree = material.node_tree
+    for node in [n for n in tree.nodes if n.type == "TEX_IMAGE"]:
+        vector = node.inputs["Vector"]
+        source = vector.links[0].from_node if vector.is_linked else None
+        if source is None:
+            source = tree.nodes.new("ShaderNodeUVMap")
+            source.location = node.location - Vector((200.0, 0.0))
+            tree.links.new(source.outputs["UV"], vector)
+        if source.type == "UVMAP":
+            source.uv_map = uv_map
+
+
+def _bake_transform(obj: bpy.types.Object, into: Matrix) -> None:
+    """Keep the mesh where it is in the world while the object takes the matrix `into`."""
+    obj.data.transform(into.inverted() @ obj.matrix_world)
+    obj.matrix_world = into
+
+
+def apply_texture(
+    context: bpy.types.Context,
+    filepath: str | Path,
+    target: bpy.types.Object | None,
+    name: str,
+    result: str = "APPLY",
+    uv_map: str = "",
+    modifiers_applied: bool = False,
+    options: ImportOptions | None = None,
+) -> bpy.types.Object:
+    """Put a texture job's result (a GLB in world space, as the mesh was sent) onto `target`
+    or beside it. APPLY with a UV map: the object gets the new material and keeps its mesh
+    (its UVs were kept). APPLY without one: the object's mesh becomes the textured mesh (with
+    the backend's UVs; its modifiers were applied to what was sent, so they are removed).
+    COPY, or a target that is gone: a new object beside it. Returns the textured object."""
+    options = options or ImportOptions()
+    filepath = str(filepath)
+    if not Path(filepath).is_file():
+        raise FileNotFoundError(f"no GLB at {filepath}")
+    view_layer = context.view_layer
+    active = view_layer.objects.active
+    if active is not None and active.mode != "OBJECT":
+        bpy.ops.object.mode_set(mode="OBJECT")
+    before = _datablocks()
+    onto = target is not None and result == "APPLY"
+    try:
+        new = _load(filepath, before, merge=onto and not uv_map)
+        _materials_follow_alpha(filepath, before, options)
+        meshes = [o for o in new if o.type == "MESH"]
+        if len(meshes) != 1:
+            raise RuntimeError(f"expected one textured mesh, the GLB holds {len(meshes)}")
+        textured = meshes[0]
+        world = textured.matrix_world.copy()  # the importer's parents (if any) go
+        textured.parent = None
+        textured.matrix_world = world
+        _bake_transform(textured, Matrix.Identity(4))  # the mesh in world space, as sent
+        for material in [m for m in bpy.data.materials if m not in before["materials"]]:
+            material.name = f"{name}_texture"
+        for image in [i for i in bpy.data.images if i not in before["images"]]:
+            image.name = f"{name}_texture"
+        if not onto:
+            placed = _place_copy(context, textured, target, name)
+            leftovers = [o for o in new if o is not placed]
+        else:
+            placed = _onto(target, textured, uv_map, modifiers_applied)
+            leftovers = new
+        for obj in leftovers:
+            mesh = obj.data if obj.type == "MESH" else None
+            bpy.data.objects.remove(obj)
+            if mesh is not None and mesh.users == 0 and mesh is not placed.data:
+                bpy.data.meshes.remove(mesh)
+    except BaseException:
+        _remove_new(before)
+        raise
+    view_layer.update()
+    _select_only(view_layer, [placed], placed)
+    return placed
+
+
+def _place_copy(context, textured, target, name) -> bpy.types.Object:
+    """The textured mesh as a new object with the target's transform, to its right."""
+    textured.name = textured.data.name = f"{name} textured"
+    if target is None:  # the object is gone: the result stays where the mesh was
+        coll = _ensure_collection(context.scene, context.view_layer, COLLECTION)
+    else:
+        _bake_transform(textured, target.matrix_world.copy())
+        bounds = _world_bounds([target])
+        width = (bounds[1].x - bounds[0].x) if bounds is not None else 1.0
+        textured.location.x += max(width, 0.1) * BESIDE
+        coll = target.users_collection[0] if target.users_collection else None
+        coll = coll or _ensure_collection(context.scene, context.view_layer, COLLECTION)
+    for other in list(textured.users_collection):
+        other.objects.unlink(textured)
+    coll.objects.link(textured)
+    return textured
+
+
+def _onto(target, textured, uv_map: str, modifiers_applied: bool) -> bpy.types.Object:
+    material = textured.material_slots[0].material if textured.material_slots else None
+    if material is None:
+        raise RuntimeError("the textured mesh came without a material")
+    if uv_map:
+        pin_uv_map(material, uv_map)
+        mesh = target.data
+        mesh.materials.clear()
+        mesh.materials.append(material)
+        mesh.polygons.foreach_set("material_index", [0] * len(mesh.polygons))
+        mesh.update()
+        return target
+    _bake_transform(textured, target.matrix_world.copy())
+    old = target.data
+    new_mesh = textured.data
+    target.data = new_mesh
+    name = old.name
+    if old.users == 0:
+        bpy.data.meshes.remove(old)
+    new_mesh.name = name
+    if modifiers_applied:
+        target.modifiers.clear()  # they are in the textured mesh already
+    return target
+
+
+def remove_objects(objects) -> None:
+    """Remove objects and the meshes, materials and images only they used."""
+    meshes = {o.data for o in objects if o.type == "MESH" and o.data is not None}
+    materials = {s.material for o in objects for s in o.material_slots if s.material}
+    images = {
+        n.image
+        for m in materials
+        if m.node_tree is not None
+        for n in m.node_tree.nodes
+        if n.type == "TEX_IMAGE" and n.image is not None
+    }
+    for obj in objects:
+        bpy.data.objects.remove(obj)
+    for blocks, kind in ((meshes, "meshes"), (materials, "materials"), (images, "images")):
+        for block in blocks:
+            if block.users == 0:
+                getattr(bpy.data, kind).remove(block)

@@ -1,5 +1,6 @@
-"""Operators: generate, cancel, import, re-export, new seed, history, backend control, doctor,
-paste, and `wait` for scripts. None of them waits on the backend: each hands the controller a
+"""Operators: generate, texture the selected mesh, variations (and Keep), batch a folder,
+cancel, import, re-export, new seed, history, backend control, doctor, paste, and `wait` for
+scripts. None of them waits on the backend: each hands the controller a
 request that a later tick resolves. The only waiting is for `blender -b` scripts, where no timer
 runs: Generate and the backend actions block in background mode (mode AUTO), and `wait` ticks
 until the queue is empty (docs/BLENDER.md)."""
@@ -7,16 +8,25 @@ until the queue is empty (docs/BLENDER.md)."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatVectorProperty, IntProperty, StringProperty
+from mathutils import Vector
 
-from . import runtime, sources
+from ..backend.params import VARIATIONS_MAX, VARIATIONS_MIN
+from . import groups, runtime, selection, sources
 from .controller import random_seed
-from .importer import import_glb
+from .importer import (
+    COLLECTION,
+    _ensure_collection,
+    apply_texture,
+    import_glb,
+    remove_objects,
+)
 from .preferences import backend_config, get_prefs
-from .properties import import_options, params_from
+from .properties import TEXTURE_RESULTS, import_options, params_from
 from .views import engine_label, format_bytes, one_line
 
 MODES = (
@@ -62,6 +72,38 @@ def _engine_notice(op, ctrl) -> None:
         )
 
 
+def _job_problem(context) -> str | None:
+    """Why a new job cannot be made now (the parts every job button shares)."""
+    ctrl = runtime.get()
+    if ctrl is None:
+        return "The add-on is not running (re-enable it)"
+    props = getattr(context.scene, "trellis2", None)
+    if props is None:
+        return "No scene"
+    if ctrl.queue_full():
+        return "The queue is full: wait for a job to end or cancel one"
+    if ctrl.state == "dead":
+        return "The backend stopped: Restart it (the panel says why)"
+    problem = ctrl.known_output_problem
+    if problem:
+        return f"Output Directory: {problem}"
+    return None
+
+
+def _group_spacing(props) -> float:
+    """Room for each result in a row or grid: results are about the size they import at."""
+    return groups.SPACING * (props.scale_to if props.use_scale else 1.0)
+
+
+def _seeds(props, count: int, distinct: bool = True) -> list[int]:
+    """Random seeds (distinct), or the panel's seed: counting up from it for variations of
+    one image, the same one for every image of a batch."""
+    if props.random_seed:
+        return random.sample(range(2**31 - 1), count)
+    step = 1 if distinct else 0
+    return [min(props.seed + i * step, 2**31 - 2) for i in range(count)]
+
+
 class TRELLIS2_OT_generate(bpy.types.Operator):
     """Generate a textured 3D model from the chosen image"""
 
@@ -79,17 +121,8 @@ class TRELLIS2_OT_generate(bpy.types.Operator):
         props = getattr(context.scene, "trellis2", None)
         if props is None:
             return _refuse(cls, "No scene")
-        reason = sources.problem(context, props)
-        if reason:
-            return _refuse(cls, reason)
-        if ctrl.queue_full():
-            return _refuse(cls, "The queue is full: wait for a job to end or cancel one")
-        if ctrl.state == "dead":
-            return _refuse(cls, "The backend stopped: Restart it (the panel says why)")
-        problem = ctrl.known_output_problem
-        if problem:
-            return _refuse(cls, f"Output Directory: {problem}")
-        return True
+        reason = sources.problem(context, props) or _job_problem(context)
+        return _refuse(cls, reason) if reason else True
 
     def execute(self, context):
         ctrl = _ctrl()
@@ -122,6 +155,370 @@ class TRELLIS2_OT_generate(bpy.types.Operator):
             return {"CANCELLED"}
         _engine_notice(self, ctrl)
         self.report({"INFO"}, f"{name}: {view.state} on {view.engine}, seed {seed}")
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_texture_mesh(bpy.types.Operator):
+    """Texture the active mesh object from the chosen image: modifiers applied, in place; the
+    result comes onto the object (its UVs kept when it has them) or as a copy beside it"""
+
+    bl_idname = "trellis2.texture_mesh"
+    bl_label = "Texture Selected Mesh"
+    bl_options = {"REGISTER", "UNDO"}
+
+    mode: EnumProperty(name="Mode", items=MODES, default="AUTO", options={"SKIP_SAVE"})
+    result: EnumProperty(
+        name="Result",
+        items=(("PANEL", "As in the Panel", "The panel's choice"), *TEXTURE_RESULTS),
+        default="PANEL",
+        options={"SKIP_SAVE"},
+    )
+
+    @classmethod
+    def poll(cls, context):
+        reason = _job_problem(context)
+        reason = reason or selection.problem(context)
+        reason = reason or sources.problem(context, context.scene.trellis2)
+        return _refuse(cls, reason) if reason else True
+
+    def execute(self, context):
+        ctrl = _ctrl()
+        props = context.scene.trellis2
+        obj = context.active_object
+        if context.mode != "OBJECT":
+            bpy.ops.object.mode_set(mode="OBJECT")  # edit-mode changes reach the mesh
+        try:
+            image, image_name = sources.read(context, props)
+        except (sources.SourceError, OSError) as exc:
+            self.report({"ERROR"}, one_line(exc, 300))
+            return {"CANCELLED"}
+        sent = selection.export(context, obj)
+        seed = random_seed() if props.random_seed else props.seed
+        props.last_seed = seed
+        result = props.texture_result if self.result == "PANEL" else self.result
+        suffix = Path(props.filepath).suffix if props.source == "FILE" else ".png"
+        ctrl.configure(backend_config(get_prefs(context)))
+        ctrl.dismiss_outcome()
+        kwargs = dict(
+            image=image,
+            mesh=sent.data,
+            params=params_from(props, seed),
+            name=obj.name,
+            target=obj.name,
+            filename=f"{image_name}{suffix}",
+            result=result,
+            uv_map=sent.uv_map,
+            modifiers_applied=sent.modifiers_applied,
+            auto_import=props.auto_import,
+        )
+        try:
+            if _blocking(self.mode):
+                ctrl.start(wait=True)
+                view = ctrl.wait(ctrl.texture(**kwargs).key)
+            else:
+                view = ctrl.texture(**kwargs)
+        except Exception as exc:
+            _report_error(self, "Texture failed", exc)
+            return {"CANCELLED"}
+        if view.state == "failed" or (_blocking(self.mode) and view.state != "done"):
+            _report_error(self, f"{obj.name}: {view.state}", view)
+            return {"CANCELLED"}
+        _engine_notice(self, ctrl)
+        uvs = f"its UVs '{sent.uv_map}'" if sent.uv_map else "no UVs (the backend makes them)"
+        self.report(
+            {"INFO"}, f"{obj.name}: {sent.triangles} triangles, {uvs}, seed {seed}: {view.state}"
+        )
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_apply_texture(bpy.types.Operator):
+    """Put a finished texture job's result onto its object, or beside it"""
+
+    bl_idname = "trellis2.apply_texture"
+    bl_label = "Apply Texture Result"
+    bl_options = {"REGISTER", "UNDO"}
+
+    job_id: StringProperty(options={"SKIP_SAVE"})
+    filepath: StringProperty(subtype="FILE_PATH", options={"SKIP_SAVE"})
+    target: StringProperty(options={"SKIP_SAVE"})
+    result: EnumProperty(items=TEXTURE_RESULTS, default="APPLY", options={"SKIP_SAVE"})
+    uv_map: StringProperty(options={"SKIP_SAVE"})
+    modifiers_applied: BoolProperty(options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        ctrl = runtime.get()
+        view = ctrl.find(self.job_id) if ctrl is not None and self.job_id else None
+        path, target_name, result = self.filepath, self.target, self.result
+        uv_map, modifiers = self.uv_map, self.modifiers_applied
+        if view is not None:
+            path, target_name, result = view.glb_path or "", view.target, view.texture_result
+            uv_map, modifiers = view.uv_map, view.modifiers_applied
+        if not path or not os.path.isfile(path):
+            self.report({"ERROR"}, f"No textured model for job {self.job_id or '?'}")
+            return {"CANCELLED"}
+        target = bpy.data.objects.get(target_name)
+        if target is not None and target.type != "MESH":
+            target = None
+        if target is None and result == "APPLY":
+            self.report({"WARNING"}, f"'{target_name}' is gone: the result comes as a new object")
+        name = target_name or Path(path).stem
+        try:
+            obj = apply_texture(
+                context,
+                path,
+                target,
+                name,
+                result,
+                uv_map,
+                modifiers,
+                import_options(context.scene.trellis2),
+            )
+        except (RuntimeError, OSError) as exc:
+            self.report({"ERROR"}, f"Texture result not applied: {one_line(exc, 300)}")
+            return {"CANCELLED"}
+        obj["trellis2_texture_job"] = self.job_id or (view.job_id if view else "")
+        self.report({"INFO"}, f"Textured {obj.name}")
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_variations(bpy.types.Operator):
+    """Generate several seeds of the chosen image, side by side in the Variations collection
+    (Keep the one you like)"""
+
+    bl_idname = "trellis2.variations"
+    bl_label = "Generate Variations"
+    bl_options = {"REGISTER", "UNDO"}
+
+    count: IntProperty(
+        name="Seeds",
+        default=0,
+        min=0,
+        max=VARIATIONS_MAX,
+        description="0: the panel's number",
+        options={"SKIP_SAVE"},
+    )
+    mode: EnumProperty(name="Mode", items=MODES, default="AUTO", options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        reason = _job_problem(context) or sources.problem(context, context.scene.trellis2)
+        return _refuse(cls, reason) if reason else True
+
+    def execute(self, context):
+        ctrl = _ctrl()
+        props = context.scene.trellis2
+        count = self.count or props.variations_count
+        if not VARIATIONS_MIN <= count <= VARIATIONS_MAX:
+            self.report({"ERROR"}, f"Seeds: {VARIATIONS_MIN} to {VARIATIONS_MAX}, not {count}")
+            return {"CANCELLED"}
+        try:
+            image, name = sources.read(context, props)
+        except (sources.SourceError, OSError) as exc:
+            self.report({"ERROR"}, one_line(exc, 300))
+            return {"CANCELLED"}
+        seeds = _seeds(props, count)
+        params = params_from(props, seeds[0])
+        params.pop("seed")
+        suffix = Path(props.filepath).suffix if props.source == "FILE" else ".png"
+        group = groups.variations(
+            name, image, f"{name}{suffix}", seeds, params, _cursor(context), _group_spacing(props)
+        )
+        ctrl.configure(backend_config(get_prefs(context)))
+        ctrl.dismiss_outcome()
+        try:
+            ctrl.start_group(group)
+            if _blocking(self.mode):
+                ctrl.wait_group(group.key)
+        except Exception as exc:
+            _report_error(self, "Variations failed", exc)
+            return {"CANCELLED"}
+        _engine_notice(self, ctrl)
+        text, _ = groups.summary(group)
+        self.report({"INFO"}, f"{text} (seeds {', '.join(map(str, seeds))})")
+        return {"FINISHED"}
+
+
+def _variation_of(obj) -> str:
+    key = obj.get("trellis2_group", "") if obj is not None else ""
+    return key if isinstance(key, str) and key.startswith("variations-") else ""
+
+
+class TRELLIS2_OT_keep_variation(bpy.types.Operator):
+    """Keep the active variation: the others of its row go (and their jobs still running are
+    cancelled), and it is placed like a normal result"""
+
+    bl_idname = "trellis2.keep_variation"
+    bl_label = "Keep"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        if not _variation_of(context.active_object):
+            return _refuse(cls, "Select one of the variations (in the Variations collection)")
+        return True
+
+    def execute(self, context):
+        obj = context.active_object
+        key = _variation_of(obj)
+        ctrl = runtime.get()
+        if ctrl is not None:
+            ctrl.cancel_group(key)  # seeds still running or waiting are not needed any more
+        if context.mode != "OBJECT":
+            bpy.ops.object.mode_set(mode="OBJECT")
+        others = [o for o in bpy.data.objects if o.get("trellis2_group") == key and o != obj]
+        removed = len(others)
+        remove_objects(others)
+        row = obj.users_collection[0] if obj.users_collection else None
+        home = _ensure_collection(context.scene, context.view_layer, COLLECTION)
+        for coll in list(obj.users_collection):
+            coll.objects.unlink(obj)
+        home.objects.link(obj)
+        if row is not None and row is not home and not row.all_objects:
+            bpy.data.collections.remove(row)
+        obj.location += Vector(obj.get("trellis2_home", (0, 0, 0))) - Vector(
+            obj.get("trellis2_slot", (0, 0, 0))
+        )
+        obj.show_name = False
+        obj.name = obj.get("trellis2_name", obj.name)
+        for prop in ("trellis2_group", "trellis2_home", "trellis2_slot", "trellis2_name"):
+            if prop in obj:
+                del obj[prop]
+        for other in context.view_layer.objects:
+            other.select_set(other == obj)
+        context.view_layer.objects.active = obj
+        self.report(
+            {"INFO"}, f"Kept {obj.name} (seed {obj.get('trellis2_seed')}); {removed} removed"
+        )
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_batch(bpy.types.Operator):
+    """Queue every image of a folder; the results land in a grid in a collection named after
+    the folder, and a batch log (JSON) lists each image's job, state and error"""
+
+    bl_idname = "trellis2.batch"
+    bl_label = "Batch Folder"
+    bl_options = {"REGISTER", "UNDO"}
+
+    directory: StringProperty(subtype="DIR_PATH", options={"SKIP_SAVE"})
+    mode: EnumProperty(name="Mode", items=MODES, default="AUTO", options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        reason = _job_problem(context)
+        if reason:
+            return _refuse(cls, reason)
+        if not context.scene.trellis2.batch_folder.strip():
+            return _refuse(cls, "Choose a folder of images first")
+        return True
+
+    def execute(self, context):
+        from .preferences import path_setting
+
+        ctrl = _ctrl()
+        props = context.scene.trellis2
+        folder = path_setting(self.directory or bpy.path.abspath(props.batch_folder))
+        try:
+            names = os.listdir(folder)
+        except OSError as exc:
+            self.report({"ERROR"}, f"Cannot list {folder}: {exc.strerror or exc}")
+            return {"CANCELLED"}
+        images, others = groups.split_folder(
+            [n for n in names if os.path.isfile(os.path.join(folder, n))]
+        )
+        if not images:
+            self.report({"ERROR"}, f"No images in {folder} (PNG, JPEG, WebP, BMP, TGA, TIFF)")
+            return {"CANCELLED"}
+        params = params_from(props, 0)
+        params.pop("seed")
+        group = groups.batch(
+            folder, images, others, params, _cursor(context), _group_spacing(props)
+        )
+        group.auto_import = props.auto_import
+        for item, seed in zip(group.items, _seeds(props, len(images), False), strict=True):
+            item.seed = seed
+        ctrl.configure(backend_config(get_prefs(context)))
+        ctrl.dismiss_outcome()
+        try:
+            ctrl.start_group(group)
+            if _blocking(self.mode):
+                ctrl.wait_group(group.key, timeout=max(600.0, 300.0 * len(images)))
+        except Exception as exc:
+            _report_error(self, "Batch failed", exc)
+            return {"CANCELLED"}
+        _engine_notice(self, ctrl)
+        text, _ = groups.summary(group)
+        self.report({"INFO"}, f"{text}; log: {group.log_path or '-'}")
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_cancel_group(bpy.types.Operator):
+    """Cancel every job of this batch or variations row that has not ended"""
+
+    bl_idname = "trellis2.cancel_group"
+    bl_label = "Cancel All"
+
+    group: StringProperty(options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        ctrl = runtime.get()
+        if ctrl is None or not ctrl.active_groups():
+            return _refuse(cls, "No batch or variations are running")
+        return True
+
+    def execute(self, context):
+        ctrl = _ctrl()
+        group = ctrl.cancel_group(self.group) if self.group else None
+        if group is None and not self.group:
+            for active in ctrl.active_groups():
+                group = ctrl.cancel_group(active.key)
+        if group is None:
+            self.report({"WARNING"}, "No such batch or variations")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Cancelling {group.name}")
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_import_group_item(bpy.types.Operator):
+    """Import one finished job of a batch or variations row at its place in the grid or row"""
+
+    bl_idname = "trellis2.import_group_item"
+    bl_label = "Import Group Result"
+    bl_options = {"REGISTER", "UNDO"}
+
+    group: StringProperty(options={"SKIP_SAVE"})
+    index: IntProperty(min=0, options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        ctrl = runtime.get()
+        group = ctrl.groups.get(self.group) if ctrl is not None else None
+        if group is None or self.index >= len(group.items):
+            self.report({"ERROR"}, "No such batch or variations result")
+            return {"CANCELLED"}
+        item = group.items[self.index]
+        view = ctrl.find(item.key) if item.key else None
+        if view is None or not view.glb_path or not os.path.isfile(view.glb_path):
+            self.report({"ERROR"}, f"No model file for {item.label}")
+            return {"CANCELLED"}
+        options = import_options(context.scene.trellis2)
+        options.collection, options.at_cursor = group.collection, True
+        options.location = group.location(self.index)
+        try:
+            obj = import_glb(context, view.glb_path, view.name, options)
+        except (RuntimeError, OSError) as exc:
+            self.report({"ERROR"}, f"Import failed: {one_line(exc, 300)}")
+            return {"CANCELLED"}
+        obj["trellis2_job"] = view.job_id
+        obj["trellis2_group"] = group.key
+        if item.seed is not None:
+            obj["trellis2_seed"] = item.seed
+        if group.kind == "variations":
+            obj.show_name = True  # the seed is in the name, shown in the viewport
+            obj["trellis2_name"] = group.name
+            obj["trellis2_home"] = list(group.origin)
+            obj["trellis2_slot"] = list(options.location)
+        self.report({"INFO"}, f"Imported {obj.name}")
         return {"FINISHED"}
 
 
@@ -540,6 +937,13 @@ class TRELLIS2_OT_wait(bpy.types.Operator):
 
 classes = (
     TRELLIS2_OT_generate,
+    TRELLIS2_OT_texture_mesh,
+    TRELLIS2_OT_apply_texture,
+    TRELLIS2_OT_variations,
+    TRELLIS2_OT_keep_variation,
+    TRELLIS2_OT_batch,
+    TRELLIS2_OT_cancel_group,
+    TRELLIS2_OT_import_group_item,
     TRELLIS2_OT_cancel,
     TRELLIS2_OT_import_result,
     TRELLIS2_OT_reexport,

@@ -7,7 +7,7 @@ import time
 
 import bpy
 
-from . import runtime
+from . import groups, runtime, selection
 from .preferences import draw_doctor, draw_error, draw_status, get_prefs
 from .views import PREVIEW_IGNORES, format_bytes, one_line
 
@@ -70,8 +70,10 @@ class TRELLIS2_PT_main(_Base, bpy.types.Panel):
         if ctrl is not None and ctrl.config_changed:
             layout.label(text=f"Generate runs on {ctrl.running_engine()} until a Restart")
 
+        for group in ctrl.active_groups() if ctrl is not None else ():
+            draw_group(layout.box(), ctrl, group)
         job = ctrl.current_job() if ctrl is not None else None
-        if job is not None:
+        if job is not None and not job.group:  # a group's jobs are on its own line
             draw_job(layout.box(), job)
         failure = ctrl.last_failure() if ctrl is not None and job is None else None
         if failure is not None:
@@ -97,6 +99,91 @@ def draw_job(box, job) -> None:
     if job.message:
         box.label(text=one_line(job.message, 120))
     box.operator("trellis2.cancel", icon="CANCEL").job_id = job.key
+
+
+def draw_group(box, ctrl, group) -> None:
+    """One line for a whole batch or variations row: how many are done, a bar, Cancel All."""
+    running = [ctrl.find(i.key) for i in group.items if i.key and not i.ended]
+    fraction = max((v.fraction for v in running if v is not None), default=0.0)
+    text, factor = groups.summary(group, fraction)
+    if hasattr(box, "progress"):  # Blender 4.0+
+        box.progress(factor=factor, type="BAR", text=text)
+    else:
+        box.label(text=f"{text} ({factor:.0%})")
+    box.operator("trellis2.cancel_group", icon="CANCEL").group = group.key
+
+
+class TRELLIS2_PT_texture(_Base, bpy.types.Panel):
+    bl_label = "Texture Mesh"
+    bl_parent_id = "TRELLIS2_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.trellis2
+        obj = context.active_object
+        col = layout.column(align=True)
+        if obj is not None and obj.type == "MESH":
+            mesh = selection.evaluated_mesh(context, obj)
+            layer = selection.render_uv_layer(mesh)
+            col.label(text=f"{obj.name}: {selection.triangle_count(mesh):,} triangles")
+            col.label(
+                text=f"UV map '{layer.name}' is kept"
+                if layer is not None
+                else "No UVs: the backend makes them",
+                icon="UV",
+            )
+        else:
+            col.label(text="Select a mesh object", icon="INFO")
+        layout.prop(props, "texture_result", expand=True)
+        layout.label(text="The image is the one chosen above")
+        layout.operator("trellis2.texture_mesh", icon="TEXTURE")
+
+
+class TRELLIS2_PT_variations(_Base, bpy.types.Panel):
+    bl_label = "Variations"
+    bl_parent_id = "TRELLIS2_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.trellis2
+        row = layout.row(align=True)
+        row.prop(props, "variations_count")
+        row.operator("trellis2.variations", text="Generate", icon="MOD_ARRAY")
+        ctrl = runtime.get()
+        if ctrl is not None and ctrl.engine_ignores_settings():
+            layout.label(text="Preview engine: every seed gives the same model", icon="INFO")
+        obj = context.active_object
+        if obj is not None and str(obj.get("trellis2_group", "")).startswith("variations-"):
+            layout.operator("trellis2.keep_variation", text=f"Keep {obj.name}", icon="CHECKMARK")
+        else:
+            layout.label(text="Select a variation to Keep it")
+
+
+class TRELLIS2_PT_batch(_Base, bpy.types.Panel):
+    bl_label = "Batch"
+    bl_parent_id = "TRELLIS2_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        layout.prop(context.scene.trellis2, "batch_folder", text="")
+        layout.operator("trellis2.batch", text="Queue Every Image", icon="FILE_FOLDER")
+        ctrl = runtime.get()
+        batches = [g for g in ctrl.groups.values() if g.kind == "batch"] if ctrl else []
+        if not batches:
+            return
+        last = batches[-1]
+        if last.ended:
+            text, _ = groups.summary(last)
+            layout.label(text=text, icon="CHECKMARK" if not last.counts()["failed"] else "ERROR")
+        for item in [i for i in last.items if i.state == "failed"][:5]:
+            layout.label(text=one_line(f"{item.label}: {item.error}", 120), icon="ERROR")
+        if last.log_path:
+            layout.label(text=f"Log: {last.log_path}")
+        if last.log_error:
+            layout.label(text=one_line(f"Log: {last.log_error}", 120), icon="ERROR")
 
 
 class TRELLIS2_PT_advanced(_Base, bpy.types.Panel):
@@ -280,6 +367,9 @@ class TRELLIS2_PT_backend(_Base, bpy.types.Panel):
 
 classes = (
     TRELLIS2_PT_main,
+    TRELLIS2_PT_texture,
+    TRELLIS2_PT_variations,
+    TRELLIS2_PT_batch,
     TRELLIS2_PT_advanced,
     TRELLIS2_PT_import,
     TRELLIS2_PT_queue,

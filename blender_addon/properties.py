@@ -12,6 +12,7 @@ from bpy.props import (
     StringProperty,
 )
 
+from ..backend.params import VARIATIONS_MAX, VARIATIONS_MIN
 from .sources import SOURCES
 
 PRESETS = (
@@ -22,6 +23,15 @@ PRESETS = (
 )
 RESOLUTIONS = (("512", "512", ""), ("1024", "1024", ""), ("1536", "1536", ""))
 TEXTURES = tuple((s, s, "") for s in ("512", "1024", "2048", "4096"))
+TEXTURE_RESULTS = (
+    (
+        "APPLY",
+        "On the Object",
+        "A new material on the object (a mesh without UVs is replaced "
+        "by the textured one, with the backend's UVs)",
+    ),
+    ("COPY", "Copy Beside It", "A textured copy next to the object; the object is unchanged"),
+)
 
 
 def _filepath_changed(self, context) -> None:
@@ -88,9 +98,23 @@ class TRELLIS2_PG_settings(bpy.types.PropertyGroup):
     use_scale: BoolProperty(name="Scale to Size", default=False)
     scale_to: FloatProperty(name="Size", default=1.0, min=0.001, soft_max=100.0, unit="LENGTH")
     fix_alpha: BoolProperty(
-        name="Fix Alpha",
-        default=True,
-        description="Use the texture's alpha (TRELLIS.2 marks its materials opaque)",
+        name="Alpha for Opaque Models",
+        default=False,
+        description="Also use the texture's alpha when the model says it is opaque: for "
+        "results made before the backend wrote alpha modes (transparent models are always "
+        "imported with their blend mode)",
+    )
+
+    texture_result: EnumProperty(name="Result", items=TEXTURE_RESULTS, default="APPLY")
+    variations_count: IntProperty(
+        name="Seeds",
+        default=4,
+        min=VARIATIONS_MIN,
+        max=VARIATIONS_MAX,
+        description="How many seeds of the image to generate, side by side",
+    )
+    batch_folder: StringProperty(
+        name="Folder", subtype="DIR_PATH", description="Every image in this folder is queued"
     )
 
     history_query: StringProperty(

@@ -69,15 +69,26 @@ def ensure_timer() -> None:
 
 
 def _import_finished(view: JobView) -> None:
+    """A finished job's result into the scene, each import one operator (one undo step)."""
     if not view.glb_path:
         return
-    options = {"job_id": view.job_id, "filepath": view.glb_path, "name": view.name}
-    if view.cursor is not None:  # where the cursor was when Generate was pressed
-        options.update(location=view.cursor, use_location=True)
-    result = bpy.ops.trellis2.import_result(**options)
+    if view.kind == "texture":
+        result = bpy.ops.trellis2.apply_texture(job_id=view.job_id)
+    elif view.group:
+        group, item = _controller.item_of(view)
+        if group is None or item is None or group.cancelled:
+            return  # a Keep or Cancel All came first: nobody wants this one any more
+        result = bpy.ops.trellis2.import_group_item(group=group.key, index=item.index)
+    else:
+        options = {"job_id": view.job_id, "filepath": view.glb_path, "name": view.name}
+        if view.cursor is not None:  # where the cursor was when Generate was pressed
+            options.update(location=view.cursor, use_location=True)
+        result = bpy.ops.trellis2.import_result(**options)
     if "FINISHED" not in result:
         raise RuntimeError("the model could not be imported (see the Info report)")
     view.imported = True
+    active = bpy.context.view_layer.objects.active
+    view.object_name = active.name if active is not None else ""
 
 
 def tag_redraw(force: bool = False) -> None:

@@ -53,6 +53,12 @@ class JobView:
     cursor: tuple[float, float, float] | None = None  # where the 3D cursor was at Generate
     engine: str = ""  # the engine it runs on, as the panel names it
     parent: str = ""  # a re-export's source job
+    group: str = ""  # the Variations or Batch group it belongs to (groups.Group.key)
+    target: str = ""  # a texture job's object
+    texture_result: str = ""  # APPLY (onto the object) or COPY (a textured copy beside it)
+    uv_map: str = ""  # the UV map a texture job sent ("" when the mesh had none)
+    modifiers_applied: bool = False  # a texture job sent the mesh with its modifiers applied
+    object_name: str = ""  # what the import made
     on_backend: bool = False  # the backend has it (in its job store): never sent again
     cancel_requested: bool = False
     cancel_retry_at: float = 0.0

@@ -82,12 +82,16 @@ def test_generate_writes_a_closed_textured_y_up_mesh(tmp_path):
     assert top.any() and abs(mesh.vertices[top, 0]).max() < 0.1
 
     gltf = glb_json(state["glb_path"])
-    assert [image["mimeType"] for image in gltf["images"]] == ["image/png"]
-    material = gltf["materials"][0]["pbrMetallicRoughness"]
-    assert material["metallicFactor"] == 0
+    assert [image["mimeType"] for image in gltf["images"]] == ["image/png", "image/png"]
+    material = gltf["materials"][0]
+    assert material.get("alphaMode", "OPAQUE") == "OPAQUE"  # an opaque subject
+    assert "metallicRoughnessTexture" in material["pbrMetallicRoughness"]
     texture = mesh.visual.material.baseColorTexture
     assert texture.size == (256, 256)
     assert texture.mode == "RGBA"
+    # TRELLIS.2's packing: roughness in green, metallic in blue, factors 1.
+    packed = np.asarray(mesh.visual.material.metallicRoughnessTexture)
+    assert (packed[..., 1] == round(0.8 * 255)).all() and (packed[..., 2] == 0).all()
 
     vertices, faces = state["mesh_arrays"]
     assert state["mesh_stats"] == {
@@ -103,10 +107,23 @@ def test_generate_writes_a_closed_textured_y_up_mesh(tmp_path):
 def test_background_of_the_texture_takes_the_edge_colour(tmp_path):
     state = generate(tmp_path, tall_subject())
     texture = np.asarray(state["preview_texture"])
-    hidden = texture[..., 3] == 0
-    assert hidden.mean() > 0.2
-    # no black fringe: the transparent part is painted with the nearby subject colours
-    assert texture[hidden][:, :3].astype(int).sum(axis=1).min() > 150
+    mask = Image.fromarray(state["preview_mask"].astype(np.uint8) * 255, "L")
+    outside = np.asarray(mask.resize(texture.shape[:2][::-1])) == 0
+    assert outside.mean() > 0.2
+    # no black fringe: outside the subject the texture has the nearby subject colours, and
+    # it is opaque (the mesh is the silhouette: its rim is no see-through material)
+    assert texture[outside][:, :3].astype(int).sum(axis=1).min() > 150
+    assert (texture[..., 3] == 255).all()
+
+
+def test_see_through_parts_of_the_subject_make_a_blended_material(tmp_path):
+    image = tall_subject()
+    ImageDraw.Draw(image).rectangle((200, 150, 310, 380), fill=RED + (150,))  # tinted glass
+    state = generate(tmp_path, image)
+    material = glb_json(state["glb_path"])["materials"][0]
+    assert material["alphaMode"] == "BLEND"
+    texture = np.asarray(state["preview_texture"])
+    assert ((texture[..., 3] > 140) & (texture[..., 3] < 160)).mean() > 0.05
 
 
 def test_face_budget_lowers_the_grid(tmp_path):
@@ -248,6 +265,56 @@ def test_texture_job_keeps_the_mesh_and_projects_the_image(tmp_path):
     assert np.allclose(mesh.bounds, box.bounds, atol=1e-5)
     assert mesh.visual.uv is not None and len(mesh.visual.uv) == len(mesh.vertices)
     assert mesh.visual.material.baseColorTexture.size == (256, 256)
+
+
+def _plane(uv):
+    """A unit square facing +Z (the projection's front) with the given UVs."""
+    vertices = [[-0.5, -0.5, 0.0], [0.5, -0.5, 0.0], [0.5, 0.5, 0.0], [-0.5, 0.5, 0.0]]
+    return trimesh.Trimesh(vertices, [[0, 1, 2], [0, 2, 3]], process=False), np.array(uv)
+
+
+def _texture_plane(tmp_path, image, uv):
+    from backend import meshes
+
+    plane, uv = _plane(uv)
+    state = {
+        "image": image,
+        "output_path": tmp_path / "plane.glb",
+        "mesh_bytes": meshes.write_glb(plane.vertices, plane.faces, uv),
+        "mesh_format": "glb",
+    }
+    run(PreviewEngine(), state, parse_params({"texture_size": 256}), kind="texture")
+    return state, load(state["glb_path"])
+
+
+def _halves():
+    """A square subject, red on the left and blue on the right, on a transparent background."""
+    image = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((8, 8, 63, 119), fill=(200, 30, 30, 255))
+    draw.rectangle((64, 8, 119, 119), fill=(30, 30, 200, 255))
+    return image
+
+
+def test_texture_job_paints_the_image_into_the_mesh_own_uvs(tmp_path):
+    mirrored = [[1, 0], [0, 0], [0, 1], [1, 1]]  # u runs right to left over the plane
+    state, mesh = _texture_plane(tmp_path, _halves(), mirrored)
+    assert np.allclose(mesh.visual.uv, mirrored)  # kept, not replaced by a projection
+    texture = np.asarray(mesh.visual.material.baseColorTexture)
+    # The plane's left (red in the image) lies on the texture's right: the UVs were used.
+    assert texture[:, 160:, 0].mean() > 150 and texture[:, 160:, 2].mean() < 80
+    assert texture[:, :96, 2].mean() > 150 and texture[:, :96, 0].mean() < 80
+    assert glb_json(state["glb_path"])["materials"][0].get("alphaMode", "OPAQUE") == "OPAQUE"
+
+
+def test_a_hole_in_the_projected_image_makes_a_cut_out(tmp_path):
+    image = Image.new("RGBA", (128, 128), (90, 160, 60, 255))
+    ImageDraw.Draw(image).ellipse((40, 40, 88, 88), fill=(0, 0, 0, 0))  # a hole inside
+    state, mesh = _texture_plane(tmp_path, image, [[0, 0], [1, 0], [1, 1], [0, 1]])
+    material = glb_json(state["glb_path"])["materials"][0]
+    assert (material["alphaMode"], material["alphaCutoff"]) == ("MASK", 0.5)
+    alpha = np.asarray(mesh.visual.material.baseColorTexture)[..., 3]
+    assert alpha[128, 128] == 0 and alpha[16, 16] == 255
 
 
 def test_texture_job_rejects_an_unreadable_mesh(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import trimesh
 from PIL import Image, ImageDraw
 
-from backend import attention, sparse_attention
+from backend import attention, meshes, sparse_attention
 from backend.engines.base import KNOBS, StageContext
 from backend.errors import BackendError, ErrorCode, JobCancelled
 from backend.params import GenerationParams, parse_params
@@ -453,6 +453,34 @@ def test_texturing_keeps_the_mesh_in_place(engine, fake, tmp_path, fmt):
     assert recorder.totals()["tex_sample"] == 12
     engine.release_gpu()
     assert on_device(engine) == []
+
+
+def test_texturing_keeps_the_uvs_the_mesh_has(engine, fake, tmp_path):
+    box = trimesh.creation.box(extents=(2.0, 0.5, 1.0))
+    uv = np.random.default_rng(3).random((len(box.vertices), 2))
+    state = new_state(tmp_path)
+    state["mesh_bytes"] = meshes.write_glb(box.vertices, box.faces, uv)
+    state["mesh_format"] = "glb"
+    run(engine, parse_params({"preset": "balanced", "texture_size": 256}), state, kind="texture")
+    out = trimesh.load(state["glb_path"], force="mesh", process=False)
+    assert np.allclose(out.vertices, box.vertices, atol=1e-4)
+    assert np.allclose(out.visual.uv, uv, atol=1e-6)  # baked into the input's own layout
+
+
+def test_the_glb_says_when_its_base_colour_is_see_through(engine, tmp_path):
+    from trimesh.visual.material import PBRMaterial
+    from trimesh.visual.texture import TextureVisuals
+
+    glb = trimesh.creation.box()
+    texture = Image.new("RGBA", (64, 64), (90, 90, 90, 0))  # alpha 0 everywhere: a cut-out
+    glb.visual = TextureVisuals(
+        uv=np.random.default_rng(0).random((len(glb.vertices), 2)),
+        material=PBRMaterial(baseColorTexture=texture, alphaMode="OPAQUE"),  # as upstream
+    )
+    state = {"output_path": tmp_path / "out.glb"}
+    engine._write_glb(glb, state, 64)
+    (material,) = glb_json(state["glb_path"])["materials"]
+    assert (material["alphaMode"], material["alphaCutoff"]) == ("MASK", 0.5)
 
 
 def test_texturing_rejects_a_mesh_without_triangles(engine, fake, tmp_path):

@@ -74,8 +74,19 @@ MUTATIONS: dict[str, list[tuple[str, str]]] = {
 
 
 def _copy_repository(target: Path) -> None:
+    # out/ and dist/ hold what scripts made (main_job.sh links the repository into out/).
     ignore = shutil.ignore_patterns(
-        ".git", ".venv*", "node_modules", "__pycache__", "*.pyc", "docs", "examples", ".gpukit"
+        ".git",
+        ".venv*",
+        "node_modules",
+        "__pycache__",
+        "*.pyc",
+        "docs",
+        "examples",
+        ".gpukit",
+        "out",
+        "dist",
+        "build",
     )
     shutil.copytree(ROOT, target, ignore=ignore)
     for shared in ("examples", "node_modules"):  # read-only: linked, not copied

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .. import meshes, surface
 from ..errors import BackendError, ErrorCode, InputError
 from ..params import GenerationParams
 from ..safefs import Folder
@@ -23,6 +23,9 @@ CACHE_MASK = "preview_cache_mask.png"
 
 DEPTH_SCALE = 0.7  # a disc inflates to a sphere squashed to 70 % depth: plausible, not a card
 ROUGHNESS = 0.8
+METALLIC = 0.0
+MR_TEXTURE_SIZE = 16  # metallic/roughness are constant here: a tiny texture says so
+RIM = 2  # pixels: the silhouette's anti-aliased rim is geometry, not see-through material
 MIN_CELLS = 8  # the coarsest grid (cells on the longest side) the face budget may force
 _EMPTY_HINT = (
     "No subject was found. Use an image with a transparent background, or a subject that "
@@ -500,29 +503,18 @@ def _shape_stage(state: dict[str, Any], params: GenerationParams, ctx: StageCont
 
 
 def _project_stage(state: dict[str, Any], params: GenerationParams, ctx: StageContext) -> None:
-    """Planar projection of the image from the front (+Z), keeping the mesh where it is."""
-    import trimesh
-
+    """The image projected from the front (+Z) onto the mesh, which stays where it is. A mesh
+    with UVs keeps them (the texture stage paints the projection into its UV layout); one
+    without gets the projection itself as UVs."""
     ctx.progress(0, 2, "reading the mesh")
     fmt = str(state.get("mesh_format", "")).lower()
     data = state.get("mesh_bytes")
-    if fmt not in ("glb", "ply") or not isinstance(data, (bytes, bytearray)):
+    if not isinstance(data, (bytes, bytearray)):
         raise InputError(ErrorCode.BAD_MESH_INPUT, "the mesh must be GLB or PLY bytes")
-    try:
-        mesh = trimesh.load(io.BytesIO(bytes(data)), file_type=fmt, force="mesh", process=False)
-        vertices = np.asarray(mesh.vertices, dtype=np.float64)
-        faces = np.asarray(mesh.faces, dtype=np.int64)
-    except Exception as exc:  # any parser failure means the same thing to the user
-        raise InputError(ErrorCode.BAD_MESH_INPUT, f"cannot read the mesh: {exc}") from None
-    if (
-        faces.ndim != 2
-        or len(faces) == 0
-        or len(vertices) == 0
-        or not np.isfinite(vertices).all()
-        or faces.min() < 0
-        or faces.max() >= len(vertices)
-    ):
-        raise InputError(ErrorCode.BAD_MESH_INPUT, "the mesh has no usable triangles")
+    mesh = meshes.read_mesh(bytes(data), fmt)
+    vertices = np.asarray(mesh.vertices, dtype=np.float64)
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    kept_uv = getattr(mesh.visual, "uv", None)
     ctx.progress(1, 2, "projecting the image")
     mask = state["preview_mask"]
     h, w = mask.shape
@@ -533,12 +525,23 @@ def _project_stage(state: dict[str, Any], params: GenerationParams, ctx: StageCo
     extent = np.maximum(high - low, 1e-12)
     scale = min(sub_w / extent[0], sub_h / extent[1])  # fit the mesh's front view to the subject
     centre = (low + high) / 2
-    px = sub_cx + (vertices[:, 0] - centre[0]) * scale
-    py = sub_cy - (vertices[:, 1] - centre[1]) * scale
+    state["preview_projection"] = (float(centre[0]), float(centre[1]), float(scale), sub_cx, sub_cy)
     state["preview_vertices"] = vertices
     state["preview_faces"] = faces
-    state["preview_uv"] = np.clip(np.stack([px / w, 1.0 - py / h], axis=1), 0.0, 1.0)
-    ctx.progress(2, 2, f"{len(faces)} faces")
+    if kept_uv is not None:
+        state["preview_uv"] = np.asarray(kept_uv, dtype=np.float64)
+        state["preview_kept_uv"] = True
+    else:
+        px, py = _project(state["preview_projection"], vertices)
+        state["preview_uv"] = np.clip(np.stack([px / w, 1.0 - py / h], axis=1), 0.0, 1.0)
+    kept = "its own UVs" if kept_uv is not None else "projected UVs"
+    ctx.progress(2, 2, f"{len(faces)} faces, {kept}")
+
+
+def _project(projection: tuple[float, ...], points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Front (+Z) view of 3D points, in the cropped image's pixels (x right, y down)."""
+    cx, cy, scale, sub_cx, sub_cy = projection
+    return sub_cx + (points[:, 0] - cx) * scale, sub_cy - (points[:, 1] - cy) * scale
 
 
 # --------------------------------------------------------------------------- texture stage
@@ -564,18 +567,78 @@ def _bleed(rgb: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(filled), 0, 255).astype(np.uint8)
 
 
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(steps):
+        inner = out.copy()
+        inner[1:] &= out[:-1]
+        inner[:-1] &= out[1:]
+        inner[:, 1:] &= out[:, :-1]
+        inner[:, :-1] &= out[:, 1:]
+        out = inner
+    return out
+
+
+def _material_alpha(state: dict[str, Any], alpha: np.ndarray) -> np.ndarray:
+    """The image's alpha where it is the material's own transparency, opaque elsewhere.
+    Generated meshes are the silhouette, so only alpha well inside it counts (the rim's
+    anti-aliasing is the mesh's edge). A projected image says nothing outside the subject's
+    outline, but a hole inside it is a hole."""
+    mask = state["preview_mask"]
+    region = _fill_holes(mask) if "preview_projection" in state else _erode(mask, RIM)
+    return np.where(region, alpha, 255).astype(np.uint8)
+
+
+def _sample(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bilinear samples of an (H, W, C) array at pixel coordinates (edges clamp)."""
+    h, w = image.shape[:2]
+    x = np.clip(x - 0.5, 0.0, w - 1.0)
+    y = np.clip(y - 0.5, 0.0, h - 1.0)
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _bake_into_uvs(
+    state: dict[str, Any], rgb: np.ndarray, alpha: np.ndarray, size: int, ctx: StageContext
+) -> Image.Image:
+    """Paint the projected image into the mesh's own UV layout: each covered texel takes the
+    image's colour where its surface point projects; uncovered texels take nearby colours."""
+    faces, vertices = state["preview_faces"], state["preview_vertices"]
+    face_of, bary = surface.rasterize_uv(state["preview_uv"], faces, size)
+    ctx.check_cancelled()
+    covered = face_of >= 0
+    corners = vertices[faces[face_of[covered]]]  # (K, 3, 3)
+    points = (corners * bary[covered][..., None]).sum(axis=1)
+    px, py = _project(state["preview_projection"], points)
+    image = np.concatenate([rgb, alpha[..., None]], axis=2).astype(np.float32)
+    painted = np.zeros((size, size, 4), np.float32)
+    painted[covered] = _sample(image, px, py)
+    ctx.check_cancelled()
+    filled = _bleed(painted, covered.astype(np.float32))  # seams sample a little outside
+    return Image.fromarray(filled, "RGBA")
+
+
 def _texture_stage(state: dict[str, Any], params: GenerationParams, ctx: StageContext) -> None:
     ctx.progress(0, 3, "filling the background with edge colours")
     rgba = np.asarray(state["preview_rgba"].convert("RGBA"))
     mask = state["preview_mask"]
     rgb = _bleed(rgba[..., :3], mask.astype(np.float32))
+    alpha = _material_alpha(state, rgba[..., 3])
+    if state.get("preview_kept_uv"):
+        ctx.progress(1, 3, "painting the projection into the mesh's UVs")
+        state["preview_texture"] = _bake_into_uvs(state, rgb, alpha, params.texture_size, ctx)
+        ctx.progress(3, 3, f"{params.texture_size} px texture in the mesh's own UVs")
+        return
     ctx.progress(1, 3, "resizing the texture")
     size = (params.texture_size, params.texture_size)
     # Colour and alpha resize separately: an RGBA resize premultiplies, which would turn the
     # filled background black again and bring the dark fringe back.
     colour = Image.fromarray(rgb, "RGB").resize(size, Image.Resampling.BICUBIC)
-    alpha = Image.fromarray(rgba[..., 3], "L").resize(size, Image.Resampling.BICUBIC)
-    colour.putalpha(alpha)
+    colour.putalpha(Image.fromarray(alpha, "L").resize(size, Image.Resampling.BICUBIC))
     state["preview_texture"] = colour
     ctx.progress(3, 3, f"{params.texture_size} px texture")
 
@@ -605,11 +668,15 @@ def _export_stage(state: dict[str, Any], params: GenerationParams, ctx: StageCon
     vertices = state["preview_vertices"]
     faces = state["preview_faces"]
     texture = state["preview_texture"]
+    # TRELLIS.2's layout (reference/trellis2.md §2), so one import path serves both engines:
+    # roughness in G and metallic in B of a linear texture, factors 1.
+    packed = (0, round(ROUGHNESS * 255), round(METALLIC * 255))
     material = PBRMaterial(
         name="preview",
         baseColorTexture=texture,
-        metallicFactor=0.0,
-        roughnessFactor=ROUGHNESS,
+        metallicRoughnessTexture=Image.new("RGB", (MR_TEXTURE_SIZE,) * 2, packed),
+        metallicFactor=1.0,
+        roughnessFactor=1.0,
         doubleSided=False,
     )
     mesh = trimesh.Trimesh(
@@ -619,6 +686,7 @@ def _export_stage(state: dict[str, Any], params: GenerationParams, ctx: StageCon
         visual=TextureVisuals(uv=state["preview_uv"], material=material),
         process=False,
     )
+    surface.mark_alpha_mode(mesh)
     ctx.progress(1, 3, "encoding the GLB")
     data = mesh.export(file_type="glb", include_normals=True)
     ctx.progress(2, 3, "writing the GLB")

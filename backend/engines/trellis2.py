@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import io
 import json
 import logging
 import os
@@ -498,27 +497,9 @@ def _crop_premultiply(rgba: Image.Image) -> Image.Image:
 
 
 def _parse_mesh(data: bytes, fmt: str) -> Any:
-    import numpy as np
-    import trimesh
+    from .. import meshes  # numpy: imported when used, so doctor runs on a bare Python
 
-    fmt = (fmt or "").lower().lstrip(".")
-    if fmt not in ("glb", "ply"):
-        raise InputError(ErrorCode.BAD_MESH_INPUT, f"unsupported mesh format {fmt!r}")
-    try:
-        loaded = trimesh.load(io.BytesIO(data), file_type=fmt, process=False)
-    except Exception as exc:  # trimesh raises many types on bad files
-        raise InputError(ErrorCode.BAD_MESH_INPUT, f"cannot read the {fmt} mesh: {exc}") from None
-    if isinstance(loaded, trimesh.Scene):
-        meshes = [g for g in loaded.dump() if isinstance(g, trimesh.Trimesh)]
-        loaded = trimesh.util.concatenate(meshes) if meshes else None
-    if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
-        raise InputError(ErrorCode.BAD_MESH_INPUT, "the mesh has no triangles")
-    vertices = np.asarray(loaded.vertices, dtype=np.float64)
-    if not np.isfinite(vertices).all():
-        raise InputError(ErrorCode.BAD_MESH_INPUT, "the mesh has non-finite vertex positions")
-    if (vertices.max(0) - vertices.min(0)).max() <= 0:
-        raise InputError(ErrorCode.BAD_MESH_INPUT, "the mesh has zero size")
-    return trimesh.Trimesh(vertices=vertices, faces=np.asarray(loaded.faces), process=False)
+    return meshes.read_mesh(data, fmt)  # the reader both engines share (UVs kept)
 
 
 def unit_normals(mesh: Any) -> int:
@@ -1229,9 +1210,12 @@ class Trellis2Engine(Engine):
     def _write_glb(self, glb: Any, state: dict[str, Any], texture_size: int) -> None:
         import numpy as np
 
+        from .. import surface
+
         path = Path(state["output_path"])
         path.parent.mkdir(parents=True, exist_ok=True)
         state["repaired_normals"] = unit_normals(glb)
+        surface.mark_alpha_mode(glb)  # upstream writes OPAQUE whatever the alpha says
         # PNG textures: WebP needs EXT_texture_webp, which older Blender cannot import.
         data = glb.export(file_type="glb", extension_webp=False)
         path.write_bytes(data)
@@ -1282,6 +1266,10 @@ class Trellis2Engine(Engine):
             "scale": float(0.99999 / (high - low).max()),
         }
         state["tex_mesh"] = tex.preprocess_mesh(mesh=mesh)
+        if getattr(mesh.visual, "uv", None) is not None:
+            # preprocess_mesh builds a new mesh without visuals (same vertex order), and
+            # postprocess_mesh bakes into the UVs it finds: hand the input's UVs over.
+            state["tex_mesh"].visual = mesh.visual.copy()
         resolution = texturing_resolution(params.resolution)
         state["tex_cond"] = self._cond(tex, prepared, resolution)
         state["effective_params"] = {"resolution": resolution}

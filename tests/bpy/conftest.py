@@ -84,6 +84,7 @@ def ctrl(addon, prefs):
     yield controller
     controller.shutdown(timeout=15)
     controller.jobs.clear()
+    controller.groups.clear()
     controller._keys.clear()
     controller._outbox.clear()
     controller._requests.clear()

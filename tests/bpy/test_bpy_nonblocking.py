@@ -29,7 +29,8 @@ pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals in tests"),
 ]
 
-PANELS = ("main", "advanced", "import", "queue", "history", "backend")
+PANELS = ("main", "texture", "variations", "batch", "advanced", "import", "queue", "history")
+PANELS += ("backend",)
 
 
 class Waited(BaseException):
@@ -111,13 +112,19 @@ def run(name: str, **kwargs) -> set:
 
 
 @pytest.mark.parametrize("fault", ["frozen", "gone"])
-def test_no_operator_or_tick_waits_on_a_frozen_or_gone_backend(scene, ctrl, monkeypatch, fault):
+def test_no_operator_or_tick_waits_on_a_frozen_or_gone_backend(
+    scene, ctrl, monkeypatch, fault, tmp_path
+):
     fast_supervisors(ctrl)
     props = scene.trellis2
     props.filepath, props.preset = str(EXAMPLE), "fast"
+    (tmp_path / "batch").mkdir()
+    shutil.copy(EXAMPLE, tmp_path / "batch" / EXAMPLE.name)
+    props.batch_folder = str(tmp_path / "batch")
     assert run("trellis2.backend", action="START") == {"FINISHED"}  # blocking: background
     assert run("trellis2.generate", mode="BLOCKING") == {"FINISHED"}
     done = ctrl.history_blocking()[0]
+    model = bpy.context.view_layer.objects.active  # the imported mesh: Texture's target
     pid = ctrl.status()["pid"]
     os.kill(pid, signal.SIGSTOP if fault == "frozen" else signal.SIGKILL)
 
@@ -138,6 +145,15 @@ def test_no_operator_or_tick_waits_on_a_frozen_or_gone_backend(scene, ctrl, monk
             results["clear history"] = run("trellis2.clear_history", days=0)
             results["status"] = run("trellis2.backend", action="STATUS")
             results["doctor"] = run("trellis2.doctor", mode="ASYNC")
+            results["texture"] = run("trellis2.texture_mesh", mode="ASYNC")
+            results["variations"] = run("trellis2.variations", count=2, mode="ASYNC")
+            results["batch"] = run("trellis2.batch", mode="ASYNC")
+            model["trellis2_group"] = next(iter(ctrl.groups))  # as if it were a variation
+            results["keep"] = run("trellis2.keep_variation")
+            results["cancel all"] = run("trellis2.cancel_group")
+            results["apply texture"] = run(
+                "trellis2.apply_texture", filepath=done["glb_path"], target=model.name
+            )
             for panel in PANELS:
                 draw(getattr(bpy.types, f"TRELLIS2_PT_{panel}"), bpy.context)
             for _ in range(5):
@@ -162,6 +178,9 @@ def test_no_operator_or_tick_waits_on_a_frozen_or_gone_backend(scene, ctrl, monk
     assert all(isinstance(i, float) for i in intervals)
     assert ctrl.tick_errors == []
     assert ctrl.find(newest.key).terminal  # the Generate sent into the fault has an outcome
+    assert {"texture", "variations", "batch", "keep", "cancel all"} <= {
+        name for name, result in results.items() if result == {"FINISHED"}
+    }  # they ran (a refused poll would prove nothing)
 
 
 def test_the_timer_survives_an_exception_and_reports_it_once(scene, ctrl, monkeypatch):

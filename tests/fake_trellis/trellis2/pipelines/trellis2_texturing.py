@@ -122,8 +122,11 @@ class Trellis2TexturingPipeline(Pipeline):
         fake_control.maybe_fail("bake")
         vertices = np.array(mesh.vertices)
         faces = np.array(mesh.faces)
-        # "UV unwrap": a planar projection; the real one runs CuMesh + xatlas.
-        uv = (vertices[:, :2] + 0.5).clip(0, 1)
+        if hasattr(mesh, "visual") and getattr(mesh.visual, "uv", None) is not None:
+            uv = np.array(mesh.visual.uv)  # as upstream: UVs the mesh has are baked into
+        else:
+            # "UV unwrap": a planar projection; the real one runs CuMesh + xatlas.
+            uv = (vertices[:, :2] + 0.5).clip(0, 1)
         color = (pbr_voxel.feats.mean(0).clamp(0, 1) * 255).to(torch.uint8).numpy()
         base = Image.new("RGBA", (texture_size, texture_size), (*color[:3].tolist(), 255))
         mr = Image.new("RGB", (texture_size, texture_size), (0, int(color[4]), int(color[3])))

@@ -1,0 +1,75 @@
+"""Meshes sent for texturing: the client's GLB writer and the reader both engines use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trimesh
+
+from backend import meshes, params
+from backend.errors import ErrorCode, InputError
+
+from .khronos import SKIP_REASON, khronos_available, khronos_reports
+
+QUAD = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+TRIANGLES = np.array([[0, 1, 2], [0, 2, 3]])
+UV = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # v up
+
+
+def test_written_glb_reads_back_with_positions_triangles_and_uvs():
+    mesh = meshes.read_mesh(meshes.write_glb(QUAD, TRIANGLES, UV), "glb")
+    assert np.allclose(mesh.vertices, QUAD) and np.array_equal(mesh.faces, TRIANGLES)
+    assert np.allclose(mesh.visual.uv, UV)  # v up again after glTF's v-down storage
+
+
+def test_a_mesh_without_uvs_reads_back_without_them():
+    mesh = meshes.read_mesh(meshes.write_glb(QUAD, TRIANGLES), "glb")
+    assert np.array_equal(mesh.faces, TRIANGLES)
+    assert getattr(mesh.visual, "uv", None) is None
+
+
+@pytest.mark.skipif(not khronos_available(), reason=SKIP_REASON)
+def test_written_glb_is_valid_for_khronos(tmp_path):
+    paths = []
+    for name, uv in (("uv", UV), ("plain", None)):
+        path = tmp_path / f"{name}.glb"
+        path.write_bytes(meshes.write_glb(QUAD, TRIANGLES, uv))
+        paths.append(path)
+    for report in khronos_reports(paths):
+        assert report["issues"]["numErrors"] == 0, report["issues"]["messages"]
+        assert report["issues"]["numWarnings"] == 0, report["issues"]["messages"]
+
+
+def test_a_scene_of_several_parts_is_one_mesh_and_keeps_uvs_only_if_all_have_them():
+    a = trimesh.Trimesh(QUAD, TRIANGLES, process=False)
+    a.visual = trimesh.visual.TextureVisuals(uv=UV)
+    b = trimesh.Trimesh(QUAD + [0, 0, 2], TRIANGLES, process=False)
+    b.visual = trimesh.visual.TextureVisuals(uv=UV)
+    both = meshes.read_mesh(trimesh.Scene([a, b]).export(file_type="glb"), "glb")
+    assert len(both.faces) == 4 and np.allclose(both.visual.uv, np.r_[UV, UV])
+    plain = trimesh.Trimesh(QUAD + [0, 0, 4], TRIANGLES, process=False)
+    mixed = meshes.read_mesh(trimesh.Scene([a, plain]).export(file_type="glb"), "glb")
+    assert len(mixed.faces) == 4 and getattr(mixed.visual, "uv", None) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "words"),
+    [
+        (b"not a mesh", "glb", "cannot read"),
+        (b"x", "obj", "unsupported"),
+        (meshes.write_glb(np.zeros((4, 3)), TRIANGLES), "glb", "zero size"),
+        (meshes.write_glb(QUAD * np.nan, TRIANGLES), "glb", "non-finite"),
+    ],
+)
+def test_bad_meshes_are_bad_mesh_input(data, fmt, words):
+    with pytest.raises(InputError) as info:
+        meshes.read_mesh(data, fmt)
+    assert info.value.code is ErrorCode.BAD_MESH_INPUT and words in str(info.value)
+
+
+def test_too_many_triangles_is_refused_with_the_limit(monkeypatch):
+    monkeypatch.setattr(meshes, "TEXTURE_MAX_FACES", 1)
+    with pytest.raises(InputError) as info:
+        meshes.read_mesh(meshes.write_glb(QUAD, TRIANGLES), "glb")
+    assert "at most 1" in str(info.value)
+    assert params.TEXTURE_MAX_FACES >= 100_000  # the real limit is not a toy one
