@@ -18,10 +18,9 @@ from .coord import Coordinator
 from .dispatch import TASK_NAME, can_serve, need_tier, queue_name, worker_queue
 from .errors import BackendError, ErrorCode
 from .jobs import JobRecord, JobStore
-from .params import parse_params
+from .params import parse_params, reexport_params
 from .runner import check_disk
 from .server import (
-    EXPORT_PARAMS,
     MAX_MESH_BYTES,
     MESH_FORMATS,
     _clean_filename,
@@ -162,16 +161,7 @@ class JobDesk:
         if parent.state.value != "done" or parent.kind == "texture":
             raise BackendError(ErrorCode.BAD_PARAMS, f"job {parent.id} has no result to re-export")
         changes = message.content.get("params") or {}
-        unknown = sorted(set(changes) - set(EXPORT_PARAMS))
-        if unknown:
-            raise BackendError(
-                ErrorCode.BAD_PARAMS,
-                f"re-export can change only {', '.join(EXPORT_PARAMS)}; not {', '.join(unknown)}",
-            )
-        base = dict(parent.final_params or parent.params)
-        base.pop("preset", None)
-        preset = (parent.params or {}).get("preset", "balanced")
-        params = parse_params({"preset": preset, **base, **changes}).to_dict()
+        params = reexport_params(parent.params, parent.final_params, changes).to_dict()
         # The engine's cache (latents) stays on the worker that made the job.
         worker = parent.extra.get("worker")
         if not any(w.get("name") == worker for w in self.workers):

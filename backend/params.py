@@ -172,3 +172,33 @@ def parse_params(raw: dict[str, Any] | None) -> GenerationParams:
             value = _check_number(name, value)
         values[name] = value
     return GenerationParams(**values)
+
+
+# What a re-export may change: it reruns decode and export from the cached latents.
+EXPORT_PARAMS = ("texture_size", "decimation_target", "remesh")
+
+
+def reexport_params(
+    requested: dict[str, Any] | None, final: dict[str, Any] | None, changes: Any
+) -> GenerationParams:
+    """The parameters of a re-export: the parent job's final parameters (its request after
+    the ladder) with the export settings changed. The parent's resolution may be one the
+    engine settled on (TRELLIS.2's token budget: 1152), a fact about the latents rather than a
+    request; the request's own tier is kept then."""
+    if changes is None:
+        changes = {}
+    if not isinstance(changes, dict):
+        raise _bad("params must be an object")
+    unknown = sorted(set(changes) - set(EXPORT_PARAMS))
+    if unknown:
+        raise _bad(
+            f"re-export can change only {', '.join(EXPORT_PARAMS)}; not {', '.join(unknown)}"
+        )
+    requested = dict(requested or {})
+    base = dict(final or requested)
+    base.pop("preset", None)
+    if base.get("resolution") not in RESOLUTIONS:
+        base.pop("resolution", None)
+        if requested.get("resolution") in RESOLUTIONS:
+            base["resolution"] = requested["resolution"]
+    return parse_params({"preset": requested.get("preset", "balanced"), **base, **changes})

@@ -26,7 +26,7 @@ from .engines import create as create_engine
 from .errors import BackendError, ErrorCode, JobCancelled, ProtocolError
 from .jobs import INPUT_STEM, JOB_ID, THUMBNAIL, JobRecord, JobState, JobStore
 from .ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
-from .params import parse_params
+from .params import parse_params, reexport_params
 from .procutil import pid_alive
 from .runner import MAX_RECOVERIES, Runner, RunnerConfig, check_disk
 from .stats import StatsLog, aggregate
@@ -34,7 +34,6 @@ from .stats import StatsLog, aggregate
 log = logging.getLogger(__name__)
 
 EVENTS_URL = "inproc://backend-events"
-EXPORT_PARAMS = ("texture_size", "decimation_target", "remesh")
 MESH_FORMATS = ("glb", "ply")
 MAX_MESH_BYTES = 512 << 20
 JOBS_REPLY_BUDGET = protocol.MAX_JSON_FRAME // 2  # bytes of job summaries in one `jobs` page
@@ -505,18 +504,7 @@ class Server:
         parent = self.store.get(message.content["job_id"])
         if parent.state.value != "done" or parent.kind == "texture":
             raise BackendError(ErrorCode.BAD_PARAMS, f"job {parent.id} has no result to re-export")
-        changes = message.content.get("params") or {}
-        unknown = sorted(set(changes) - set(EXPORT_PARAMS))
-        if unknown:
-            raise BackendError(
-                ErrorCode.BAD_PARAMS,
-                f"re-export can change only {', '.join(EXPORT_PARAMS)}; not {', '.join(unknown)}",
-            )
-        base = dict(parent.final_params or parent.params)
-        base.pop("preset", None)
-        params = parse_params(
-            {"preset": (parent.params or {}).get("preset", "balanced"), **base, **changes}
-        )
+        params = reexport_params(parent.params, parent.final_params, message.content.get("params"))
         return self._submit(
             "reexport",
             params.to_dict(),

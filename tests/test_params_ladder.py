@@ -130,3 +130,19 @@ def test_failed_stage_before_any_knob_gets_no_useful_level():
     request = parse_params({"preset": "high"})
     stages = (Stage("load", "Load", frozenset()), *STAGES)
     assert ladder.next_step(request, 0, failed_stage=0, stages=stages, capabilities=KNOBS) is None
+
+
+def test_reexport_keeps_the_parents_settings_and_changes_only_export_ones():
+    from backend.params import reexport_params
+
+    requested = {"preset": "high", "seed": 5, "max_num_tokens": 8000}
+    # TRELLIS.2 settled on 1152 (token budget) and the ladder lowered the texture
+    final = dict(parse_params(requested).to_dict(), resolution=1152, texture_size=1024)
+    params = reexport_params(requested, final, {"decimation_target": 50_000})
+    assert params.resolution == 1536  # a tier again: the latents say what was used
+    assert (params.seed, params.texture_size, params.decimation_target) == (5, 1024, 50_000)
+    with pytest.raises(InputError) as err:
+        reexport_params(requested, final, {"seed": 1})
+    assert err.value.code is ErrorCode.BAD_PARAMS and "texture_size" in err.value.message
+    with pytest.raises(InputError):
+        reexport_params(requested, final, ["texture_size"])
