@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import attention
+from . import gpu as gpu_hygiene
 from .engines import trellis2 as adapter
 from .errors import BackendError
 from .paths import output_dir_problem
@@ -174,7 +175,7 @@ def _torch_and_gpu(report: dict[str, Any]) -> list[dict[str, Any]]:
                 adapter.FIX_HINTS["torch"],
             )
         ]
-    adapter.configure_allocator()
+    gpu_hygiene.configure_allocator()
     import torch
 
     report["versions"]["torch_cuda"] = torch.version.cuda
@@ -420,7 +421,7 @@ def _signatures(report: dict[str, Any]) -> list[dict[str, Any]]:
                 adapter.FIX_HINTS["trellis2"],
             )
         ]
-    adapter.configure_allocator()
+    gpu_hygiene.configure_allocator()
     if report.get("attention_backend") and "trellis2" not in sys.modules:
         # trellis2 reads its backend at import; import it the way the engine would.
         attention.apply(report["attention_backend"])

@@ -183,6 +183,16 @@ def peak_allocated() -> int | None:
         return None
 
 
+def release_cache() -> None:
+    """Give the caching allocator's unused blocks back (no CUDA context is created)."""
+    torch = _cuda(init=False)
+    if torch is not None:
+        try:
+            torch.cuda.empty_cache()
+        except Exception as exc:  # a poisoned context: the runner's cleanup reports it
+            log.debug("cannot empty the CUDA cache: %s", exc)
+
+
 def reset_peak() -> None:
     """Start a new peak measurement (max_memory_allocated restarts from the current value)."""
     torch = _cuda(init=False)

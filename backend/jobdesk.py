@@ -13,7 +13,7 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol, validate
+from . import meshes, protocol, validate
 from .coord import Coordinator
 from .dispatch import TASK_NAME, can_serve, need_tier, queue_name, worker_queue
 from .errors import BackendError, ErrorCode
@@ -21,8 +21,6 @@ from .jobs import JobRecord, JobStore
 from .params import parse_params, reexport_params
 from .runner import check_disk
 from .server import (
-    MAX_MESH_BYTES,
-    MESH_FORMATS,
     _clean_filename,
     _image_ext,
     _summary,
@@ -133,14 +131,8 @@ class JobDesk:
 
     def on_texture(self, message, user, buffers) -> dict:
         params = parse_params(message.content.get("params")).to_dict()
-        fmt = message.content["mesh_format"].lower()
-        if fmt not in MESH_FORMATS:
-            raise BackendError(
-                ErrorCode.BAD_MESH_INPUT, f"mesh_format must be one of {MESH_FORMATS}"
-            )
         image_bytes, mesh = message.buffers
-        if not mesh or len(mesh) > MAX_MESH_BYTES:
-            raise BackendError(ErrorCode.BAD_MESH_INPUT, f"mesh of {len(mesh)} bytes")
+        fmt = meshes.checked_upload(message.content["mesh_format"], mesh)
         queue = self._admit(message.content.get("min_vram_gb", 0))
         image = validate.load_image(image_bytes, self.image_limits)
         return self._submit(

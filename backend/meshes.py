@@ -15,8 +15,20 @@ from .errors import ErrorCode, InputError
 from .params import TEXTURE_MAX_FACES
 
 FORMATS = ("glb", "ply")
+MAX_UPLOAD_BYTES = 512 << 20  # the mesh of one texture request
 _FLOAT, _UINT = 5126, 5125  # glTF component types
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+
+
+def checked_upload(mesh_format: str, data: bytes) -> str:
+    """The format of the mesh a texture request carries (lower case), or bad_mesh_input:
+    the backend and the gateway refuse the same uploads before queueing anything."""
+    fmt = mesh_format.lower()
+    if fmt not in FORMATS:
+        raise InputError(ErrorCode.BAD_MESH_INPUT, f"mesh_format must be one of {FORMATS}")
+    if not data or len(data) > MAX_UPLOAD_BYTES:
+        raise InputError(ErrorCode.BAD_MESH_INPUT, f"mesh of {len(data)} bytes")
+    return fmt
 
 
 def _pad(data: bytes, fill: bytes) -> bytes:

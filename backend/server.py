@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from . import __version__, gpu, heap, protocol, validate
+from . import __version__, gpu, heap, meshes, protocol, validate
 from .engines import create as create_engine
 from .errors import BackendError, ErrorCode, JobCancelled, ProtocolError
 from .jobs import INPUT_STEM, JOB_ID, THUMBNAIL, JobRecord, JobState, JobStore
@@ -34,8 +34,6 @@ from .stats import StatsLog, aggregate
 log = logging.getLogger(__name__)
 
 EVENTS_URL = "inproc://backend-events"
-MESH_FORMATS = ("glb", "ply")
-MAX_MESH_BYTES = 512 << 20
 JOBS_REPLY_BUDGET = protocol.MAX_JSON_FRAME // 2  # bytes of job summaries in one `jobs` page
 MAX_KEY_CHARS = 200  # idempotency keys
 
@@ -476,14 +474,8 @@ class Server:
             return duplicate
         self._admit()
         params = parse_params(message.content.get("params"))
-        fmt = message.content["mesh_format"].lower()
-        if fmt not in MESH_FORMATS:
-            raise BackendError(
-                ErrorCode.BAD_MESH_INPUT, f"mesh_format must be one of {MESH_FORMATS}"
-            )
         image_bytes, mesh = message.buffers
-        if not mesh or len(mesh) > MAX_MESH_BYTES:
-            raise BackendError(ErrorCode.BAD_MESH_INPUT, f"mesh of {len(mesh)} bytes")
+        fmt = meshes.checked_upload(message.content["mesh_format"], mesh)
         image = validate.load_image(image_bytes, self.config.image_limits)
         return self._submit(
             "texture",

@@ -73,3 +73,14 @@ def test_too_many_triangles_is_refused_with_the_limit(monkeypatch):
         meshes.read_mesh(meshes.write_glb(QUAD, TRIANGLES), "glb")
     assert "at most 1" in str(info.value)
     assert params.TEXTURE_MAX_FACES >= 100_000  # the real limit is not a toy one
+
+
+def test_texture_uploads_are_checked_the_same_for_the_backend_and_the_gateway():
+    from backend import meshes
+    from backend.errors import ErrorCode, InputError
+
+    assert meshes.checked_upload("GLB", b"x") == "glb"
+    for fmt, data in (("obj", b"x"), ("glb", b""), ("ply", b"x" * (meshes.MAX_UPLOAD_BYTES + 1))):
+        with pytest.raises(InputError) as err:
+            meshes.checked_upload(fmt, data)
+        assert err.value.code is ErrorCode.BAD_MESH_INPUT

@@ -62,7 +62,7 @@ MUTATIONS: dict[str, list[tuple[str, str]]] = {
         ("for loaded in (pipe, self.texturing):", "for loaded in (pipe,):"),
     ],
     "no cache release between sampling and decoding": [
-        ("        _empty_cache()\n", ""),
+        ("        gpu.release_cache()\n", ""),
     ],
     "zero normals left in the GLB": [
         ('state["repaired_normals"] = unit_normals(glb)', 'state["repaired_normals"] = 3'),

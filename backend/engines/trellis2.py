@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import attention, sparse_attention
+from .. import attention, gpu, sparse_attention
 from ..errors import BackendError, ErrorCode, InputError
 from ..params import SAMPLER_KEYS, GenerationParams
 from ..safefs import Folder
@@ -214,16 +214,6 @@ UPSTREAM_CALLS: tuple[UpstreamCall, ...] = (
 
 
 # -- helpers shared with doctor ----------------------------------------------------------
-
-
-def configure_allocator() -> None:
-    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True must be set before torch loads."""
-    try:
-        from .. import gpu
-
-        gpu.configure_allocator()
-    except ImportError:
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def read_safetensors_header(path: str | Path) -> dict[str, Any]:
@@ -535,12 +525,6 @@ def _default_steps(sampler: Any) -> int:
     return int(default) if isinstance(default, int) else 50
 
 
-def _empty_cache() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
 # -- the engine ----------------------------------------------------------------------------
 
 
@@ -735,7 +719,7 @@ class Trellis2Engine(Engine):
         # Never reach the hub at run time: a failed local load must fail, not download.
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
-        configure_allocator()
+        gpu.configure_allocator()
         backend, self.attention_note = attention.resolve(self.attention_choice)
         attention.apply(backend)  # before trellis2 is imported: its config reads env at import
         self.attention_backend = backend
@@ -1195,7 +1179,7 @@ class Trellis2Engine(Engine):
         device = self._device()
         # Upstream run() frees the allocator's cache between sampling and decoding; the
         # decoder's large, short-lived buffers then fit where the flow models' blocks were.
-        _empty_cache()
+        gpu.release_cache()
         meshes = pipe.decode_latent(
             shape_slat=_to(self._latent(state, "shape_slat"), device),
             tex_slat=_to(self._latent(state, "tex_slat"), device),
