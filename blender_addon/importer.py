@@ -194,6 +194,18 @@ def _materials_follow_alpha(filepath: str, before, options: ImportOptions) -> No
             fix_alpha(material)  # results made before the backend wrote alpha modes
 
 
+def _begin_import(context: bpy.types.Context, filepath: str | Path) -> tuple[str, dict]:
+    """The GLB's path (it must exist), in Object mode, and the datablocks there were before
+    (so a failed import can remove everything it made)."""
+    filepath = str(filepath)
+    if not Path(filepath).is_file():
+        raise FileNotFoundError(f"no GLB at {filepath}")
+    active = context.view_layer.objects.active
+    if active is not None and active.mode != "OBJECT":
+        bpy.ops.object.mode_set(mode="OBJECT")
+    return filepath, _datablocks()
+
+
 def import_glb(
     context: bpy.types.Context,
     filepath: str | Path,
@@ -203,14 +215,7 @@ def import_glb(
     """Import one GLB and return the object that holds it (renamed after the input image).
     Callers wrap this in one operator so the whole thing is one undo step."""
     options = options or ImportOptions()
-    filepath = str(filepath)
-    if not Path(filepath).is_file():
-        raise FileNotFoundError(f"no GLB at {filepath}")
-    view_layer = context.view_layer
-    active = view_layer.objects.active
-    if active is not None and active.mode != "OBJECT":
-        bpy.ops.object.mode_set(mode="OBJECT")
-    before = _datablocks()
+    filepath, before = _begin_import(context, filepath)
     try:
         return _import(context, filepath, name, options, before)
     except BaseException:
@@ -323,14 +328,7 @@ def apply_texture(
     the backend's UVs; its modifiers were applied to what was sent, so they are removed).
     COPY, or a target that is gone: a new object beside it. Returns the textured object."""
     options = options or ImportOptions()
-    filepath = str(filepath)
-    if not Path(filepath).is_file():
-        raise FileNotFoundError(f"no GLB at {filepath}")
-    view_layer = context.view_layer
-    active = view_layer.objects.active
-    if active is not None and active.mode != "OBJECT":
-        bpy.ops.object.mode_set(mode="OBJECT")
-    before = _datablocks()
+    filepath, before = _begin_import(context, filepath)
     onto = target is not None and result == "APPLY"
     try:
         new = _load(filepath, before, merge=onto and not uv_map)
@@ -361,8 +359,8 @@ def apply_texture(
     except BaseException:
         _remove_new(before)
         raise
-    view_layer.update()
-    _select_only(view_layer, [placed], placed)
+    context.view_layer.update()
+    _select_only(context.view_layer, [placed], placed)
     return placed
 
 
