@@ -172,3 +172,10 @@ class OutputError(BackendError):
 class JobCancelled(BackendError):
     def __init__(self, message: str = "Cancelled by the user"):
         super().__init__(ErrorCode.CANCELLED, message)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception's text for a message to the user: its text, or its type, at most 200
+    characters."""
+    text = str(exc).strip() or type(exc).__name__
+    return text[:200]

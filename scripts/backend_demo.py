@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.client import Client  # noqa: E402
-from backend.validate import validate_glb_file  # noqa: E402
+from backend.glbcheck import validate_glb_file  # noqa: E402
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> None:

@@ -27,8 +27,8 @@ from PIL import Image  # noqa: E402
 from backend.client import Client  # noqa: E402
 from backend.engines.base import StageContext  # noqa: E402
 from backend.engines.preview import PreviewEngine  # noqa: E402
+from backend.images import load_image  # noqa: E402
 from backend.params import parse_params  # noqa: E402
-from backend.validate import load_image  # noqa: E402
 
 
 def example_1024() -> bytes:
@@ -51,7 +51,7 @@ def in_process(engine: PreviewEngine, data: bytes, params, out: Path) -> tuple[f
 
 def in_process_runner(runner, store, data: bytes) -> float:
     """`python -m backend generate` does this: same validation and job files, no server."""
-    from backend.validate import load_image as validate_image
+    from backend.images import load_image as validate_image
 
     began = time.perf_counter()
     image = validate_image(data)

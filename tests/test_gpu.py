@@ -18,7 +18,7 @@ ALLOCATOR_CONFIGURED = gpu.configure_allocator()  # before torch is imported
 
 torch = pytest.importorskip("torch")
 
-from backend import ladder, validate  # noqa: E402
+from backend import glbcheck, ladder  # noqa: E402
 from backend.jobs import JobStore  # noqa: E402
 from backend.memprofile import MemoryProfile  # noqa: E402
 from backend.params import parse_params  # noqa: E402
@@ -100,7 +100,7 @@ def _check_degraded_run(result, at_retry, baseline, request, cap):
     # no leak through tracebacks: back at the baseline after every OOM and after the job
     assert at_retry and all(m == baseline for m in at_retry), (at_retry, baseline)
     assert torch.cuda.memory_allocated() == baseline
-    validate.validate_glb_file(result.glb_path)
+    glbcheck.validate_glb_file(result.glb_path)
 
 
 def test_allocator_uses_expandable_segments():
@@ -205,7 +205,7 @@ def test_device_side_assert_poisons_and_a_fresh_process_completes_the_job(tmp_pa
     assert report["outcome"] == "done"
     record = store.get(job.id)
     assert record.state.value == "done"
-    validate.validate_glb_file(Path(store.folder(job.id)) / "result.glb")
+    glbcheck.validate_glb_file(Path(store.folder(job.id)) / "result.glb")
 
 
 def test_probe_and_figures_on_a_healthy_gpu(engine):

@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("zmq")
 
-from backend import validate  # noqa: E402
+from backend import glbcheck, meshcheck  # noqa: E402
 from backend.supervisor import (  # noqa: E402
     BackendSpec,
     RespawnPolicy,
@@ -118,10 +118,10 @@ def check_glb(path: Path) -> dict:
     """Our own mesh and GLB validation, as the runner applies it, plus the figures."""
     import trimesh
 
-    report = validate.validate_glb_file(path)
+    report = glbcheck.validate_glb_file(path)
     scene = trimesh.load(path, force="scene")
     mesh = trimesh.util.concatenate(list(scene.dump()))
-    warnings = validate.validate_mesh(mesh.vertices, mesh.faces)
+    warnings = meshcheck.validate_mesh(mesh.vertices, mesh.faces)
     return {
         "bytes": path.stat().st_size,
         "vertices": len(mesh.vertices),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from backend import curvekeys, validate
+from backend import curvekeys, glbcheck
 from backend.client import ClientTimeout
 from backend.errors import BackendError
 from backend.jobs import JobStore
@@ -138,7 +138,7 @@ def test_two_artists_three_sessions_generate_on_two_workers(preview):
             assert record.extra["user"] == label.split("-")[0]
             workers.add(record.extra["worker"])
             assert glb == store.path(job_id, "result.glb").read_bytes()
-            validate.validate_glb(glb)  # raises on a broken GLB
+            glbcheck.validate_glb(glb)  # raises on a broken GLB
         progress = {e.content["job_id"] for e in events if e.msg_type == "job_progress"}
         assert progress & set(ids), f"{label} saw no progress of its jobs"
     assert workers == {"w1", "w2"}, "both GPU workers should have run jobs"
@@ -165,7 +165,7 @@ def test_texture_and_reexport_through_the_gateway(preview):
 
     textured = remote.texture(png_bytes(), mesh, "glb", {"preset": "fast"})
     assert remote.wait_for_job(textured, WAIT)["event"] == "job_done"
-    validate.validate_glb(remote.download(textured))
+    glbcheck.validate_glb(remote.download(textured))
 
     again = remote.reexport(parent, {"texture_size": 512})
     assert remote.wait_for_job(again, WAIT)["event"] == "job_done"
@@ -174,7 +174,7 @@ def test_texture_and_reexport_through_the_gateway(preview):
     assert record.kind == "reexport" and record.parent == parent
     assert record.final_params["texture_size"] == 512
     assert record.extra["worker"] == store.get(parent).extra["worker"]  # where the cache is
-    validate.validate_glb(remote.download(again))
+    glbcheck.validate_glb(remote.download(again))
 
     with pytest.raises(BackendError) as refused:
         remote.reexport(parent, {"resolution": 1024})
@@ -453,4 +453,4 @@ def test_worker_killed_mid_job_runs_again_on_the_other_exactly_once(slow):
     wait_for(lambda: not pid_alive(backend_pid), 30, "the orphaned backend to exit")
     victim_store = JobStore(slow.folder / "workers" / victim / "backend")
     assert victim_store.get(victim_local).state.value != "done"
-    assert validate.validate_glb(remote.download(job_id))
+    assert glbcheck.validate_glb(remote.download(job_id))

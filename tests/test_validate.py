@@ -16,9 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from backend import validate
+from backend import meshcheck
 from backend.errors import ErrorCode, InputError, OutputError
-from backend.validate import ImageLimits, has_usable_alpha, load_image, validate_glb, validate_mesh
+from backend.glbcheck import validate_glb, validate_glb_file
+from backend.images import ImageLimits, has_usable_alpha, load_image
+from backend.meshcheck import validate_mesh
 from tests.badimages import Case, bad_image_cases, encode, rgba_with_alpha
 from tests.khronos import error_codes, khronos_reports, requires_khronos
 
@@ -208,7 +210,7 @@ def test_validate_mesh_counts_degenerate_faces(monkeypatch):
     vertices = np.vstack([vertices, (vertices[0] + vertices[1]) / 2])
     bad = np.vstack([bad, [[0, 8, 1]]])
     all_faces = np.vstack([faces, bad])
-    monkeypatch.setattr(validate, "_FACE_CHUNK", 5)  # exercise the chunked area computation
+    monkeypatch.setattr(meshcheck, "_FACE_CHUNK", 5)  # exercise the chunked area computation
     warnings = validate_mesh(vertices, all_faces)
     assert len(warnings) == 1
     assert warnings[0].startswith("4 of 16 faces are degenerate")
@@ -487,9 +489,9 @@ def test_validate_glb_report_on_valid_files():
 def test_validate_glb_file(tmp_path):
     path = tmp_path / "a.glb"
     path.write_bytes(VALID_GLB)
-    assert validate.validate_glb_file(path)["triangles"] == 12
+    assert validate_glb_file(path)["triangles"] == 12
     with pytest.raises(OutputError) as caught:
-        validate.validate_glb_file(tmp_path / "missing.glb")
+        validate_glb_file(tmp_path / "missing.glb")
     assert caught.value.code == ErrorCode.INVALID_GLB
 
 

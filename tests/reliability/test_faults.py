@@ -16,10 +16,10 @@ import pytest
 
 from backend.client import Client
 from backend.errors import BackendError, ErrorCode
+from backend.glbcheck import validate_glb_file
 from backend.jobs import JobStore
 from backend.procutil import pid_alive
 from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor, SupervisorEvent
-from backend.validate import validate_glb_file
 from tests.conftest import png_bytes
 from tests.reliability.support import ROOT, WAIT, record, scale
 
