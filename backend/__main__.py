@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, gpu
+from . import __version__, gpu, settings
 from .errors import BackendError
 from .files import default_output_dir
 
@@ -62,6 +65,15 @@ def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     gpu.configure_allocator()  # before anything can import torch
+    # The control loop shares the GIL with job, intake and reader threads that compute in
+    # Python; a thread asking for the GIL waits up to this interval (5 ms by default), so a
+    # shorter one keeps `ping` and `status` answered within milliseconds (scripts/bench_loop.py).
+    sys.setswitchinterval(settings.GIL_SWITCH_INTERVAL)
+    # Pillow encodes a PNG (every texture a job exports) in chunks of MAXBLOCK output bytes
+    # with the GIL held: 64 KiB took ~11 ms per chunk on the CI machine, a quarter ~4 ms.
+    from PIL import ImageFile
+
+    ImageFile.MAXBLOCK = settings.PNG_ENCODE_CHUNK
     # A crash inside a CUDA extension (segfault, abort) then leaves the Python stack in the
     # backend's log, which the supervisor shows with the failed job.
     faulthandler.enable()
@@ -83,13 +95,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         recover=not args.no_recover,
     )
     server = Server(config)
-    from .ownerlock import LOCKED_EXIT_CODE, OutputLocked
+    from .ownerlock import OutputLocked
 
     try:
         server.claim()  # before the connection file: a refused backend never looks alive
     except OutputLocked as exc:
         print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
-        return LOCKED_EXIT_CODE
+        return settings.EXIT_LOCKED
     info = server.bind()
     logging.getLogger(__name__).info(
         "backend %s serving engine %s on 127.0.0.1:%s/%s (session %s)",
@@ -99,8 +111,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         info.iopub_port,
         info.session,
     )
-    code = server.serve_forever()
-    if code == gpu.POISONED_EXIT_CODE:
+    # SIGTERM and Ctrl-C stop it like a `shutdown` request: the running job requeues itself
+    # at its next checkpoint (within SIGNAL_GRACE), the connection file is removed, the exit
+    # code is 0. A signal after a stop began (the supervisor's ladder, a second Ctrl-C) stops
+    # waiting for it.
+    stop = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGBREAK,) if sys.platform == "win32" else ())
+
+    def on_signal(name: str) -> None:
+        server.request_stop(f"{name} received", grace=settings.SIGNAL_GRACE, escalate=True)
+
+    with _stop_signals(stop, on_signal):
+        code = server.serve_forever()
+    if code == settings.EXIT_POISONED:
         # A broken CUDA context can hang interpreter teardown; leave at once.
         logging.shutdown()
         os._exit(code)
@@ -109,8 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     gpu.configure_allocator()
-    from . import validate
     from .engines import create as create_engine
+    from .images import load_image
     from .jobs import JobStore
     from .params import parse_params
     from .runner import Runner, RunnerConfig
@@ -121,7 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         data = image_path.read_bytes()
     except OSError as exc:
         raise BackendError("bad_image", f"cannot read {image_path}: {exc.strerror}") from None
-    validate.load_image(data)
+    load_image(data)
     params = parse_params(_params_from_args(args)).to_dict()
     from .ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
 
@@ -232,9 +254,69 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
-    from .supervisor import main as supervise_main
+    """Keep a backend alive for scripts and batch use, until SIGTERM or Ctrl-C."""
+    from .backend_process import BackendSpec
+    from .supervisor import JOB_EVENTS, RespawnPolicy, Supervisor, SupervisorEvent, SupervisorState
 
-    return supervise_main(args)
+    spec = BackendSpec(
+        python=args.python or sys.executable,
+        engine=args.engine,
+        engine_options=_engine_options(args.engine_opt),
+        output_dir=Path(args.output_dir) if args.output_dir else default_output_dir(),
+        connection_file=Path(args.connection_file),
+        log_dir=args.log_dir,
+        min_free_disk_mb=args.min_free_disk_mb,
+        env={"CUDA_VISIBLE_DEVICES": str(args.gpu)} if args.gpu is not None else {},
+    )
+    policy = RespawnPolicy(fresh_per_job=args.fresh_per_job, standby=args.standby)
+    for name in ("heartbeat_timeout", "job_watchdog", "storm_limit", "storm_window"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(policy, name, value)
+    supervisor = Supervisor(spec, policy)
+    log = logging.getLogger("backend.supervisor")
+    with _stop_signals((signal.SIGTERM,)) as stopping:
+        try:
+            supervisor.start()
+            while not stopping:
+                for event in supervisor.tick():
+                    if isinstance(event, SupervisorEvent):
+                        log.info("%s: %s", event.kind, event.reason)
+                    elif event.msg_type in ("job_queued", "job_started", *JOB_EVENTS):
+                        log.info("%s %s", event.msg_type, event.content.get("job_id"))
+                if supervisor.state is SupervisorState.DEAD:
+                    error = supervisor.last_error
+                    print(f"error: {supervisor.state_reason}", file=sys.stderr)
+                    if error is not None and error.hint:
+                        print(error.hint, file=sys.stderr)
+                    return settings.EXIT_START_FAILED
+                time.sleep(0.05)
+            log.info("%s received; stopping the backend", stopping[0])
+            return settings.EXIT_OK
+        except KeyboardInterrupt:
+            return settings.EXIT_OK
+        finally:
+            supervisor.stop()
+
+
+@contextlib.contextmanager
+def _stop_signals(signals: tuple[int, ...], on_stop=None):
+    """Within the block, each of `signals` is recorded (by name, in the list yielded) instead
+    of killing the process, and `on_stop(name)` is called; the old handlers come back after."""
+    received: list[str] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        received.append(name)
+        if on_stop is not None:
+            on_stop(name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -312,8 +394,13 @@ def _add_gateway_parser(sub) -> None:
     p.add_argument("--listen", help="tcp://HOST:PORT for requests; events use PORT+1")
     p.add_argument("--broker", help="the Redis broker, redis://HOST:PORT/DB")
     p.add_argument("--store", help="the shared job store (workers use the same folder)")
-    p.add_argument("--queue-depth", type=int, default=32, help="waiting jobs before 'busy'")
-    p.add_argument("--min-free-disk-mb", type=float, default=1024)
+    p.add_argument(
+        "--queue-depth",
+        type=int,
+        default=settings.GATEWAY_QUEUE_DEPTH,
+        help="waiting jobs before 'busy'",
+    )
+    p.add_argument("--min-free-disk-mb", type=float, default=settings.MIN_FREE_DISK_MB)
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     q = actions.add_parser("add-user", parents=[home], help="authorize an artist; prints a string")
     q.add_argument("name")
@@ -361,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--min-free-disk-mb",
                 type=float,
-                default=1024,
-                help="refuse a job when less disk than this is free (default 1024)",
+                default=settings.MIN_FREE_DISK_MB,
+                help="refuse a job when less disk than this is free (default %(default)g)",
             )
 
     p = sub.add_parser("serve", help="run the backend server")
@@ -373,16 +460,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p)
     p.add_argument("--state-dir", help="stats and memory profile (default OUTPUT_DIR/state)")
-    p.add_argument("--queue-depth", type=int, default=8, help="jobs waiting before 'busy'")
+    p.add_argument(
+        "--queue-depth",
+        type=int,
+        default=settings.QUEUE_DEPTH,
+        help="jobs waiting before 'busy'",
+    )
     p.add_argument(
         "--max-concurrent",
         type=int,
-        default=1,
+        default=settings.MAX_CONCURRENT,
         help="jobs running at once (GPU engines always run one)",
     )
     p.add_argument("--parent-pid", type=int, help="exit when this process exits")
     p.add_argument("--vram-cap-gb", type=float, help="emulate a smaller GPU (testing)")
-    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=settings.HEARTBEAT_INTERVAL,
+        help="heartbeat interval in seconds",
+    )
     p.add_argument(
         "--standby",
         action="store_true",

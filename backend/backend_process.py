@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from . import protocol
+from . import commands, protocol, settings
 from .client import Client
 from .errors import BackendError, ErrorCode
 from .lifecycle import LadderWalk
@@ -27,7 +27,6 @@ from .safefs import Folder
 
 log = logging.getLogger(__name__)
 
-EXTENSION_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds `backend/`
 LOG_PREFIX = "backend-"
 TAIL_LINES = 40
 TAIL_BYTES = 16_384
@@ -45,11 +44,13 @@ class BackendSpec:
     engine_options: dict[str, str] = field(default_factory=dict)
     extra_pythonpath: list[str] = field(default_factory=list)  # e.g. a bundled-wheels folder
     env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES
-    queue_depth: int = 8
+    queue_depth: int = settings.QUEUE_DEPTH
     state_dir: Path | None = None
     min_free_disk_mb: float | None = None
     heartbeat_interval: float | None = None  # default: a quarter of the heartbeat timeout, <= 1 s
-    status_interval: float = 5.0  # how often a ready backend is asked for `status` (VRAM, queue)
+    status_interval: float = (
+        settings.STATUS_INTERVAL
+    )  # how often a ready backend is asked for `status` (VRAM, queue)
     keep_logs: int = 10  # backend logs kept in log_dir (oldest removed first)
     extra_args: list[str] = field(default_factory=list)  # more `serve` arguments
 
@@ -233,7 +234,7 @@ def spawn(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=backend_environment(spec),
-            cwd=str(EXTENSION_ROOT),
+            cwd=str(settings.EXTENSION_ROOT),
             close_fds=True,
             **process_group_options(),
         )
@@ -280,47 +281,25 @@ def _user() -> str:
 
 
 def backend_command(spec: BackendSpec, conn_path: Path, role: str, heartbeat: float) -> list[str]:
-    """`python -m backend serve ...` for one backend; the key never appears here."""
-    command = [
+    """`python -m backend serve ...` for one backend of this spec."""
+    return commands.serve_command(
         spec.python,
-        "-m",
-        "backend",
-        "serve",
-        "--connection-file",
-        str(conn_path),
-        "--output-dir",
-        str(spec.output_dir),
-        "--engine",
-        spec.engine,
-        "--parent-pid",
-        str(os.getpid()),
-        "--heartbeat",
-        f"{heartbeat:g}",
-        "--queue-depth",
-        str(spec.queue_depth),
-    ]
-    for key, value in spec.engine_options.items():
-        command += ["--engine-opt", f"{key}={value}"]
-    if spec.state_dir:
-        command += ["--state-dir", str(spec.state_dir)]
-    if spec.min_free_disk_mb is not None:
-        command += ["--min-free-disk-mb", f"{spec.min_free_disk_mb:g}"]
-    if role == "standby":
-        command.append("--standby")
-    return command + list(spec.extra_args)
+        connection_file=conn_path,
+        output_dir=spec.output_dir,
+        engine=spec.engine,
+        engine_options=spec.engine_options,
+        parent_pid=os.getpid(),
+        heartbeat=heartbeat,
+        queue_depth=spec.queue_depth,
+        state_dir=spec.state_dir,
+        min_free_disk_mb=spec.min_free_disk_mb,
+        standby=role == "standby",
+        extra=spec.extra_args,
+    )
 
 
 def backend_environment(spec: BackendSpec) -> dict[str, str]:
-    env = dict(os.environ)
-    paths = [str(EXTENSION_ROOT), *spec.extra_pythonpath]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env["PYTHONUNBUFFERED"] = "1"  # the log shows the last words of a crash
-    if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:
-        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    env.update(spec.env)
-    return env
+    return commands.backend_environment(spec.extra_pythonpath, spec.env)
 
 
 # -- platform helpers -----------------------------------------------------------------------

@@ -17,10 +17,10 @@ from typing import Any
 
 import zmq
 
-from . import protocol
+from . import protocol, settings
 from .errors import BackendError, ErrorCode, ProtocolError
 
-TERMINAL_EVENTS = ("job_done", "job_failed", "job_cancelled")
+TERMINAL_EVENTS = settings.TERMINAL_EVENTS
 
 
 class ClientTimeout(BackendError):
@@ -244,8 +244,10 @@ class Client:
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     raise ClientTimeout(what, timeout)
-                for message in self.poll(remaining):
+                batch = self.poll(remaining)
+                for i, message in enumerate(batch):
                     if message.parent_id == msg_id and message.msg_type.endswith("_reply"):
+                        kept.extend(batch[i + 1 :])  # events that came with it stay for poll()
                         return message
                     kept.append(message)
         finally:
@@ -355,7 +357,7 @@ class Client:
             if self.clock() >= next_check:  # PUB/SUB may drop: the job store is the truth
                 next_check = self.clock() + 2.0
                 record = self.job(job_id, timeout=min(5.0, max(0.5, remaining)))["job"]
-                if record["state"] in ("done", "failed", "cancelled"):
+                if record["state"] in settings.TERMINAL_STATES:
                     return _event_from_record(record)
 
     def close(self) -> None:
@@ -403,7 +405,7 @@ def _event_from_record(record: dict) -> dict:
     if state == "done":
         return {
             "event": "job_done",
-            "job_id": record["id"],
+            "job_id": record["job_id"],
             "glb_path": result.get("glb_path"),
             "mesh_stats": result.get("mesh_stats"),
             "oom_quality_degradation_level": record.get("level") or 0,
@@ -412,5 +414,5 @@ def _event_from_record(record: dict) -> dict:
             "final_params": record.get("final_params"),
         }
     if state == "failed":
-        return {"event": "job_failed", "job_id": record["id"], **(record.get("error") or {})}
-    return {"event": "job_cancelled", "job_id": record["id"]}
+        return {"event": "job_failed", "job_id": record["job_id"], **(record.get("error") or {})}
+    return {"event": "job_cancelled", "job_id": record["job_id"]}

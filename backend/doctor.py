@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import attention
+from . import attention, settings
 from . import gpu as gpu_hygiene
 from .engines import trellis2 as adapter
 from .errors import BackendError
 from .paths import output_dir_problem
 
-MIN_FREE_DISK = 2 << 30  # a few jobs' GLBs, textures and latents
+MIN_FREE_DISK = settings.DOCTOR_FREE_DISK
 MIN_PYTHON = (3, 10)
 TRANSFORMERS_RANGE = ((4, 56), (5, 0))  # DINOv3 needs >= 4.56; 5.x breaks the extractor
 
@@ -342,7 +342,7 @@ def _backend_packages(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _output_folder(output_dir: str | None) -> list[dict[str, Any]]:
-    target = Path(output_dir or os.environ.get("TRELLIS2_OUTPUT_DIR") or os.getcwd()).expanduser()
+    target = Path(output_dir or os.environ.get(settings.ENV_OUTPUT_DIR) or os.getcwd()).expanduser()
     problem = output_dir_problem(target.absolute())
     return [
         _check(
@@ -363,7 +363,7 @@ def _preview_engine() -> list[dict[str, Any]]:
 
 
 def _disk(report: dict[str, Any], output_dir: str | None) -> list[dict[str, Any]]:
-    target = Path(output_dir or os.environ.get("TRELLIS2_OUTPUT_DIR") or os.getcwd()).expanduser()
+    target = Path(output_dir or os.environ.get(settings.ENV_OUTPUT_DIR) or os.getcwd()).expanduser()
     probe = target
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -461,10 +461,10 @@ def run_doctor(
     optional (they do not decide `ok`); `for_blender` words the hints for the add-on's
     preferences."""
     env = os.environ.get
-    weights_dir = weights_dir or env("TRELLIS2_WEIGHTS") or None
-    dinov3_path = dinov3_path or env("TRELLIS2_DINOV3") or None
-    rembg_path = rembg_path or env("TRELLIS2_REMBG") or None
-    trellis_checkout = trellis_checkout or env("TRELLIS2_CHECKOUT") or None
+    weights_dir = weights_dir or env(settings.ENV_WEIGHTS) or None
+    dinov3_path = dinov3_path or env(settings.ENV_DINOV3) or None
+    rembg_path = rembg_path or env(settings.ENV_REMBG) or None
+    trellis_checkout = trellis_checkout or env(settings.ENV_CHECKOUT) or None
     if trellis_checkout:
         checkout = str(Path(trellis_checkout).expanduser())
         if checkout not in sys.path:

@@ -7,11 +7,13 @@ import os
 import sys
 from pathlib import Path
 
+from . import settings
+
 
 def default_output_dir() -> Path:
     """Where job folders live unless told otherwise: TRELLIS2_OUTPUT_DIR, else the platform's
     per-user data folder."""
-    env = os.environ.get("TRELLIS2_OUTPUT_DIR")
+    env = os.environ.get(settings.ENV_OUTPUT_DIR)
     if env:
         return Path(env).expanduser()
     if sys.platform == "win32":

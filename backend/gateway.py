@@ -28,7 +28,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__, curvekeys, protocol, validate
+from . import __version__, curvekeys, images, protocol, settings
 from .coord import Coordinator, decode_event
 from .dispatch import make_celery
 from .errors import BackendError, ErrorCode, ProtocolError
@@ -47,10 +47,10 @@ class GatewayConfig:
     home: Path  # keys (curvekeys.py)
     broker: str  # redis://...
     store: Path  # the shared job store
-    queue_depth: int = 32  # jobs waiting for a worker before `busy`
-    min_free_disk: int = 1 << 30
+    queue_depth: int = settings.GATEWAY_QUEUE_DEPTH  # jobs waiting for a worker before `busy`
+    min_free_disk: int = settings.MIN_FREE_DISK
     heartbeat_interval: float = 1.0
-    image_limits: validate.ImageLimits = field(default_factory=validate.ImageLimits)
+    image_limits: images.ImageLimits = field(default_factory=images.ImageLimits)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)

@@ -13,19 +13,14 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from . import meshes, protocol, validate
+from . import images, meshes, protocol
 from .coord import Coordinator
 from .dispatch import TASK_NAME, can_serve, need_tier, queue_name, worker_queue
 from .errors import BackendError, ErrorCode
+from .handlers import clean_filename, summary
 from .jobs import JobRecord, JobStore
 from .params import parse_params, reexport_params
 from .runner import check_disk
-from .server import (
-    _clean_filename,
-    _image_ext,
-    _summary,
-    _thumbnail,
-)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +73,7 @@ class JobDesk:
         publish: Callable[[str, dict[str, Any], dict | None], None],
         queue_depth: int,
         min_free_disk: int,
-        image_limits: validate.ImageLimits,
+        image_limits: images.ImageLimits,
     ):
         self.store = store
         self.coord = coord
@@ -117,7 +112,7 @@ class JobDesk:
         params = parse_params(message.content.get("params")).to_dict()
         queue = self._admit(message.content.get("min_vram_gb", 0))
         image_bytes = message.buffers[0]
-        image = validate.load_image(image_bytes, self.image_limits)
+        image = images.load_image(image_bytes, self.image_limits)
         return self._submit(
             "generate",
             params,
@@ -125,8 +120,8 @@ class JobDesk:
             user,
             queue,
             image=image_bytes,
-            image_ext=_image_ext(image_bytes),
-            thumbnail=_thumbnail(image),
+            image_ext=images.image_ext(image_bytes),
+            thumbnail=images.thumbnail(image),
         )
 
     def on_texture(self, message, user, buffers) -> dict:
@@ -134,7 +129,7 @@ class JobDesk:
         image_bytes, mesh = message.buffers
         fmt = meshes.checked_upload(message.content["mesh_format"], mesh)
         queue = self._admit(message.content.get("min_vram_gb", 0))
-        image = validate.load_image(image_bytes, self.image_limits)
+        image = images.load_image(image_bytes, self.image_limits)
         return self._submit(
             "texture",
             params,
@@ -142,8 +137,8 @@ class JobDesk:
             user,
             queue,
             image=image_bytes,
-            image_ext=_image_ext(image_bytes),
-            thumbnail=_thumbnail(image),
+            image_ext=images.image_ext(image_bytes),
+            thumbnail=images.thumbnail(image),
             mesh=mesh,
             mesh_ext=fmt,
         )
@@ -222,7 +217,7 @@ class JobDesk:
         filename: str | None = None,
         extra: dict | None = None,
     ) -> dict:
-        name = _clean_filename(message.content.get("filename") if filename is None else filename)
+        name = clean_filename(message.content.get("filename") if filename is None else filename)
         record = self.store.create(
             kind,
             self.engine().get("name", "remote"),
@@ -329,7 +324,7 @@ class JobDesk:
             except FileNotFoundError:
                 pass
         return protocol.ok_reply(
-            job=record.to_dict(),
+            job=record.to_wire(),
             folder=str(folder),
             files=files,
             log=self.store.log_excerpt(record.id) if message.content.get("log") else None,
@@ -369,7 +364,7 @@ class JobDesk:
 
 def _remote_summary(record: JobRecord) -> dict[str, Any]:
     return {
-        **_summary(record),
+        **summary(record),
         "user": record.extra.get("user"),
         "worker": record.extra.get("worker"),
     }

@@ -18,7 +18,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .errors import BackendError, ErrorCode
+from . import settings
+from .errors import BackendError, ErrorCode, JobCancelled
 from .ownerlock import OutputLock, OutputLocked
 from .safefs import Folder, UnsafePath, is_link
 
@@ -47,7 +48,7 @@ class JobState(str, Enum):
     CANCELLED = "cancelled"
 
 
-TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+TERMINAL = frozenset(JobState(name) for name in settings.TERMINAL_STATES)
 
 # (state, event) -> next state. Terminal states are sticky: no event leaves them.
 TRANSITIONS: dict[tuple[JobState, str], JobState] = {
@@ -90,6 +91,13 @@ class JobRecord:
         data = asdict(self)
         data["state"] = self.state.value
         return data
+
+    def to_wire(self) -> dict[str, Any]:
+        """The record as the protocol sends it: the id is `job_id`, as in every request,
+        reply and event. (`id`, the name in job.json, is sent too until protocol 2.0: older
+        add-ons read it.)"""
+        data = self.to_dict()
+        return {"job_id": self.id, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
@@ -592,6 +600,9 @@ class JobStore:
                 record.started = now
             if target in TERMINAL:
                 record.finished = now
+            if target is JobState.CANCELLED and not fields.get("error"):
+                # One shape for every cancelled job, however it was cancelled.
+                fields["error"] = JobCancelled().to_dict()
             for name, value in fields.items():
                 setattr(record, name, value)
             self._save(record)

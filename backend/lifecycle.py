@@ -11,12 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from . import settings
 from .errors import ErrorCode
 
-# A job whose backend died while running it runs once more, then fails. Must equal
-# runner.MAX_RECOVERIES (a test checks); not imported from there because the runner pulls
-# numpy and the supervisor must stay stdlib + pyzmq.
-JOB_RETRIES = 1
+# A job whose backend died while running it runs once more, then fails.
+JOB_RETRIES = settings.MAX_RECOVERIES
 
 
 class SupervisorState(str, Enum):
@@ -162,7 +161,7 @@ def rung_for(rung: Rung, stopped: bool) -> Rung:
     return Rung.KILL if stopped else rung
 
 
-def classify_exit(code: int, poisoned_code: int = 75) -> tuple[Cause, str]:
+def classify_exit(code: int, poisoned_code: int = settings.EXIT_POISONED) -> tuple[Cause, str]:
     """Why a backend process that nobody asked to stop has exited."""
     if code == poisoned_code:
         return Cause.POISONED, f"the CUDA context was poisoned (exit code {code})"

@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import settings
 from .errors import BackendError, ErrorCode
 from .safefs import Folder
 
 OWNER_LOCK = "owner.lock"
 BACKEND_LOCK = "backend.lock"
 # `serve` exits with this when another process owns its output folder (sysexits EX_CANTCREAT).
-LOCKED_EXIT_CODE = 73
+LOCKED_EXIT_CODE = settings.EXIT_LOCKED
 _INFO_BYTES = 4096
 _WIN_LOCK_OFFSET = 1 << 20  # Windows locks a byte range: one far from the info we write
 

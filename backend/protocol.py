@@ -33,6 +33,7 @@ MAX_BUFFER_FRAME = 96 << 20  # one binary frame (an image or a mesh)
 MAX_BUFFERS = 4
 MAX_MESSAGE_AGE = 300.0  # seconds; older messages are treated as replays
 REPLAY_WINDOW = 65_536  # message ids remembered
+MAX_HEADER_FIELD = 200  # characters of msg_id, msg_type, session, date, version
 
 REQUESTS: dict[str, dict[str, Any]] = {
     # msg_type: {"fields": {name: (types, required)}, "buffers": (min, max)}
@@ -263,7 +264,7 @@ def _check_header(header: dict[str, Any]) -> None:
     for name in ("msg_id", "msg_type", "session", "date", "version"):
         if not isinstance(header.get(name), str) or not header[name]:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header.{name} missing or not a string")
-        if len(header[name]) > 200:
+        if len(header[name]) > MAX_HEADER_FIELD:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header.{name} too long")
     major = header["version"].split(".", 1)[0]
     if major != PROTOCOL_VERSION.split(".", 1)[0]:
@@ -279,6 +280,12 @@ def check_request(message: Message, requests: dict[str, dict[str, Any]] = REQUES
     spec = requests.get(message.msg_type)
     if spec is None:
         raise ProtocolError(ErrorCode.UNKNOWN_REQUEST, f"unknown request {message.msg_type!r}")
+    if "id" in message.content and "job_id" in spec["fields"]:
+        # One name for a job's id everywhere: `id` here would be ignored, and the request
+        # would act on no job or on the wrong one.
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"{message.msg_type}: the job is named by job_id, not id"
+        )
     for name, (kind, required) in spec["fields"].items():
         if name not in message.content:
             if required:
@@ -296,6 +303,23 @@ def check_request(message: Message, requests: dict[str, dict[str, Any]] = REQUES
             ErrorCode.BAD_MESSAGE,
             f"{message.msg_type} takes {low}..{high} binary frames, got {len(message.buffers)}",
         )
+
+
+def readable_header(frames: Sequence[bytes]) -> dict[str, str]:
+    """The header of a refused request, as far as it can be read (frames from the delimiter
+    on), so an `error_reply` can name the request it answers: the standard string fields
+    only, whatever the signature says. {} when there is no readable header."""
+    if len(frames) < 3 or frames[0] != DELIMITER:
+        return {}
+    try:
+        header = _decode_json_frame(frames[2], "header")
+    except ProtocolError:
+        return {}
+    return {
+        name: header[name]
+        for name in ("msg_id", "msg_type", "session", "date", "version")
+        if isinstance(header.get(name), str) and len(header[name]) <= MAX_HEADER_FIELD
+    }
 
 
 def ok_reply(**content: Any) -> dict[str, Any]:

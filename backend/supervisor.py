@@ -13,8 +13,6 @@ from __future__ import annotations
 import atexit
 import errno
 import logging
-import signal
-import sys
 import time
 import weakref
 from collections import deque
@@ -25,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from . import protocol
+from . import protocol, settings
 from .backend_process import (
     BackendProcess,
     BackendSpec,
@@ -71,7 +69,6 @@ __all__ = [
     "SupervisorEvent",
     "SupervisorState",
     "log_tail",
-    "main",
     "rotate_logs",
 ]
 
@@ -79,11 +76,11 @@ log = logging.getLogger(__name__)
 # A folder path that cannot become a folder however long we wait: part of it is a file.
 IMPOSSIBLE_FOLDER = frozenset({errno.ENOTDIR, errno.EEXIST})
 
-POISONED_EXIT_CODE = 75  # backend.gpu.POISONED_EXIT_CODE (gpu.py is not imported here)
-ACTIVATE_TIMEOUT = 10.0
+POISONED_EXIT_CODE = settings.EXIT_POISONED
+ACTIVATE_TIMEOUT = settings.ACTIVATE_TIMEOUT
 STANDBY_MAX_FAILURES = 3
 CLAIM_RETRY = 2.0  # seconds between tries to lock an output folder that cannot hold a lock yet
-JOB_EVENTS = ("job_done", "job_failed", "job_cancelled")
+JOB_EVENTS = settings.TERMINAL_EVENTS
 
 
 @dataclass
@@ -95,15 +92,17 @@ class RespawnPolicy:
     every_n_jobs: int | None = None
     fresh_per_job: bool = False
     standby: bool = False  # keep a warm standby process (engine loaded, no GPU work)
-    heartbeat_timeout: float = 5.0  # silence (no heartbeat, no reply) before a respawn
+    heartbeat_timeout: float = (
+        settings.HEARTBEAT_TIMEOUT
+    )  # silence (no heartbeat, no reply) before a respawn
     # ... while a job runs: native calls that hold the GIL silence the backend that long
-    busy_heartbeat_timeout: float = 300.0
+    busy_heartbeat_timeout: float = settings.BUSY_HEARTBEAT_TIMEOUT
     job_watchdog: float | None = 1800.0  # seconds one job may run before a respawn
     storm_limit: int = 5  # automatic restarts allowed within storm_window
     storm_window: float = 120.0
     start_timeout: float = 120.0  # spawn -> engine loaded
     shutdown_wait: float = 20.0  # after a `shutdown` request (CUDA teardown takes seconds)
-    terminate_wait: float = 10.0  # after SIGTERM
+    terminate_wait: float = settings.TERMINATE_WAIT  # after SIGTERM
     kill_wait: float = 5.0  # after SIGKILL
 
 
@@ -402,10 +401,10 @@ class Supervisor:
             if now >= next_check:
                 next_check = now + 0.25
                 record = self._job_store().get(job_id).to_dict()
-                if record["state"] not in ("done", "failed", "cancelled") and now >= next_view:
+                if record["state"] not in settings.TERMINAL_STATES and now >= next_view:
                     next_view = now + 2.0  # the backend may hold an outcome it cannot write
                     record = self._backend_view(job_id) or record
-                if record["state"] in ("done", "failed", "cancelled"):
+                if record["state"] in settings.TERMINAL_STATES:
                     return record
             if now > deadline:
                 raise BackendError(ErrorCode.BUSY, f"job {job_id} did not finish in {timeout} s")
@@ -1084,76 +1083,3 @@ class Supervisor:
                     log_tail(b.log_path) if b else "",
                 )
             self.sleep(0.01)
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def main(args: Any) -> int:
-    """`python -m backend supervise`: keep a backend alive for scripts and batch use."""
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is None:
-        from .files import default_output_dir
-
-        output_dir = default_output_dir()
-    options: dict[str, str] = {}
-    for pair in getattr(args, "engine_opt", None) or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--engine-opt expects KEY=VALUE, got {pair!r}")
-        options[key.strip()] = value
-    spec = BackendSpec(
-        python=getattr(args, "python", None) or sys.executable,
-        engine=getattr(args, "engine", "preview"),
-        engine_options=options,
-        output_dir=output_dir,
-        connection_file=Path(args.connection_file),
-        log_dir=getattr(args, "log_dir", None),
-        min_free_disk_mb=getattr(args, "min_free_disk_mb", None),
-        env=(
-            {"CUDA_VISIBLE_DEVICES": str(args.gpu)}
-            if getattr(args, "gpu", None) is not None
-            else {}
-        ),
-    )
-    policy = RespawnPolicy(
-        fresh_per_job=bool(getattr(args, "fresh_per_job", False)),
-        standby=bool(getattr(args, "standby", False)),
-    )
-    for name in ("heartbeat_timeout", "job_watchdog", "storm_limit", "storm_window"):
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(policy, name, value)
-    supervisor = Supervisor(spec, policy)
-    stopping: list[str] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stopping.append(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
-    try:
-        supervisor.start()
-        while not stopping:
-            for event in supervisor.tick():
-                _report(event)
-            if supervisor.state is SupervisorState.DEAD:
-                error = supervisor.last_error
-                print(f"error: {supervisor.state_reason}", file=sys.stderr)
-                if error is not None and error.hint:
-                    print(error.hint, file=sys.stderr)
-                return 1
-            time.sleep(0.05)
-        log.info("%s received; stopping the backend", stopping[0])
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        supervisor.stop()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _report(event: Any) -> None:
-    if isinstance(event, SupervisorEvent):
-        log.info("%s: %s", event.kind, event.reason)
-    elif event.msg_type in ("job_queued", "job_started", *JOB_EVENTS):
-        log.info("%s %s", event.msg_type, event.content.get("job_id"))

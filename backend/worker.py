@@ -25,14 +25,13 @@ from typing import Any
 
 from redis.exceptions import LockError
 
-from . import protocol
+from . import protocol, settings
 from .backend_process import BackendSpec
 from .client import ClientTimeout
 from .coord import Coordinator, Lease
 from .dispatch import TASK_NAME, Timing, make_celery, queues_for_card
 from .errors import BackendError, ErrorCode
 from .jobs import MESH_STEM, RESULT, STATS, JobRecord, JobStore
-from .runner import MAX_RECOVERIES
 from .supervisor import RespawnPolicy, Supervisor, SupervisorEvent, SupervisorState
 
 log = logging.getLogger(__name__)
@@ -227,7 +226,7 @@ class WorkerRuntime:
             runs = list(record.extra.get("runs") or [])
             if record.state.value == "running":  # its worker was lost mid-job
                 lost = runs[-1] if runs else "?"
-                if record.recoveries >= MAX_RECOVERIES:
+                if record.recoveries >= settings.MAX_RECOVERIES:
                     error = BackendError(
                         ErrorCode.BACKEND_DIED,
                         f"the worker running this job was lost twice (last: {lost})",

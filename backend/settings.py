@@ -1,0 +1,76 @@
+"""Every setting and name that more than one module uses, each defined once: queue depths,
+exit codes, time limits, the recovery count, free-disk thresholds, job state names,
+environment variables and the extension root.
+
+Standard library only and importing nothing of the backend, so the add-on's side (client,
+supervisor) and the heavy side (server, runner) can both use it. Request parameters (presets,
+limits on what a job may ask for) are `params.py`'s; this module holds how the software runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# -- where things are ------------------------------------------------------------------------
+
+# The folder that holds `backend/`: the extension root (and a backend's working directory).
+EXTENSION_ROOT = Path(__file__).resolve().parent.parent
+
+# -- environment variables -------------------------------------------------------------------
+
+ENV_OUTPUT_DIR = "TRELLIS2_OUTPUT_DIR"  # default job folder
+ENV_WEIGHTS = "TRELLIS2_WEIGHTS"  # TRELLIS.2 weights folder
+ENV_DINOV3 = "TRELLIS2_DINOV3"  # DINOv3 image encoder folder
+ENV_REMBG = "TRELLIS2_REMBG"  # background-removal model folder
+ENV_CHECKOUT = "TRELLIS2_CHECKOUT"  # a TRELLIS.2 source checkout
+ENGINE_ENV = {  # engine option -> the environment variable that supplies it
+    "weights_dir": ENV_WEIGHTS,
+    "dinov3_path": ENV_DINOV3,
+    "rembg_path": ENV_REMBG,
+    "trellis_checkout": ENV_CHECKOUT,
+}
+
+# -- queues ----------------------------------------------------------------------------------
+
+QUEUE_DEPTH = 8  # jobs waiting in one backend before `busy`
+GATEWAY_QUEUE_DEPTH = 32  # jobs waiting for a studio worker before `busy`
+MAX_CONCURRENT = 1  # jobs running at once (GPU engines always run one)
+
+# -- disk ------------------------------------------------------------------------------------
+
+MIN_FREE_DISK = 1 << 30  # bytes free before a job is accepted and before it runs
+MIN_FREE_DISK_MB = MIN_FREE_DISK / 2**20  # the same, as the command lines take it
+# doctor warns below twice that: room for a few jobs' GLBs, textures and latents
+DOCTOR_FREE_DISK = 2 * MIN_FREE_DISK
+
+# -- jobs ------------------------------------------------------------------------------------
+
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})  # never change again
+TERMINAL_EVENTS = ("job_done", "job_failed", "job_cancelled")  # one per job, its last
+# A job whose backend died or was poisoned while running it runs once more, then fails.
+MAX_RECOVERIES = 1
+
+# -- exit codes of `python -m backend serve` ---------------------------------------------------
+
+EXIT_OK = 0  # stopped on request, by a signal, or because its parent exited
+EXIT_START_FAILED = 1
+EXIT_LOCKED = 73  # another process owns the output folder (EX_CANTCREAT)
+EXIT_POISONED = 75  # the CUDA context broke: respawn (EX_TEMPFAIL)
+
+# -- time (seconds) --------------------------------------------------------------------------
+
+HEARTBEAT_INTERVAL = 1.0  # backend heartbeat events
+HEARTBEAT_TIMEOUT = 5.0  # silence before the supervisor respawns a backend
+BUSY_HEARTBEAT_TIMEOUT = 300.0  # ... while a job runs (native calls may hold the GIL)
+GPU_HEALTH_INTERVAL = 5.0  # the backend probes its GPU this often (off the control loop)
+STATUS_INTERVAL = 5.0  # the supervisor asks a ready backend for `status` this often
+SHUTDOWN_GRACE = 30.0  # after `shutdown`, a running job may take this long to a checkpoint
+TERMINATE_WAIT = 10.0  # the supervisor's wait between SIGTERM and SIGKILL
+# after SIGTERM or SIGINT: shorter than TERMINATE_WAIT, so a backend whose job hangs (the
+# supervisor's watchdog sends SIGTERM) still exits by itself, and that job counts as died
+SIGNAL_GRACE = TERMINATE_WAIT / 2
+ACTIVATE_TIMEOUT = 10.0  # a warm standby's answer to `activate`
+DOCTOR_TIMEOUT = 180.0  # `doctor` run as a child process for the protocol's request
+GIL_SWITCH_INTERVAL = 0.0005  # `serve`: how long a busy thread may keep the loop waiting
+PNG_ENCODE_CHUNK = 16_384  # `serve`: bytes Pillow encodes per GIL hold (its default 65,536)
