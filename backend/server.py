@@ -212,15 +212,17 @@ class Server:
         """Thread-safe: a reply made off the loop, encoded and signed here, sent by the loop."""
         reply_type = protocol.reply_type(request_type)
         try:
-            frames = self._frames(reply_type, content, parent)
-        except ValueError as exc:
+            # Handlers reply in plain JSON types: encoded once (encoding holds the GIL the
+            # loop needs).
+            frames = self.session.serialize(self.session.msg(reply_type, content, parent))
+        except (TypeError, ValueError) as exc:
             log.exception("reply to %s not encodable", request_type)
             error = BackendError(ErrorCode.INTERNAL, f"reply not encodable: {exc}")
             frames = self._frames(reply_type, protocol.error_reply(error), parent)
         self._push([REPLY, identity, *frames])
 
     def _frames(self, msg_type: str, content: dict[str, Any], parent: dict | None) -> list[bytes]:
-        # Paths and numpy scalars from the runner become text, as events always did.
+        # Paths and numpy scalars in the runner's events become text, as they always did.
         plain = json.loads(json.dumps(content, default=str))
         return self.session.serialize(self.session.msg(msg_type, plain, parent))
 
