@@ -35,7 +35,7 @@ def choose_attention_backend(
     compute_capability: tuple[int, int] | None,
 ) -> str:
     """flash_attn on Ampere+, else xformers, else the SDPA fallback. Never spconv/torchsparse:
-    the released conv weights load into them silently broken (reference/trellis2.md §4)."""
+    the released conv weights load into them silently broken."""
     if (
         flash_attn_importable
         and compute_capability is not None

@@ -1,7 +1,7 @@
 """A mesh's texture as pure functions (numpy only): which texels its UV triangles cover, and
 which glTF alpha mode its base colour calls for. Both engines use them where they write a GLB:
 TRELLIS.2 marks every material OPAQUE whatever its texture's alpha says, so an importer would
-drop real transparency (reference/trellis2.md §2)."""
+drop real transparency."""
 
 from __future__ import annotations
 

@@ -669,7 +669,7 @@ def _export_stage(state: dict[str, Any], params: GenerationParams, ctx: StageCon
     vertices = state["preview_vertices"]
     faces = state["preview_faces"]
     texture = state["preview_texture"]
-    # TRELLIS.2's layout (reference/trellis2.md §2), so one import path serves both engines:
+    # TRELLIS.2's layout, so one import path serves both engines:
     # roughness in G and metallic in B of a linear texture, factors 1.
     packed = (0, round(ROUGHNESS * 255), round(METALLIC * 255))
     material = PBRMaterial(
