@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backend import commands  # noqa: E402
 from backend.client import Client  # noqa: E402
 from backend.glbcheck import validate_glb_file  # noqa: E402
 
@@ -41,23 +42,14 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     conn = Path(tempfile.mkdtemp(prefix="trellis2-")) / "backend.json"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backend",
-            "serve",
-            "--connection-file",
-            str(conn),
-            "--output-dir",
-            str(out),
-            "--engine",
-            args.engine,
-            "--min-free-disk-mb",
-            "64",
-        ],
-        cwd=ROOT,
+    command = commands.serve_command(
+        sys.executable,
+        connection_file=conn,
+        output_dir=out,
+        engine=args.engine,
+        min_free_disk_mb=64,
     )
+    proc = subprocess.Popen(command, cwd=ROOT, env=commands.backend_environment())
     try:
         wait_for_file(conn, proc, 60)
         with Client(conn) as client:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
+from backend import commands  # noqa: E402
 from backend.client import Client  # noqa: E402
 from backend.engines.base import StageContext  # noqa: E402
 from backend.engines.preview import PreviewEngine  # noqa: E402
@@ -85,24 +86,17 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-backend-"))
     engine = PreviewEngine()
     # The server runs as its own process, as it does for users (one GIL each).
+    command = commands.serve_command(
+        sys.executable,
+        connection_file=tmp / "conn.json",
+        output_dir=tmp / "out",
+        min_free_disk_mb=1,
+        queue_depth=64,
+    )
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backend",
-            "serve",
-            "--connection-file",
-            str(tmp / "conn.json"),
-            "--output-dir",
-            str(tmp / "out"),
-            "--engine",
-            "preview",
-            "--min-free-disk-mb",
-            "1",
-            "--queue-depth",
-            "64",
-        ],
+        command,
         cwd=ROOT,
+        env=commands.backend_environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
