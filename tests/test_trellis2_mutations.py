@@ -62,7 +62,10 @@ MUTATIONS: dict[str, list[tuple[str, str]]] = {
         ("for loaded in (pipe, self.texturing):", "for loaded in (pipe,):"),
     ],
     "no cache release between sampling and decoding": [
-        ("fit where the flow models' blocks were.\n        gpu.release_cache()\n", ""),
+        (
+            "fit where the flow models' blocks were.\n        gpu.release_cache()\n",
+            "fit where the flow models' blocks were.\n",
+        ),
     ],
     "o-voxel asked for its timings (SIGSEGV on the real build)": [
         ("        quiet_voxeliser(o_voxel.convert)\n", ""),
