@@ -7,9 +7,6 @@ replies. A handler returns the reply's content and may add binary buffers to `bu
 from __future__ import annotations
 
 import logging
-import os
-import re
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +14,7 @@ from . import meshes, protocol, validate
 from .coord import Coordinator
 from .dispatch import TASK_NAME, can_serve, need_tier, queue_name, worker_queue
 from .errors import BackendError, ErrorCode
+from .fetch import fetch
 from .jobs import JobRecord, JobStore
 from .params import parse_params, reexport_params
 from .runner import check_disk
@@ -29,9 +27,6 @@ from .server import (
 
 log = logging.getLogger(__name__)
 
-FETCH_DEFAULT = 1 << 20  # bytes per `fetch` chunk unless asked for less
-FETCH_MAX = 4 << 20  # the most one reply carries
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 MAX_VRAM_GB = 1024
 
 _LOCAL = protocol.REQUESTS
@@ -54,15 +49,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "jobs": _LOCAL["jobs"],
     "job": _LOCAL["job"],
     "stats": _LOCAL["stats"],
-    "fetch": {
-        "fields": {
-            "job_id": (str, True),
-            "name": (str, True),
-            "offset": (int, False),
-            "length": (int, False),
-        },
-        "buffers": (0, 0),
-    },
+    "fetch": _LOCAL["fetch"],
 }
 
 
@@ -336,35 +323,9 @@ class JobDesk:
         )
 
     def on_fetch(self, message, user, buffers) -> dict:
-        """One chunk of one file of a job folder (never a path outside it, never a link)."""
-        job_id, name = message.content["job_id"], message.content["name"]
-        self.store.get(job_id)  # checks the id and that the job exists
-        if not FILE_NAME.match(name):
-            raise BackendError(ErrorCode.NOT_FOUND, f"no file {name!r} in job {job_id}")
-        offset = message.content.get("offset", 0)
-        length = min(message.content.get("length", FETCH_DEFAULT), FETCH_MAX)
-        if offset < 0 or length < 1:
-            raise BackendError(ErrorCode.BAD_PARAMS, "offset must be >= 0 and length >= 1")
-        try:
-            fd = os.open(self.store.path(job_id, name), os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            raise BackendError(ErrorCode.NOT_FOUND, f"no file {name!r} in job {job_id}") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise BackendError(ErrorCode.NOT_FOUND, f"{name!r} is not a file")
-            chunk = os.pread(fd, length, offset) if offset < info.st_size else b""
-        finally:
-            os.close(fd)
+        reply, chunk = fetch(self.store, message.content)
         buffers.append(chunk)
-        return protocol.ok_reply(
-            job_id=job_id,
-            name=name,
-            offset=offset,
-            length=len(chunk),
-            size=info.st_size,
-            eof=offset + len(chunk) >= info.st_size,
-        )
+        return reply
 
 
 def _remote_summary(record: JobRecord) -> dict[str, Any]:
