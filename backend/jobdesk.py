@@ -6,6 +6,7 @@ replies. A handler returns the reply's content and may add binary buffers to `bu
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -19,8 +20,12 @@ from .jobs import JobRecord, JobStore
 from .params import parse_params, reexport_params
 from .runner import check_disk
 from .server import (
+    JOBS_REPLY_BUDGET,
     _clean_filename,
+    _folder_facts,
     _image_ext,
+    _matches,
+    _newest,
     _summary,
     _thumbnail,
 )
@@ -297,11 +302,45 @@ class JobDesk:
         return protocol.ok_reply(job_id=job_id, state=state)
 
     def on_jobs(self, message, user, buffers) -> dict:
-        limit = message.content.get("limit", 50)
+        """A page of the shared history: by position (`offset`, `query`, with `total`, as the
+        add-on pages it) or after `before`, like a local backend's (docs/protocol.md)."""
+        content = message.content
+        limit, offset = content.get("limit", 50), content.get("offset", 0)
+        query = content.get("query", "").strip().lower()
         if not 1 <= limit <= 10_000:
             raise BackendError(ErrorCode.BAD_PARAMS, "limit must be 1..10000")
-        records, warnings = self.store.list(limit)
-        return protocol.ok_reply(jobs=[_remote_summary(r) for r in records], warnings=warnings)
+        if not 0 <= offset <= 1_000_000:
+            raise BackendError(ErrorCode.BAD_PARAMS, "offset must be 0..1000000")
+        if len(query) > 200:
+            raise BackendError(ErrorCode.BAD_PARAMS, "query is longer than 200 characters")
+        if content.get("before") is not None:
+            records, warnings, _ = self.store.page(limit, content["before"])
+            offset, total = 0, None
+        elif query:
+            records, warnings, _ = _newest(self.store, None)
+            records = [r for r in records if _matches(r, query.split())]
+            total = len(records)
+        else:
+            records, warnings, total = _newest(self.store, offset + limit)
+        page = records[offset : offset + limit] if content.get("before") is None else records
+        jobs: list[dict] = []
+        used = 0
+        for record in page:  # cut short below the frame limit, as a local backend does
+            entry = dict(_remote_summary(record), **_folder_facts(self.store.folder(record.id)))
+            used += len(json.dumps(entry, default=str))
+            if jobs and used > JOBS_REPLY_BUDGET:
+                break
+            jobs.append(entry)
+        more = len(jobs) < len(page) or (
+            len(page) == limit if total is None else offset + len(page) < total
+        )
+        return protocol.ok_reply(
+            jobs=jobs,
+            warnings=[w[:300] for w in warnings[:50]],
+            total=total,
+            offset=offset,
+            next=jobs[-1]["job_id"] if jobs and more else None,
+        )
 
     def on_job(self, message, user, buffers) -> dict:
         record = self.store.get(message.content["job_id"])

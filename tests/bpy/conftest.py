@@ -53,7 +53,16 @@ def addon():
     bpy.ops.preferences.addon_disable(module=MODULE)
 
 
-PREF_FIELDS = ("python", "engine", "trellis_checkout", "weights_dir", "output_dir", "respawn")
+PREF_FIELDS = (
+    "python",
+    "engine",
+    "trellis_checkout",
+    "weights_dir",
+    "output_dir",
+    "respawn",
+    "backend",
+    "connection",
+)
 
 
 @pytest.fixture
