@@ -129,7 +129,7 @@ class RemoteLink:
         self._close()
         self.last_error = error
         self.state, self.state_reason = "dead", error.message
-        log.warning("studio server %s: %s", self.where, error.message)
+        log.warning("connecting to %s: %s", self.where, error.message)
 
     # -- requests -----------------------------------------------------------------------------
 

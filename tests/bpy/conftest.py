@@ -98,6 +98,9 @@ def ctrl(addon, prefs):
     controller._outbox.clear()
     controller._requests.clear()
     controller._abandoned.clear()
+    controller._downloading.clear()
+    controller.supervisor_factory = import_module(f"{MODULE}.blender_addon.launch").make_supervisor
+    controller.files.active.clear()
     controller.history = views.HistoryView()
     controller.last_error = controller.last_hint = ""
     controller.last_outcome = None
