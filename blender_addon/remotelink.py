@@ -182,6 +182,9 @@ class RemoteLink:
             self._status = None
             if status.ok:
                 self.last_status = status.reply
+                # A restarted gateway is a new session: the controller checks its jobs again.
+                self.session = status.reply.get("session") or self.session
+                self.engine = dict(status.reply.get("engine") or self.engine)
                 if self.state == "starting":  # it answers again after a gap
                     self.state, self.state_reason = "ready", ""
             elif self._answered and self.state in ("ready", "busy"):

@@ -228,3 +228,20 @@ def test_connection_errors_are_clear_and_never_block(
     assert not any(secret in text for text in labels for secret in secrets)
     # Generate is refused with the reason, never sent into the void.
     assert ctrl.tick_errors == []
+
+
+def test_a_gateway_restart_makes_the_link_wait_then_go_on(scene, remote, studio, monkeypatch):
+    monkeypatch.setattr(submodule("remotelink"), "STATUS_TIMEOUT", 1.0)
+    session = remote.supervisor.session
+    studio.stop(studio.gateway)
+    tick_until(remote, lambda: remote.state == "starting", 30)
+    assert "stopped answering" in remote.status()["reason"]
+    view = remote.submit(EXAMPLE.read_bytes(), {"preset": "fast"}, "duck")
+    for _ in range(5):
+        submodule("runtime").timer()
+    assert view.state == "waiting"  # held until the server answers again: never lost
+    studio.start_gateway()
+    tick_until(remote, lambda: view.terminal, WAIT)
+    assert view.state == "done" and view.imported
+    assert remote.supervisor.session != session  # the new gateway process was noticed
+    assert remote.tick_errors == []
