@@ -24,6 +24,7 @@ import zmq
 from . import __version__, gpu, heap, meshes, protocol, validate
 from .engines import create as create_engine
 from .errors import BackendError, ErrorCode, JobCancelled, ProtocolError
+from .fetch import fetch
 from .jobs import INPUT_STEM, JOB_ID, THUMBNAIL, JobRecord, JobState, JobStore
 from .ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
 from .params import parse_params, reexport_params
@@ -386,8 +387,10 @@ class Server:
     def _reject(self, code: ErrorCode) -> None:
         self.rejected[code.value] += 1
 
-    def _send_reply(self, identity: bytes, request_type: str, content: dict, parent: dict) -> None:
-        message = self.session.msg(protocol.reply_type(request_type), content, parent)
+    def _send_reply(
+        self, identity: bytes, request_type: str, content: dict, parent: dict, buffers=()
+    ) -> None:
+        message = self.session.msg(protocol.reply_type(request_type), content, parent, buffers)
         try:
             self.shell.send_multipart([identity, *self.session.serialize(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -735,6 +738,12 @@ class Server:
             # The log excerpt (up to 16 KB) only on request: clients poll `job` for its state.
             log=self.store.log_excerpt(record.id) if message.content.get("log") else None,
         )
+
+    def _on_fetch(self, message, identity) -> None:
+        # A file of a job as bytes (backend/fetch.py, shared with the gateway): a bounded
+        # read (at most 4 MiB), so it stays on the loop.
+        content, chunk = fetch(self.store, message.content)
+        self._send_reply(identity, message.msg_type, content, message.header, [chunk])
 
     def _on_stats(self, message, identity) -> dict:
         return protocol.ok_reply(

@@ -54,7 +54,7 @@ def test_panels_draw_generate_source_seed_and_history(scene, ctrl, prefs):
     prefs.draw.__func__(
         SimpleNamespace(
             layout=FakeLayout(preferences),
-            **{k: getattr(prefs, k) for k in ("python", "respawn", "every_n")},
+            **{k: getattr(prefs, k) for k in ("python", "respawn", "every_n", "backend")},
         ),
         bpy.context,
     )
