@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from . import protocol, settings
 from .errors import BackendError, ErrorCode, ProtocolError
 
 TERMINAL_EVENTS = settings.TERMINAL_EVENTS
+MAX_DOWNLOAD = 2 << 30  # a file larger than this is refused rather than held in memory
 
 
 class ClientTimeout(BackendError):
@@ -42,6 +43,7 @@ class Pending:
         self.deadline = sent + timeout
         self.timeout = timeout
         self.reply: dict | None = None  # the reply's content when it was {"ok": true, ...}
+        self.buffers: list[bytes] = []  # the reply's binary frames (a `fetch` chunk)
         self.error: BackendError | None = None
 
     @classmethod
@@ -72,11 +74,12 @@ class Pending:
             raise RuntimeError(f"{self.msg_type} has no answer yet")
         return self.reply
 
-    def resolve(self, content: dict) -> None:
+    def resolve(self, content: dict, buffers: Sequence[bytes] = ()) -> None:
         if self.done:
             return
         try:
             self.reply = _unwrap_content(content)
+            self.buffers = [bytes(b) for b in buffers]
         except BackendError as exc:
             self.error = exc
 
@@ -181,7 +184,7 @@ class Client:
             self.backend_session = message.session
             pending = self._pending.pop(message.parent_id, None) if message.parent_id else None
             if pending is not None and message.msg_type == protocol.reply_type(pending.msg_type):
-                pending.resolve(message.content)
+                pending.resolve(message.content, message.buffers)
                 continue
             if pending is not None:  # an event about the request: the reply is still to come
                 self._pending[pending.msg_id] = pending
@@ -325,6 +328,47 @@ class Client:
     def shutdown(self, reason: str = "", timeout: float = 5.0) -> dict:
         return self.request("shutdown", {"reason": reason}, timeout=timeout)
 
+    def fetch(
+        self,
+        job_id: str,
+        name: str,
+        offset: int,
+        length: int = protocol.FETCH_DEFAULT,
+        timeout: float = 30.0,
+    ) -> tuple[dict, bytes]:
+        """One chunk of one file of a job: (reply content, bytes)."""
+        msg_id = self.send(
+            "fetch", {"job_id": job_id, "name": name, "offset": offset, "length": length}
+        )
+        reply = self.wait_reply(msg_id, timeout, what="fetch")
+        content = _unwrap(reply)
+        return content, fetched_chunk(content, reply.buffers)
+
+    def download(
+        self,
+        job_id: str,
+        name: str = "result.glb",
+        chunk: int = protocol.FETCH_DEFAULT,
+        timeout: float = 30.0,
+        max_bytes: int = MAX_DOWNLOAD,
+    ) -> bytes:
+        """A job's file as bytes, in chunks of at most `chunk` bytes (each within `timeout`).
+        Blocking: for scripts; the add-on fetches chunk by chunk from its tick."""
+        parts: list[bytes] = []
+        offset = 0
+        size: int | None = None
+        while True:
+            content, data = self.fetch(job_id, name, offset, chunk, timeout)
+            size = check_chunk(content, data, name, size, max_bytes)
+            parts.append(data)
+            offset += len(data)
+            if content["eof"]:
+                break
+        blob = b"".join(parts)
+        if len(blob) != size:
+            raise BackendError(ErrorCode.INTERNAL, f"{name}: got {len(blob)} of {size} bytes")
+        return blob
+
     def events(self, timeout: float = 1.0) -> Iterator[protocol.Message]:
         """Yield messages until none arrives for `timeout` seconds."""
         while True:
@@ -389,6 +433,30 @@ def _unwrap_content(content: dict) -> dict:
         return content
     error = content.get("error") if isinstance(content.get("error"), dict) else {}
     raise BackendError.from_dict(error or {"code": "internal", "message": "malformed reply"})
+
+
+def fetched_chunk(content: dict, buffers: Sequence[bytes]) -> bytes:
+    """The bytes of a `fetch` reply (its one buffer, as long as it says)."""
+    if len(buffers) != 1 or len(buffers[0]) != content.get("length"):
+        raise BackendError(ErrorCode.BAD_MESSAGE, "a fetch reply without its chunk")
+    return bytes(buffers[0])
+
+
+def check_chunk(
+    content: dict, data: bytes, name: str, size: int | None, max_bytes: int = MAX_DOWNLOAD
+) -> int:
+    """The file's size after one more chunk of a download that knew `size` (None at first);
+    raises when the file is too large, changed, or a chunk came empty before the end."""
+    now = content.get("size")
+    if not isinstance(now, int) or now < 0:
+        raise BackendError(ErrorCode.BAD_MESSAGE, f"{name}: a fetch reply without its size")
+    if size is None and now > max_bytes:
+        raise BackendError(ErrorCode.TOO_LARGE, f"{name} is {now} bytes")
+    if size is not None and now != size:  # results are renamed into place, never rewritten
+        raise BackendError(ErrorCode.INTERNAL, f"{name} changed during the download")
+    if not data and not content.get("eof"):
+        raise BackendError(ErrorCode.INTERNAL, f"{name}: empty chunk before the end")
+    return now
 
 
 def _closed_error(msg_type: str) -> BackendError:

@@ -2,7 +2,8 @@
 (`workers.Backend`). No socket here; `ROUTES` says which thread runs each request, so the
 control loop (`server.py`) answers from memory and hands anything that reads the job store,
 decodes an image or waits on a child process to a lane. A new request is one `ROUTES` entry
-(plus its schema in `protocol.REQUESTS`)."""
+(plus its schema in `protocol.REQUESTS`). A handler returns the reply's content, or
+(content, buffers) for a reply that carries binary frames (`fetch`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any
 
 from . import __version__, commands, heap, images, meshes, protocol, settings
 from .errors import BackendError, ErrorCode
+from .fetch import fetch
 from .jobs import INPUT_STEM, JOB_ID, THUMBNAIL, JobRecord, JobStore
 from .params import parse_params, reexport_params
 from .runner import check_disk
@@ -48,7 +50,8 @@ class Lane(str, Enum):
     OWN = "own"  # a thread of its own (a child process that may take minutes)
 
 
-Handler = Callable[[Backend, protocol.Message], dict[str, Any]]
+Reply = dict[str, Any] | tuple[dict[str, Any], list[bytes]]  # content, or (content, buffers)
+Handler = Callable[[Backend, protocol.Message], Reply]
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,13 @@ def on_job(b: Backend, message) -> dict:
     )
 
 
+def on_fetch(b: Backend, message) -> tuple[dict, list[bytes]]:
+    # A file of a job as bytes (backend/fetch.py, shared with the studio gateway): a bounded
+    # read (at most protocol.FETCH_MAX) of the job store, so a reader's work.
+    content, chunk = fetch(b.store, message.content)
+    return content, [chunk]
+
+
 def on_stats(b: Backend, message) -> dict:
     from .stats import aggregate
 
@@ -422,6 +432,7 @@ ROUTES: dict[str, Route] = {
     "jobs": Route(on_jobs, Lane.READER),
     "job": Route(on_job, Lane.READER),
     "stats": Route(on_stats, Lane.READER),
+    "fetch": Route(on_fetch, Lane.READER),
     "delete_jobs": Route(on_delete_jobs, Lane.READER),
     "doctor": Route(on_doctor, Lane.OWN),
 }

@@ -6,10 +6,8 @@ replies. A handler returns the reply's content and may add binary buffers to `bu
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import re
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -17,16 +15,14 @@ from . import images, meshes, protocol
 from .coord import Coordinator
 from .dispatch import TASK_NAME, can_serve, need_tier, queue_name, worker_queue
 from .errors import BackendError, ErrorCode
-from .handlers import clean_filename, summary
+from .fetch import fetch
+from .handlers import JOBS_REPLY_BUDGET, clean_filename, folder_facts, matches, newest, summary
 from .jobs import JobRecord, JobStore
 from .params import parse_params, reexport_params
 from .runner import check_disk
 
 log = logging.getLogger(__name__)
 
-FETCH_DEFAULT = 1 << 20  # bytes per `fetch` chunk unless asked for less
-FETCH_MAX = 4 << 20  # the most one reply carries
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 MAX_VRAM_GB = 1024
 
 _LOCAL = protocol.REQUESTS
@@ -49,15 +45,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "jobs": _LOCAL["jobs"],
     "job": _LOCAL["job"],
     "stats": _LOCAL["stats"],
-    "fetch": {
-        "fields": {
-            "job_id": (str, True),
-            "name": (str, True),
-            "offset": (int, False),
-            "length": (int, False),
-        },
-        "buffers": (0, 0),
-    },
+    "fetch": _LOCAL["fetch"],
 }
 
 
@@ -305,11 +293,45 @@ class JobDesk:
         return protocol.ok_reply(job_id=job_id, state=state)
 
     def on_jobs(self, message, user, buffers) -> dict:
-        limit = message.content.get("limit", 50)
+        """A page of the shared history: by position (`offset`, `query`, with `total`, as the
+        add-on pages it) or after `before`, like a local backend's (docs/protocol.md)."""
+        content = message.content
+        limit, offset = content.get("limit", 50), content.get("offset", 0)
+        query = content.get("query", "").strip().lower()
         if not 1 <= limit <= 10_000:
             raise BackendError(ErrorCode.BAD_PARAMS, "limit must be 1..10000")
-        records, warnings = self.store.list(limit)
-        return protocol.ok_reply(jobs=[_remote_summary(r) for r in records], warnings=warnings)
+        if not 0 <= offset <= 1_000_000:
+            raise BackendError(ErrorCode.BAD_PARAMS, "offset must be 0..1000000")
+        if len(query) > 200:
+            raise BackendError(ErrorCode.BAD_PARAMS, "query is longer than 200 characters")
+        if content.get("before") is not None:
+            records, warnings, _ = self.store.page(limit, content["before"])
+            offset, total = 0, None
+        elif query:
+            records, warnings, _ = newest(self.store, None)
+            records = [r for r in records if matches(r, query.split())]
+            total = len(records)
+        else:
+            records, warnings, total = newest(self.store, offset + limit)
+        page = records[offset : offset + limit] if content.get("before") is None else records
+        jobs: list[dict] = []
+        used = 0
+        for record in page:  # cut short below the frame limit, as a local backend does
+            entry = dict(_remote_summary(record), **folder_facts(self.store.folder(record.id)))
+            used += len(json.dumps(entry, default=str))
+            if jobs and used > JOBS_REPLY_BUDGET:
+                break
+            jobs.append(entry)
+        more = len(jobs) < len(page) or (
+            len(page) == limit if total is None else offset + len(page) < total
+        )
+        return protocol.ok_reply(
+            jobs=jobs,
+            warnings=[w[:300] for w in warnings[:50]],
+            total=total,
+            offset=offset,
+            next=jobs[-1]["job_id"] if jobs and more else None,
+        )
 
     def on_job(self, message, user, buffers) -> dict:
         record = self.store.get(message.content["job_id"])
@@ -331,35 +353,9 @@ class JobDesk:
         )
 
     def on_fetch(self, message, user, buffers) -> dict:
-        """One chunk of one file of a job folder (never a path outside it, never a link)."""
-        job_id, name = message.content["job_id"], message.content["name"]
-        self.store.get(job_id)  # checks the id and that the job exists
-        if not FILE_NAME.match(name):
-            raise BackendError(ErrorCode.NOT_FOUND, f"no file {name!r} in job {job_id}")
-        offset = message.content.get("offset", 0)
-        length = min(message.content.get("length", FETCH_DEFAULT), FETCH_MAX)
-        if offset < 0 or length < 1:
-            raise BackendError(ErrorCode.BAD_PARAMS, "offset must be >= 0 and length >= 1")
-        try:
-            fd = os.open(self.store.path(job_id, name), os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            raise BackendError(ErrorCode.NOT_FOUND, f"no file {name!r} in job {job_id}") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise BackendError(ErrorCode.NOT_FOUND, f"{name!r} is not a file")
-            chunk = os.pread(fd, length, offset) if offset < info.st_size else b""
-        finally:
-            os.close(fd)
+        reply, chunk = fetch(self.store, message.content)
         buffers.append(chunk)
-        return protocol.ok_reply(
-            job_id=job_id,
-            name=name,
-            offset=offset,
-            length=len(chunk),
-            size=info.st_size,
-            eof=offset + len(chunk) >= info.st_size,
-        )
+        return reply
 
 
 def _remote_summary(record: JobRecord) -> dict[str, Any]:

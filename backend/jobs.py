@@ -477,6 +477,12 @@ class JobStore:
         except OSError:
             return None
 
+    def read_chunk(self, job_id: str, name: str, offset: int, length: int) -> tuple[bytes, int]:
+        """(bytes, file size) of one regular file of a job's folder, no link followed.
+        OSError (FileNotFoundError, UnsafePath) when it is missing or not a plain file."""
+        with self._job_folder(job_id) as folder:
+            return folder.read_at(name, offset, length)
+
     def files(self, job_id: str) -> dict[str, int]:
         """{name: bytes} of the regular files in a job's folder (links and temp files left
         out; at most MAX_FILES_LISTED)."""

@@ -4,6 +4,17 @@ Levels are cumulative caps on a request: level k applies the caps of levels 1..k
 ever lowers quality, so a request that already asks for less is left alone. Structure and shape
 quality go first (0-6), then the input image (7-9), and texture size and decimation last
 (10-12), so a user keeps the texture detail they asked for as long as possible.
+
+Each level's knob was chosen by what it saves on the real TRELLIS.2 (GPU run 7, docs/GPU.md
+"Memory model"): memory grows with the cascade's high-resolution tokens (decode and export
+about 0.4 and 1.1 GiB per 1,000 tokens), so the shape levels lower the tokens (a token budget
+the 1536 cascade honours, then lower cascade resolutions, 768 being one upstream's own loop
+never reaches) and the export's remesh (a narrower band: -36 %; no remesh: -45 %). Steps and
+guidance were levels once; they cannot lower a peak (each sampler step frees what it took, and
+guidance runs its two passes one after the other), so they are no longer on the ladder. The
+input-image levels help engines that read the image at that size (the preview); TRELLIS.2
+resizes every image to 512 or 1024 for DINOv3 whatever it is given, so it does not list
+`image_size` among its capabilities and the ladder skips those levels for it.
 """
 
 from __future__ import annotations
@@ -29,12 +40,12 @@ def _level(index: int, name: str, **caps: Any) -> Level:
 
 LEVELS: tuple[Level, ...] = (
     _level(0, "as requested"),
-    _level(1, "token budget 36k", max_num_tokens=36_864),
-    _level(2, "token budget 24k", max_num_tokens=24_576),
+    _level(1, "token budget 32k", max_num_tokens=32_768),
+    _level(2, "remesh band 0.5", remesh_band=0.5),
     _level(3, "resolution 1024", resolution=1024),
-    _level(4, "remesh off", remesh=False),
-    _level(5, "resolution 512", resolution=512),
-    _level(6, "half steps, no guidance", steps_scale=0.5, guidance=False),
+    _level(4, "resolution 768", resolution=768),
+    _level(5, "remesh off", remesh=False),
+    _level(6, "resolution 512", resolution=512),
     _level(7, "input 768 px", image_size=768),
     _level(8, "input 512 px", image_size=512),
     _level(9, "input 384 px", image_size=384),
@@ -65,6 +76,8 @@ def params_at(request: GenerationParams, level: int) -> GenerationParams:
 def _effective(params: GenerationParams, knob: str) -> Any:
     # The cascade token budget only bites at the 1536 tier (reference/trellis2.md §1.4).
     if knob == "max_num_tokens" and params.resolution < 1536:
+        return None
+    if knob == "remesh_band" and not params.remesh:
         return None
     return getattr(params, knob)
 

@@ -40,6 +40,7 @@ MEMORY_KNOBS = (
     "image_size",
     "texture_size",
     "remesh",
+    "remesh_band",
     "guidance",
     "decimation_target",
 )

@@ -31,6 +31,7 @@ class GenerationParams:
     resolution: int = 1024  # TRELLIS.2 tier: 512, 1024 (1024_cascade) or 1536 (1536_cascade)
     max_num_tokens: int = 49152  # cascade token budget; only bites at 1536
     remesh: bool = True
+    remesh_band: float = 1.0  # to_glb's narrow band in voxels; 0.5 needs 36 % less memory
     steps_scale: float = 1.0  # multiplies every stage's sampler steps
     guidance: bool = True  # classifier-free guidance; False forces guidance_strength 1
     image_size: int = 1024  # longest side of the conditioning image
@@ -68,6 +69,7 @@ _LIMITS: dict[str, tuple[type, Any, Any]] = {
     "steps_scale": (float, 0.05, 4.0),
     "image_size": (int, 128, 2048),
     "decimation_target": (int, 1_000, 16_777_216),
+    "remesh_band": (float, 0.25, 4.0),
 }
 
 
@@ -175,7 +177,7 @@ def parse_params(raw: dict[str, Any] | None) -> GenerationParams:
 
 
 # What a re-export may change: it reruns decode and export from the cached latents.
-EXPORT_PARAMS = ("texture_size", "decimation_target", "remesh")
+EXPORT_PARAMS = ("texture_size", "decimation_target", "remesh", "remesh_band")
 
 
 def reexport_params(

@@ -23,7 +23,7 @@ from typing import Any
 from .errors import BackendError, ErrorCode, ProtocolError
 from .safefs import read_file, write_file
 
-PROTOCOL_VERSION = "1.1"  # 1.1: jobs paging/search/disk use, delete_jobs
+PROTOCOL_VERSION = "1.2"  # 1.1: jobs paging/search/disk use, delete_jobs; 1.2: fetch
 DELIMITER = b"<TRELLIS2|MSG>"
 SIGNATURE_SCHEME = "hmac-sha256"
 
@@ -34,6 +34,8 @@ MAX_BUFFERS = 4
 MAX_MESSAGE_AGE = 300.0  # seconds; older messages are treated as replays
 REPLAY_WINDOW = 65_536  # message ids remembered
 MAX_HEADER_FIELD = 200  # characters of msg_id, msg_type, session, date, version
+FETCH_DEFAULT = 1 << 20  # bytes per `fetch` chunk unless asked for less
+FETCH_MAX = 4 << 20  # the most one `fetch` reply carries
 
 REQUESTS: dict[str, dict[str, Any]] = {
     # msg_type: {"fields": {name: (types, required)}, "buffers": (min, max)}
@@ -83,6 +85,16 @@ REQUESTS: dict[str, dict[str, Any]] = {
         "buffers": (0, 0),
     },
     "job": {"fields": {"job_id": (str, True), "log": (bool, False)}, "buffers": (0, 0)},
+    # One chunk of one file of a job folder (backend/fetch.py): results without a shared disk.
+    "fetch": {
+        "fields": {
+            "job_id": (str, True),
+            "name": (str, True),
+            "offset": (int, False),
+            "length": (int, False),
+        },
+        "buffers": (0, 0),
+    },
     "stats": {"fields": {}, "buffers": (0, 0)},
     "doctor": {"fields": {}, "buffers": (0, 0)},
     "shutdown": {"fields": {"reason": (str, False)}, "buffers": (0, 0)},

@@ -16,12 +16,9 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .client import Client
+from .client import MAX_DOWNLOAD, Client
 from .curvekeys import RemoteConnection, decode_connection
 from .errors import BackendError, ErrorCode
-
-CHUNK = 1 << 20  # bytes per `fetch` request (the gateway sends at most 4 MiB)
-MAX_DOWNLOAD = 2 << 30  # a GLB larger than this is refused rather than held in memory
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:
@@ -141,52 +138,26 @@ class RemoteBackend:
     # -- results ---------------------------------------------------------------------------------
 
     def fetch(
-        self, job_id: str, name: str, offset: int, length: int = CHUNK, timeout: float = 30.0
+        self,
+        job_id: str,
+        name: str,
+        offset: int,
+        length: int = protocol.FETCH_DEFAULT,
+        timeout: float = 30.0,
     ) -> tuple[dict, bytes]:
         """One chunk of one file of a job: (reply content, bytes)."""
-        msg_id = self.client.send(
-            "fetch", {"job_id": job_id, "name": name, "offset": offset, "length": length}
-        )
-        reply = self.client.wait_reply(msg_id, timeout, what="fetch")
-        content = reply.content
-        if content.get("ok") is not True:
-            raise BackendError.from_dict(content.get("error") or {})
-        if len(reply.buffers) != 1 or len(reply.buffers[0]) != content.get("length"):
-            raise BackendError(ErrorCode.BAD_MESSAGE, "a fetch reply without its chunk")
-        return content, reply.buffers[0]
+        return self.client.fetch(job_id, name, offset, length, timeout)
 
     def download(
         self,
         job_id: str,
         name: str = "result.glb",
-        chunk: int = CHUNK,
+        chunk: int = protocol.FETCH_DEFAULT,
         timeout: float = 30.0,
         max_bytes: int = MAX_DOWNLOAD,
     ) -> bytes:
         """A job's file as bytes, in chunks of at most `chunk` bytes (each within `timeout`)."""
-        parts: list[bytes] = []
-        offset = 0
-        size: int | None = None
-        while True:
-            content, data = self.fetch(job_id, name, offset, chunk, timeout)
-            if size is None:
-                size = content["size"]
-                if size > max_bytes:
-                    raise BackendError(
-                        ErrorCode.TOO_LARGE, f"{name} of job {job_id} is {size} bytes"
-                    )
-            elif content["size"] != size:  # results are renamed into place, never rewritten
-                raise BackendError(ErrorCode.INTERNAL, f"{name} changed during the download")
-            parts.append(data)
-            offset += len(data)
-            if content["eof"]:
-                break
-            if not data:
-                raise BackendError(ErrorCode.INTERNAL, f"{name}: empty chunk before the end")
-        blob = b"".join(parts)
-        if len(blob) != size:
-            raise BackendError(ErrorCode.INTERNAL, f"{name}: got {len(blob)} of {size} bytes")
-        return blob
+        return self.client.download(job_id, name, chunk, timeout, max_bytes)
 
     # -- life --------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import gpu, heap, ladder, validate
+from . import gpu, heap, ladder, memmodel, validate
 from .engines.base import Engine, Stage, StageContext
 from .errors import BackendError, ErrorCode, JobCancelled, OutputError
 from .jobs import JobRecord, JobStore
@@ -46,6 +46,19 @@ class JobResult:
     degraded_reason: str | None = None
     seconds: float = 0.0
     poisoned: bool = False  # the CUDA context is broken: the process must exit
+
+
+class _Replan(Exception):
+    """The memory model predicts that a stage still to run will not fit: lower the job now."""
+
+    def __init__(self, plan: memmodel.Plan, stage_index: int):
+        super().__init__(
+            f"predicted peak {plan.current_peak / 2**30:.1f} GiB above the "
+            f"{plan.budget / 2**30:.1f} GiB this card has; "
+            f"{plan.predicted_peak / 2**30:.1f} GiB at level {plan.level}"
+        )
+        self.plan = plan
+        self.stage_index = stage_index
 
 
 class _Failure(Exception):
@@ -114,6 +127,9 @@ class Runner:
         self.config = config or RunnerConfig()
         self.clock = clock
         self.current: dict[str, Any] | None = None  # what `status` shows about the running job
+        # High-resolution tokens per structure voxel, per cascade tier, as seen on this card's
+        # jobs: the memory prediction's estimate before the shape stage counts them.
+        self.tokens_per_voxel: dict[int, float] = {}
 
     # -- entry point -----------------------------------------------------------------
 
@@ -189,7 +205,7 @@ class Runner:
             attempt["resumed_at"] = stages[resume].name
             try:
                 self._run_stages(
-                    job, stages, resume, state, params, level, outputs, attempt, emit, cancelled
+                    job, stages, resume, state, request, level, outputs, attempt, emit, cancelled
                 )
             except (JobCancelled, BackendError) as exc:
                 outcome = "cancelled" if isinstance(exc, JobCancelled) else "error"
@@ -204,6 +220,39 @@ class Runner:
                 )
                 result.attempts.append(attempt)
                 raise
+            except _Replan as replan:
+                plan = replan.plan
+                self._close_attempt(
+                    attempt,
+                    "predicted_oom",
+                    stages[replan.stage_index],
+                    str(replan),
+                    gpu.vram(init=False),
+                    partial=resume > 0,
+                )
+                result.attempts.append(attempt)
+                for i in list(outputs):
+                    if i >= plan.resume_stage:
+                        del outputs[i]
+                level, params, resume = plan.level, plan.params, plan.resume_stage
+                emit(
+                    "job_retry",
+                    {
+                        "job_id": job.id,
+                        "level": level,
+                        "level_name": ladder.describe(level),
+                        "reason": "predicted_out_of_memory",
+                        "failed_stage": stages[replan.stage_index].name,
+                        "resume_stage": stages[resume].name,
+                        "skipped_levels": [],
+                    },
+                )
+                self.store.append_log(
+                    job.id,
+                    f"lowered to level {level} ({ladder.describe(level)}) before running out "
+                    f"of memory ({replan}); resuming at {stages[resume].name}",
+                )
+                continue
             except _Failure as failure:
                 del state
                 cleanup_vram = gpu.cleanup(self.engine)
@@ -273,8 +322,9 @@ class Runner:
             return
 
     def _run_stages(
-        self, job, stages, resume, state, params, level, outputs, attempt, emit, cancelled
+        self, job, stages, resume, state, request, level, outputs, attempt, emit, cancelled
     ) -> None:
+        params = attempt["_params"]
         count = len(stages)
         for index in range(resume, count):
             stage = stages[index]
@@ -328,6 +378,38 @@ class Runner:
             outputs[index] = {
                 k: v for k, v in state.items() if k not in before or before[k] is not v
             }
+            self._predict(stages, index, state, request, level)
+
+    def _predict(self, stages, index, state, request, level) -> None:
+        """After a stage that told the job's size, lower the job if what is still to run is
+        predicted not to fit (memmodel.plan); learn the tokens per voxel from the shape."""
+        structure = state.get("structure")
+        if not (self.engine.predicts_memory and isinstance(structure, dict)):
+            return
+        voxels = structure.get("voxels")
+        tokens = structure.get("shape_tokens")
+        effective = state.get("effective_resolution")
+        if tokens and voxels and effective and effective > 512:
+            key = memmodel.tier(effective)
+            self.tokens_per_voxel[key] = tokens / voxels / (effective / key) ** 2
+        figures = gpu.vram(init=False)
+        if not figures:
+            return
+        facts = memmodel.Facts(
+            voxels=voxels, tokens=tokens, resolution=effective if tokens else None
+        )
+        plan = memmodel.plan(
+            request,
+            level,
+            index,
+            stages,
+            self.engine.capabilities,
+            facts,
+            figures["available"],
+            self.tokens_per_voxel,
+        )
+        if plan is not None:
+            raise _Replan(plan, index)
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -223,6 +223,26 @@ class Folder:
         finally:
             os.close(fd)
 
+    def read_at(self, name: str, offset: int, length: int) -> tuple[bytes, int]:
+        """(at most `length` bytes from `offset`, the file's size) of a regular file."""
+        fd = self._open(name, os.O_RDONLY | _NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            _check(st, self.path / name, folder=False)
+            if offset >= st.st_size:
+                return b"", st.st_size
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunks, left = [], min(length, st.st_size - offset)
+            while left > 0:
+                chunk = os.read(fd, left)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks), st.st_size
+        finally:
+            os.close(fd)
+
     def write(self, name: str, data: bytes) -> None:
         """Replace `name` atomically (a fresh 0600 temp file, fsync, rename): readers see the
         old file or the new one, and a link at `name` is replaced, never written through."""

@@ -208,13 +208,16 @@ class Server:
             return
         self._push([EVENT, msg_type.encode(), *frames])
 
-    def _post_reply(self, identity: bytes, request_type: str, content: dict, parent: dict) -> None:
-        """Thread-safe: a reply made off the loop, encoded and signed here, sent by the loop."""
+    def _post_reply(
+        self, identity: bytes, request_type: str, content: dict, parent: dict, buffers=()
+    ) -> None:
+        """Thread-safe: a reply made off the loop (with any binary buffers, as `fetch`'s
+        chunk), encoded and signed here, sent by the loop."""
         reply_type = protocol.reply_type(request_type)
         try:
             # Handlers reply in plain JSON types: encoded once (encoding holds the GIL the
-            # loop needs).
-            frames = self.session.serialize(self.session.msg(reply_type, content, parent))
+            # loop needs); buffers are signed as they are, never copied into JSON.
+            frames = self.session.serialize(self.session.msg(reply_type, content, parent, buffers))
         except (TypeError, ValueError) as exc:
             log.exception("reply to %s not encodable", request_type)
             error = BackendError(ErrorCode.INTERNAL, f"reply not encodable: {exc}")
@@ -305,34 +308,40 @@ class Server:
         self.backend.count(self.backend.counters, message.msg_type)
         route = ROUTES[message.msg_type]
         if route.lane is Lane.LOOP:
-            self._send_reply(
-                identity, message.msg_type, self._answer(route, message), message.header
-            )
+            content, buffers = self._answer(route, message)
+            self._send_reply(identity, message.msg_type, content, message.header, buffers)
             return
 
         def work() -> None:
-            content = self._answer(route, message)
-            self._post_reply(identity, message.msg_type, content, message.header)
+            content, buffers = self._answer(route, message)
+            self._post_reply(identity, message.msg_type, content, message.header, buffers)
 
         if route.lane is Lane.OWN:
             threading.Thread(target=work, name=f"request-{message.msg_type}", daemon=True).start()
         else:
             self._lanes[route.lane].submit(work)
 
-    def _answer(self, route, message: protocol.Message) -> dict:
+    def _answer(self, route, message: protocol.Message) -> tuple[dict, list[bytes]]:
+        """(reply content, binary buffers): a handler returns its content, or both."""
         try:
-            return route.handler(self.backend, message)
+            reply = route.handler(self.backend, message)
         except BackendError as exc:
-            return protocol.error_reply(exc)
+            return protocol.error_reply(exc), []
         except Exception as exc:  # nothing a client sends may take the backend down
             log.exception("handler %s failed", message.msg_type)
-            return protocol.error_reply(BackendError(ErrorCode.INTERNAL, f"{exc!r}"))
+            return protocol.error_reply(BackendError(ErrorCode.INTERNAL, f"{exc!r}")), []
+        if isinstance(reply, tuple):
+            content, buffers = reply
+            return content, list(buffers)
+        return reply, []
 
     def _reject(self, code: ErrorCode) -> None:
         self.backend.count(self.backend.rejected, code.value)
 
-    def _send_reply(self, identity: bytes, request_type: str, content: dict, parent: dict) -> None:
-        message = self.session.msg(protocol.reply_type(request_type), content, parent)
+    def _send_reply(
+        self, identity: bytes, request_type: str, content: dict, parent: dict, buffers=()
+    ) -> None:
+        message = self.session.msg(protocol.reply_type(request_type), content, parent, buffers)
         try:
             self.shell.send_multipart([identity, *self.session.serialize(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:

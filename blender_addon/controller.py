@@ -22,8 +22,16 @@ from ..backend.client import ClientTimeout, Pending
 from ..backend.errors import BackendError, ErrorCode
 from ..backend.paths import output_dir_problem
 from . import groups as grouping
+from .downloads import FETCH_TIMEOUT, Download, Downloads
 from .groups import Group
-from .launch import BackendConfig, DoctorRun, make_supervisor, remove_stale_run_dirs, run_dir
+from .launch import (
+    BackendConfig,
+    DoctorRun,
+    default_cache_root,
+    make_supervisor,
+    remove_stale_run_dirs,
+    run_dir,
+)
 from .views import (
     TERMINAL,
     HistoryView,
@@ -46,6 +54,13 @@ QUEUE_LIMIT = 8  # the backend's default queue depth
 LIVE = ("loading", "ready", "busy")  # a backend that answers requests
 CHANGING = ("starting", "loading", "restarting", "stopping")
 _PROGRESS = ("state", "stage", "label", "fraction", "level", "position")
+RESULT = "result.glb"  # the file of a job folder that holds its model
+REMOTE_ONLY_LOCAL = "Only for a backend on this computer (Preferences: Backend)"
+
+
+def file_name(path: Any) -> str:
+    """The last part of a path the backend named (its folder's separators may be either)."""
+    return str(path or "").replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def random_seed() -> int:
@@ -72,8 +87,13 @@ class Controller:
         config: BackendConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         supervisor_factory: Callable[[BackendConfig], Any] | None = None,
+        cache_root: Path | None = None,
     ):
         self.config = config or BackendConfig()
+        self.cache_root = Path(cache_root) if cache_root else default_cache_root()
+        # Files fetched from the backend that answers (results, thumbnails, inputs).
+        self.files = self._downloads(self.config)
+        self._downloading: dict[str, Download] = {}  # job key -> its result on the way
         self.clock = clock
         self.supervisor_factory = supervisor_factory or make_supervisor
         self.supervisor: Any = None
@@ -106,6 +126,7 @@ class Controller:
         self.on_job_done: Callable[[JobView], None] | None = None
         self.on_change: Callable[[], None] | None = None
         self.on_history: Callable[[list[dict[str, Any]]], None] | None = None
+        self.on_file: Callable[[str], None] | None = None  # a thumbnail arrived (icons)
         self.ticks = 0
         self._next_reconcile = 0.0
         self._last_state = "stopped"
@@ -135,18 +156,36 @@ class Controller:
         """Settings differ from what the running backend was started with (Restart applies)."""
         return self.running and self.active_config is not None and self.config != self.active_config
 
+    @property
+    def remote(self) -> bool:
+        """The jobs go to a studio server (the settings in use, else the chosen ones)."""
+        config = self.active_config if self.running and self.active_config else self.config
+        return config.remote
+
+    def _remote_engine(self) -> dict[str, Any]:
+        sup = self.supervisor if self.remote else None
+        status = getattr(sup, "last_status", None) or {}
+        return status.get("engine") or getattr(sup, "engine", None) or {}
+
     def next_engine(self) -> str:
         """The engine the next job runs on, as the panel names it."""
+        if self.remote:
+            label = self._remote_engine().get("label")
+            return f"Studio server ({label})" if label else "Studio server"
         config = self.active_config if self.running and self.active_config else self.config
         return engine_label(config.engine)
 
     def running_engine(self) -> str | None:
         if not self.running or self.active_config is None:
             return None
+        if self.remote:
+            return self.next_engine()
         return engine_label(self.active_config.engine)
 
     def engine_ignores_settings(self) -> bool:
         """The engine the next job runs on ignores seed, steps and guidance."""
+        if self.remote:
+            return self._remote_engine().get("name") == "preview"
         config = self.active_config if self.running and self.active_config else self.config
         return config.engine == "preview"
 
@@ -191,7 +230,7 @@ class Controller:
         """Start the backend with the current settings. Returns at once unless `wait` (scripts);
         a backend with other settings is stopped first (the tick starts the new one once the
         old one has gone, so two backends never share the job store)."""
-        problem = self.output_problem()
+        problem = None if self.config.remote else self.output_problem()
         if problem:
             raise BackendError(
                 ErrorCode.ENGINE_UNAVAILABLE,
@@ -230,6 +269,7 @@ class Controller:
 
     def _retire_supervisor(self) -> None:
         self._park_jobs("Waiting for the next backend")
+        self.files.fail_all(BackendError(ErrorCode.BACKEND_DIED, "another backend was chosen"))
         sup, self.supervisor = self.supervisor, None
         self.active_config = None
         sup.begin_stop()
@@ -241,6 +281,8 @@ class Controller:
         self._start_wanted = False
         self.supervisor = self.supervisor_factory(self.config)
         self.active_config = self.config
+        if self.files.folder != self._downloads(self.config).folder:
+            self.files = self._downloads(self.config)
         self.supervisor.start()
 
     def _park_jobs(self, label: str) -> None:
@@ -468,6 +510,10 @@ class Controller:
         view = self.find(ident)
         if view is None or view.terminal:
             return view
+        if view.state == "downloading":  # it is done: only the import is called off
+            self._downloading.pop(view.key, None)
+            self._finish(view, "done", "done; not imported (cancelled while it downloaded)")
+            return view
         if not view.on_backend and view.state == "waiting":  # never sent
             self._outbox = [o for o in self._outbox if o.key != view.key]
             self._finish(view, "cancelled", "cancelled before it was sent")
@@ -547,6 +593,7 @@ class Controller:
         self._guard("starting the backend", self._maybe_start)
         self._guard("feeding groups", self._feed_groups)
         self._guard("sending jobs", self._flush_outbox)
+        changed = bool(self._guard("downloading", self._follow_downloads)) or changed
         self._guard("cancelling jobs", self._retry_cancels)
         if self.clock() >= self._next_reconcile:
             self._guard("checking jobs", self._reconcile)
@@ -555,7 +602,7 @@ class Controller:
         changed = bool(self._guard("following groups", self._sync_groups)) or changed
         if changed:
             self._guard("redrawing", self._changed)
-        busy = self.active_jobs() or self.active_groups() or self._requests
+        busy = self.active_jobs() or self.active_groups() or self._requests or self.files.active
         busy = busy or self.state in CHANGING
         return BUSY_INTERVAL if busy else IDLE_INTERVAL
 
@@ -604,6 +651,8 @@ class Controller:
             return False
         if state == "dead":
             self._on_dead()
+        if state in ("stopped", "dead"):  # nothing more comes: downloads end (retried later)
+            self.files.fail_all(BackendError(ErrorCode.BACKEND_DIED, f"the backend {state}"))
         if state in LIVE and self._last_state not in LIVE:
             self.history.stale = True
         self._last_state = state
@@ -739,23 +788,79 @@ class Controller:
             view.level = int(content.get("level") or view.level or 0)
             view.message = f"retrying at quality level {view.level} ({content.get('reason')})"
         elif msg_type == "job_done":
-            view.glb_path = content.get("glb_path")
+            if view.state == "downloading":
+                return  # the event and a `job` check both said so: one download
             view.result = content
             view.level = int(content.get("oom_quality_degradation_level") or 0)
             final = content.get("final_params") or {}
             view.seed = final.get("seed", view.seed)
-            self._finish(view, "done")
             if view.auto_import and not view.cancel_requested and self.on_job_done is not None:
-                try:
-                    self.on_job_done(view)
-                except Exception as exc:  # a failed import is reported, never raised in a timer
-                    view.message = f"import failed: {one_line(exc)}"
-                    self.last_error = view.message
+                self._download_result(view)  # imported when the file is here
+            else:
+                self._finish(view, "done")
         elif msg_type == "job_failed":
             message = content.get("message") or "failed"
             self._finish(view, "failed", message, content.get("hint"))
         elif msg_type == "job_cancelled":
             self._finish(view, "cancelled")
+
+    def _download_result(self, view: JobView) -> None:
+        """Bring the result here through `fetch` (never from the backend's path), then import
+        it. The job stays active ("downloading") until then, so scripts' waits include it."""
+        view.state, view.label, view.fraction = "downloading", "Downloading the result", 0.0
+        key = view.key
+        self._downloading[key] = self.files.get(
+            view.job_id, RESULT, lambda d: self._on_result_file(key, d)
+        )
+
+    def _on_result_file(self, key: str, download: Download) -> None:
+        self._downloading.pop(key, None)
+        view = self.jobs.get(key)
+        if view is None or view.terminal:
+            return  # cancelled while it came: the file stays in the cache, nothing imported
+        if download.error is not None:
+            self._finish(view, "done")
+            view.message = f"download failed: {one_line(download.error.message)}"
+            self.last_error = view.message
+            self.last_hint = one_line(download.error.hint or "", 300)
+            return
+        view.glb_path = download.path
+        self._finish(view, "done")
+        try:
+            self.on_job_done(view)
+        except Exception as exc:  # a failed import is reported, never raised in a timer
+            view.message = f"import failed: {one_line(exc)}"
+            self.last_error = view.message
+
+    def _follow_downloads(self) -> bool:
+        moved = self.files.tick(self._send_fetch)
+        for key, download in self._downloading.items():
+            view = self.jobs.get(key)
+            if view is not None and download.size:
+                view.fraction = download.fraction
+                view.label = f"Downloading the result ({format_bytes(download.size)})"
+        return moved
+
+    def _send_fetch(self, content: dict[str, Any]) -> Pending | None:
+        if not self._answers():
+            return None  # the downloads wait for a backend that answers
+        return self.supervisor.request_nowait("fetch", content, (), FETCH_TIMEOUT)
+
+    def _downloads(self, config: BackendConfig) -> Downloads:
+        return Downloads(self.cache_root / config.cache_key, guard=self._guard)
+
+    def fetch_file(
+        self, job_id: str, name: str, then: Callable[[Download], None] | None = None
+    ) -> Download:
+        """A job's file brought here (`then(download)` from the tick once it is, or at once
+        when it is here already). Returns at once."""
+        return self.files.get(job_id, name, then)
+
+    def wait_file(self, job_id: str, name: str, timeout: float = 120.0) -> Download:
+        """fetch_file() and tick until it is here or failed. Scripts only."""
+        download = self.fetch_file(job_id, name)
+        self._wait_until(lambda: download.done, timeout)
+        return download
 
     def _finish(
         self, view: JobView | None, state: str, message: str = "", hint: str | None = ""
@@ -793,7 +898,7 @@ class Controller:
             content["query"] = h.query
         h.request = self.supervisor.request_nowait("jobs", content)
         self._expect(h.request, self._on_history)
-        if h.prune is None:  # new jobs are never old: ask again only after a delete or a change
+        if h.prune is None and not self.remote:  # a gateway keeps its own store tidy
             preview = self.supervisor.request_nowait(
                 "delete_jobs", {"older_than_days": h.prune_days, "dry_run": True}
             )
@@ -815,8 +920,26 @@ class Controller:
         h.warnings = [one_line(w) for w in reply.get("warnings") or []]
         h.error = ""
         h.loaded = True
+        if reply.get("total") is None and not reply.get("offset"):  # a gateway: one page
+            h.total = len(h.entries)
+        for entry in h.entries:
+            self._fetch_thumbnail(entry)
         if self.on_history is not None:
             self.on_history(h.entries)
+
+    def _fetch_thumbnail(self, entry: dict[str, Any]) -> None:
+        """The entry's thumbnail, fetched into the cache; `thumbnail_file` once it is here."""
+        name = file_name(entry.get("thumbnail"))
+        if not name or not entry.get("job_id"):
+            return
+
+        def arrived(download: Download, entry=entry) -> None:
+            if download.path:
+                entry["thumbnail_file"] = download.path
+                if self.on_file is not None:
+                    self.on_file(download.path)
+
+        self.files.get(entry["job_id"], name, arrived)
 
     def _on_prune_preview(self, pending: Pending) -> None:
         self.history.prune = pending.reply if pending.ok else None
@@ -844,6 +967,12 @@ class Controller:
 
     def delete_jobs(self, job_id: str | None = None, older_than_days: int | None = None) -> None:
         """Remove one finished job, or those older than N days; returns at once."""
+        if self.remote:
+            raise BackendError(
+                ErrorCode.UNKNOWN_REQUEST,
+                "jobs on a studio server are removed by its admin",
+                REMOTE_ONLY_LOCAL,
+            )
         if not self._answers():
             raise BackendError(
                 ErrorCode.ENGINE_UNAVAILABLE,
@@ -884,6 +1013,7 @@ class Controller:
                 pid=sup.get("pid"),
                 session=sup.get("session"),
                 restarts=sup.get("restarts", 0),
+                remote=sup.get("remote"),
             )
             out.update(_backend_figures(sup.get("backend") or {}))
         return out
@@ -892,6 +1022,11 @@ class Controller:
         """Run `python -m backend doctor` with the backend's interpreter, in the background
         (it imports torch); the tick collects the report."""
         if self._doctor is not None:
+            return
+        if self.config.remote:
+            self.doctor_text = (
+                "Doctor checks this computer's backend; the studio server's admin runs it there"
+            )
             return
         self._doctor = DoctorRun(self.config)
         self.doctor_text, self.doctor_report = "Running...", None
@@ -935,7 +1070,10 @@ class Controller:
     def wait_idle(self, timeout: float = 600.0) -> None:
         """Tick until no job is waiting, queued or running, and no group has jobs left to send.
         Scripts only."""
-        self._wait_until(lambda: not self.active_jobs() and not self.active_groups(), timeout)
+        self._wait_until(
+            lambda: not self.active_jobs() and not self.active_groups() and not self.files.active,
+            timeout,
+        )
 
     def wait_group(self, key: str, timeout: float = 600.0) -> Group:
         """Tick until every job of the group has ended. Scripts only."""
@@ -977,7 +1115,7 @@ class Controller:
         self._wait_until(lambda: pending.done, timeout)
         if not pending.ok:
             return None
-        record, folder = pending.reply["job"], Path(pending.reply["folder"])
+        record, folder = pending.reply["job"], str(pending.reply["folder"])
         names = pending.reply.get("files") or {}
         inputs = sorted(n for n in names if n.startswith("input."))
         result = record.get("result") or {}
@@ -990,8 +1128,8 @@ class Controller:
                 "preset": (record.get("params") or {}).get("preset"),
                 "glb_path": result.get("glb_path"),
                 "parent": record.get("parent"),
-                "folder": str(folder),
-                "input": str(folder / inputs[0]) if inputs else None,
+                "folder": folder,
+                "input": inputs[0] if inputs else None,  # a name: fetched, never opened
             }
         )
 

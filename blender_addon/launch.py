@@ -3,6 +3,7 @@ settings, and `doctor` with the same interpreter. Plain Python (no bpy)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -32,6 +33,28 @@ class BackendConfig:
     every_n: int = 10
     heartbeat_timeout: float = 5.0
     start_timeout: float = 120.0
+    where: str = "LOCAL"  # LOCAL: a supervised backend here; REMOTE: a studio gateway
+    connection: str = field(default="", repr=False)  # the gateway's string: a credential
+
+    @property
+    def remote(self) -> bool:
+        return self.where == "REMOTE"
+
+    @property
+    def cache_key(self) -> str:
+        """Names this backend's download cache: its output folder, or the gateway's address
+        and key (never the artist's secret)."""
+        if self.remote:
+            try:
+                from ..backend.curvekeys import decode_connection
+
+                conn = decode_connection(self.connection)
+                ident = f"remote:{conn.shell}:{conn.server_key}"
+            except Exception:  # an unreadable string never connects: any stable name will do
+                ident = "remote:" + hashlib.sha256(self.connection.encode()).hexdigest()
+        else:
+            ident = f"local:{Path(self.output_dir).expanduser().absolute()}"
+        return hashlib.sha256(ident.encode("utf-8")).hexdigest()[:16]
 
     @property
     def interpreter(self) -> str:
@@ -81,8 +104,20 @@ def remove_stale_run_dirs(mine: Path) -> None:
                 pass
 
 
+def default_cache_root() -> Path:
+    """Where downloads go when Blender names no extension folder (tests, scripts): a private
+    folder of this user in the temporary folder."""
+    uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"trellis2-blender-cache-{uid}"
+
+
 def make_supervisor(config: BackendConfig) -> Any:
-    """The real supervisor for a configuration (imported lazily: it needs pyzmq)."""
+    """The real supervisor for a configuration (imported lazily: it needs pyzmq), or the
+    link to a studio gateway (nothing to start on this machine)."""
+    if config.remote:
+        from .remotelink import RemoteLink
+
+        return RemoteLink(config.connection)
     from ..backend.supervisor import BackendSpec, RespawnPolicy, Supervisor
 
     extra = [str(ADDON_ROOT)]

@@ -17,7 +17,7 @@ from mathutils import Vector
 
 from ..backend.params import VARIATIONS_MAX, VARIATIONS_MIN
 from . import groups, runtime, selection, sources
-from .controller import random_seed
+from .controller import REMOTE_ONLY_LOCAL, RESULT, file_name, random_seed
 from .importer import (
     COLLECTION,
     _ensure_collection,
@@ -44,6 +44,14 @@ def _ctrl():
 def _refuse(cls, message: str) -> bool:
     cls.poll_message_set(message)
     return False
+
+
+def _local_only(cls) -> bool:
+    """False (with the reason) when the jobs go to a studio server: its admin does this."""
+    ctrl = runtime.get()
+    if ctrl is not None and ctrl.remote:
+        return _refuse(cls, REMOTE_ONLY_LOCAL)
+    return True
 
 
 def _blocking(mode: str) -> bool:
@@ -548,15 +556,12 @@ class TRELLIS2_OT_cancel(bpy.types.Operator):
         return {"FINISHED"}
 
 
-def _job_glb(ctrl, job_id: str) -> tuple[str, str]:
-    """(glb path, name) of a job from this session or the history page (memory)."""
+def _job_name(ctrl, job_id: str) -> str:
+    """A job's name from this session or the history page (memory)."""
     view = ctrl.find(job_id)
-    if view is not None and view.glb_path:
-        return view.glb_path, view.name
-    entry = ctrl.history_entry(job_id)
-    if entry is None or not entry.get("glb_path"):
-        return "", ""
-    return entry["glb_path"], entry["name"]
+    if view is not None and view.name:
+        return view.name
+    return (ctrl.history_entry(job_id) or {}).get("name", "")
 
 
 class TRELLIS2_OT_import_result(bpy.types.Operator):
@@ -579,8 +584,7 @@ class TRELLIS2_OT_import_result(bpy.types.Operator):
         path, name = self.filepath, self.name
         ctrl = runtime.get()
         if not path and self.job_id and ctrl is not None:
-            path, name = _job_glb(ctrl, self.job_id)
-            name = self.name or name
+            return self._fetch_then_import(context, ctrl)
         if not path or not os.path.isfile(path):
             self.report({"ERROR"}, f"No model file for job {self.job_id or '?'}")
             return {"CANCELLED"}
@@ -596,6 +600,32 @@ class TRELLIS2_OT_import_result(bpy.types.Operator):
         if self.job_id:
             obj["trellis2_job"] = self.job_id
         self.report({"INFO"}, f"Imported {obj.name}")
+        return {"FINISHED"}
+
+    def _fetch_then_import(self, context, ctrl):
+        """The job's model comes through the protocol (`fetch`) into the download cache and
+        is imported from there: at once when it is here, else from the tick when it comes
+        (scripts follow it with `wait()`, which waits for downloads too)."""
+        job_id, name = self.job_id, self.name or _job_name(ctrl, self.job_id)
+        download = ctrl.fetch_file(job_id, RESULT)
+        location = (
+            tuple(self.location) if self.use_location else tuple(context.scene.cursor.location)
+        )
+        options = {"job_id": job_id, "name": name, "location": location, "use_location": True}
+        if download.done:
+            if download.error is not None:
+                self.report({"ERROR"}, f"No model for job {job_id}: {download.error.message}")
+                return {"CANCELLED"}
+            return bpy.ops.trellis2.import_result(filepath=download.path, **options)
+
+        def arrived(download) -> None:
+            if download.error is not None:
+                ctrl.last_error = f"Import of {name or job_id} failed: {download.error.message}"
+                return
+            bpy.ops.trellis2.import_result(filepath=download.path, **options)
+
+        ctrl.fetch_file(job_id, RESULT, arrived)
+        self.report({"INFO"}, f"Downloading {name or job_id}: it is imported when it is here")
         return {"FINISHED"}
 
 
@@ -648,20 +678,39 @@ class TRELLIS2_OT_regenerate(bpy.types.Operator):
         entry = ctrl.history_entry(self.job_id) if ctrl else None
         if entry is None and ctrl is not None and bpy.app.background:
             entry = ctrl.job_entry_blocking(self.job_id)  # a script: not on the history page
-        if not entry or not entry.get("input") or not os.path.isfile(entry["input"]):
+        name = file_name((entry or {}).get("input"))
+        if not name:
             self.report({"ERROR"}, "The job's input image is gone")
             return {"CANCELLED"}
         props = context.scene.trellis2
         seed = random_seed()
         props.last_seed = seed
         params = {"preset": entry.get("preset") or props.preset, "seed": seed}
-        image = Path(entry["input"]).read_bytes()
         ctrl.configure(backend_config(get_prefs(context)))
         filename = entry.get("filename") or "image.png"
+        cursor, auto_import = _cursor(context), props.auto_import
+
+        def submit(download):
+            """The input came (through `fetch`): the same image with the new seed."""
+            if download.error is not None:
+                raise RuntimeError(f"the job's input image is gone: {download.error.message}")
+            image = Path(download.path).read_bytes()
+            return ctrl.submit(image, params, entry["name"], filename, auto_import, cursor)
+
+        download = ctrl.fetch_file(self.job_id, name)
+        if not download.done:  # sent from the tick once the image is here
+
+            def later(download) -> None:
+                try:
+                    submit(download)
+                except Exception as exc:  # shown in the panel; a tick never raises
+                    ctrl.last_error = f"New Seed failed: {one_line(exc)}"
+
+            ctrl.fetch_file(self.job_id, name, later)
+            self.report({"INFO"}, f"{entry['name']}: seed {seed}, fetching its image")
+            return {"FINISHED"}
         try:
-            view = ctrl.submit(
-                image, params, entry["name"], filename, props.auto_import, _cursor(context)
-            )
+            view = submit(download)
         except Exception as exc:
             _report_error(self, "New Seed failed", exc)
             return {"CANCELLED"}
@@ -676,6 +725,10 @@ class TRELLIS2_OT_open_folder(bpy.types.Operator):
     bl_label = "Open Folder"
 
     path: StringProperty(subtype="DIR_PATH", options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        return _local_only(cls)  # a studio server's folders are on the server
 
     def execute(self, context):
         if not os.path.isdir(self.path):
@@ -746,6 +799,8 @@ class TRELLIS2_OT_open_log(bpy.types.Operator):
     @classmethod
     def poll(cls, context):
         ctrl = runtime.get()
+        if not _local_only(cls):
+            return False
         if not (ctrl.status().get("log_path") if ctrl else None):
             return _refuse(cls, "No log yet: start the backend first")
         return True
@@ -767,6 +822,10 @@ class TRELLIS2_OT_doctor(bpy.types.Operator):
     bl_label = "Run Doctor"
 
     mode: EnumProperty(name="Mode", items=MODES, default="AUTO", options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        return _local_only(cls)
 
     def execute(self, context):
         ctrl = _ctrl()
@@ -841,6 +900,8 @@ class TRELLIS2_OT_delete_job(bpy.types.Operator):
     @classmethod
     def poll(cls, context):
         ctrl = runtime.get()
+        if not _local_only(cls):
+            return False
         if ctrl is None or ctrl.state not in ("loading", "ready", "busy"):
             return _refuse(cls, "The backend keeps the history: start it first")
         return True
@@ -868,6 +929,8 @@ class TRELLIS2_OT_clear_history(bpy.types.Operator):
     @classmethod
     def poll(cls, context):
         ctrl = runtime.get()
+        if not _local_only(cls):
+            return False
         if ctrl is None or ctrl.state not in ("loading", "ready", "busy"):
             return _refuse(cls, "The backend keeps the history: start it first")
         prune = ctrl.history.prune

@@ -307,7 +307,7 @@ class TRELLIS2_PT_history(_Base, bpy.types.Panel):
 
 def draw_history_entry(box, entry: dict) -> None:
     row = box.row()
-    icon = runtime.icon_for(entry.get("thumbnail") or "")
+    icon = runtime.icon_for(entry.get("thumbnail_file") or "")  # downloaded, never the backend's
     if icon:
         row.template_icon(icon_value=icon, scale=3.0)
     col = row.column(align=True)

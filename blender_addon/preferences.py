@@ -11,6 +11,10 @@ from ..backend.paths import expand
 from .launch import BackendConfig, default_output_dir
 from .views import ENGINES, engine_label, one_line
 
+WHERE = (
+    ("LOCAL", "This Computer", "A backend on this computer, started and watched by the add-on"),
+    ("REMOTE", "Remote Server", "A studio GPU server (its gateway), with a connection string"),
+)
 RESPAWN = (
     ("AFTER_FAILURE", "After Failures", "Restart the backend when a job fails or it crashes"),
     ("EVERY_N", "Every N Jobs", "Also restart after every N jobs (VRAM back regularly)"),
@@ -40,6 +44,8 @@ def backend_config(prefs) -> BackendConfig:
     """The controller's configuration from the preferences (defaults when there are none)."""
     if prefs is None:
         return BackendConfig()
+    if prefs.backend == "REMOTE":
+        return BackendConfig(where="REMOTE", connection=prefs.connection.strip())
     options = {}
     if prefs.weights_dir.strip():
         options["weights_dir"] = path_setting(prefs.weights_dir)
@@ -99,11 +105,24 @@ class TRELLIS2_AP_preferences(bpy.types.AddonPreferences):
     )
     respawn: EnumProperty(name="Respawn", items=RESPAWN, default="AFTER_FAILURE", update=_apply)
     every_n: IntProperty(name="N", default=10, min=1, max=1000, update=_apply)
+    backend: EnumProperty(name="Backend", items=WHERE, default="LOCAL", update=_apply)
+    # A credential (the artist's secret key): drawn as dots, never put in a label or a log.
+    connection: StringProperty(
+        name="Connection String",
+        subtype="PASSWORD",
+        description="The line `python -m backend gateway add-user NAME` printed for you "
+        "(trellis2-remote-1:...); treat it as a password",
+        update=_apply,
+    )
 
     def draw(self, context):
         from . import runtime
 
         layout = self.layout
+        layout.row().prop(self, "backend", expand=True)
+        if self.backend == "REMOTE":
+            draw_remote(layout, self, runtime.get())
+            return
         col = layout.column()
         col.prop(self, "python")
         if not self.python:
@@ -137,6 +156,34 @@ class TRELLIS2_AP_preferences(bpy.types.AddonPreferences):
         draw_doctor(box, ctrl)
 
 
+def draw_remote(layout, prefs, ctrl) -> None:
+    """Remote Server: the connection string and what the gateway says; the processes are
+    the server admin's, so there is no interpreter, engine or respawn to set here."""
+    from .remotelink import describe
+
+    col = layout.column()
+    col.prop(prefs, "connection")
+    where = describe(prefs.connection.strip())
+    if prefs.connection.strip() and not where:
+        draw_error(
+            col,
+            "This is not a TRELLIS.2 server connection string",
+            "Paste the whole line the studio admin gave you (trellis2-remote-1:...).",
+        )
+    elif where:
+        col.label(text=f"Server: {where}", icon="URL")
+    box = layout.box()
+    draw_status(box, ctrl)
+    remote = (ctrl.status().get("remote") if ctrl is not None else None) or {}
+    if remote.get("user"):
+        box.label(text=f"{remote['workers']} GPU worker(s), {remote['queue']} job(s) waiting")
+    row = box.row(align=True)
+    row.operator("trellis2.backend", text="Connect", icon="PLAY").action = "START"
+    row.operator("trellis2.backend", text="Disconnect", icon="SNAP_FACE").action = "STOP"
+    row.operator("trellis2.backend", text="Reconnect", icon="FILE_REFRESH").action = "RESTART"
+    box.label(text="Doctor, logs and restarts of the GPU backends are the server admin's")
+
+
 def draw_status(layout, ctrl) -> None:
     """The backend's state and the engine it runs; why it stopped; settings waiting for a
     Restart; the output folder's problem. Memory only: this runs on every redraw."""
@@ -164,7 +211,7 @@ def draw_status(layout, ctrl) -> None:
 
 
 def _next(ctrl) -> str:
-    return engine_label(ctrl.config.engine)
+    return "Studio server" if ctrl.config.remote else engine_label(ctrl.config.engine)
 
 
 def draw_error(layout, message: str, hint: str = "") -> None:

@@ -131,8 +131,26 @@ def forget_icon(path: str) -> None:
 
 
 def _load_history_icons(entries: list[dict]) -> None:
+    """Thumbnails already downloaded (the others come through `_thumbnail_arrived`)."""
     for entry in entries:
-        load_icon(entry.get("thumbnail") or "")
+        load_icon(entry.get("thumbnail_file") or "")
+
+
+def _thumbnail_arrived(path: str) -> None:
+    load_icon(path)
+    tag_redraw()
+
+
+def _cache_root():
+    """Downloads go to the extension's own user folder (kept across Blender versions'
+    updates of the extension), else a private temporary folder."""
+    from .preferences import addon_package
+
+    try:
+        return bpy.utils.extension_path_user(addon_package(), path="downloads", create=True)
+    except (AttributeError, ValueError, OSError) as exc:  # not installed as an extension
+        log.debug("no extension user folder: %s", exc)
+        return None
 
 
 def _refresh_input_preview() -> None:
@@ -179,10 +197,11 @@ def start() -> Controller:
     from .preferences import backend_config, get_prefs
 
     _previews = bpy.utils.previews.new()
-    _controller = Controller(backend_config(get_prefs()))
+    _controller = Controller(backend_config(get_prefs()), cache_root=_cache_root())
     _controller.on_job_done = _import_finished
     _controller.on_change = tag_redraw
     _controller.on_history = _load_history_icons
+    _controller.on_file = _thumbnail_arrived
     ensure_timer()
     for handlers, handler in _HANDLERS:
         if handler not in handlers:

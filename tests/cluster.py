@@ -117,6 +117,23 @@ class RedisServer:
         self.log.close()
 
 
+def server_python() -> str | None:
+    """An interpreter that can run the gateway and workers (Celery, redis-py): this one,
+    TRELLIS2_SERVER_PYTHON, or the checkout's .venv (scripts/setup.sh makes it)."""
+    candidates = [sys.executable, os.environ.get("TRELLIS2_SERVER_PYTHON", "")]
+    candidates.append(
+        str(ROOT / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+    )
+    for python in candidates:
+        if python and Path(python).exists():
+            check = subprocess.run(
+                [python, "-c", "import celery, redis, zmq"], capture_output=True, timeout=60
+            )
+            if check.returncode == 0:
+                return python
+    return None
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
@@ -134,8 +151,12 @@ class Cluster:
         engine_options: dict[str, str] | None = None,
         queue_depth: int = 32,
         timing: dict[str, float] | None = None,
+        python: str | None = None,
     ):
         self.folder = Path(folder)
+        # The gateway and workers need Celery and redis-py: Blender's Python (the add-on's
+        # tests) hands them to the backend's venv.
+        self.python = python or sys.executable
         self.home = self.folder / "gateway-home"
         self.store = self.folder / "store"
         self.engine = engine
@@ -155,7 +176,7 @@ class Cluster:
         log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115 (closed in close)
         self._logs.append(log)
         return subprocess.Popen(
-            [sys.executable, "-m", "backend", *args],
+            [self.python, "-m", "backend", *args],
             cwd=str(ROOT),
             env=_env(),
             stdout=log,

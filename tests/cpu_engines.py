@@ -12,6 +12,7 @@ import trimesh
 from PIL import Image
 
 from backend.engines.base import Engine, Stage, StageContext
+from backend.engines.preview import PreviewEngine
 from backend.params import GenerationParams
 
 
@@ -82,3 +83,22 @@ class SlowEngine(Engine):
             state["prepared"] = buf.getvalue()
         elif stage == "export":
             state.update(write_textured_box(state["output_path"]))
+
+
+class PacedPreview(PreviewEngine):
+    """The preview engine with a pause of `pause` seconds before its first stage, in 0.05 s
+    steps that are cancel checkpoints: time to cancel a job (through a gateway too)."""
+
+    def __init__(self, pause: str = "0", **options: Any):
+        super().__init__(**options)
+        self.pause = float(pause)
+
+    def run_stage(
+        self, stage: str, state: dict[str, Any], params: GenerationParams, ctx: StageContext
+    ) -> None:
+        if stage == "mask":  # the first stage of a generate and of a texture job
+            steps = int(self.pause / 0.05)
+            for step in range(1, steps + 1):
+                time.sleep(0.05)
+                ctx.progress(step, steps)
+        super().run_stage(stage, state, params, ctx)

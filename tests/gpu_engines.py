@@ -32,7 +32,11 @@ STAGES = (
     ),
     Stage("texture", "Sampling the texture", frozenset({"resolution"})),
     Stage("decode", "Decoding the mesh"),
-    Stage("export", "Writing the GLB", frozenset({"texture_size", "decimation_target", "remesh"})),
+    Stage(
+        "export",
+        "Writing the GLB",
+        frozenset({"texture_size", "decimation_target", "remesh", "remesh_band"}),
+    ),
 )
 CAPABILITIES = frozenset().union(*(s.knobs for s in STAGES))
 CACHE_FILE = "test_engine_cache.json"

@@ -311,33 +311,23 @@ def test_doctor_reports_the_install_healthy_and_each_breakage_with_its_fix(work)
     assert "tex_slat_decoder" in failed["missing_weight_file"]["weights"]["detail"]
 
 
-DUAL_GRID_PROBE = """
-import faulthandler, sys
-faulthandler.enable()
-import torch, trimesh, o_voxel
-mesh = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
-out = o_voxel.convert.mesh_to_flexible_dual_grid(
-    torch.from_numpy(mesh.vertices).float().cpu(), torch.from_numpy(mesh.faces).long().cpu(),
-    grid_size=512, aabb=[[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]],
-    face_weight=1.0, boundary_weight=0.2, regularization_weight=1e-2, timing=True)
-print("voxels", tuple(out[0].shape))
-"""
 PROBES: dict[str, int] = {}
 
 
 def test_upstream_mesh_voxelisation_runs_in_a_process_of_its_own():
-    """The first step of upstream's texturing (encode_shape_slat), alone: where it crashes,
-    the crash is upstream's, and faulthandler says where."""
+    """The first step of upstream's texturing (encode_shape_slat), alone and as the engine
+    calls it (timings off). With `timing=True`, as upstream's texturing pipeline asks, the
+    extension dies with SIGSEGV printing the first timing (runs 6 and 7): recorded, not
+    asserted, so a fixed build shows up in the results."""
     need(60)
-    proc = subprocess.run(
-        [sys.executable, "-c", DUAL_GRID_PROBE], capture_output=True, text=True, timeout=120
-    )
-    PROBES["dual_grid"] = proc.returncode
-    record(
-        "dual_grid_probe",
-        {"rc": proc.returncode, "stdout": proc.stdout[-2000:], "stderr": proc.stderr[-6000:]},
-    )
-    assert proc.returncode == 0
+    probe = ROOT / "scripts" / "gpu" / "probe_voxelise.py"
+    out = RESULTS / "voxelise_probe.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, str(probe), "--out", str(out)], check=True, timeout=300)
+    probes = json.loads(out.read_text())
+    record("dual_grid_probe", probes)
+    PROBES["dual_grid"] = probes["timing=False"]["rc"]
+    assert probes["timing=False"]["rc"] == 0, probes["timing=False"]["stderr"]
 
 
 def test_texturing_an_existing_mesh_with_the_real_texturing_pipeline(sup):

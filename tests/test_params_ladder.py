@@ -14,7 +14,11 @@ STAGES = (
     Stage("structure", "Structure", frozenset({"resolution", "steps_scale", "guidance"})),
     Stage("shape", "Shape", frozenset({"resolution", "max_num_tokens", "steps_scale", "guidance"})),
     Stage("texture", "Texture", frozenset({"resolution", "steps_scale", "guidance"})),
-    Stage("export", "Export", frozenset({"texture_size", "decimation_target", "remesh"})),
+    Stage(
+        "export",
+        "Export",
+        frozenset({"texture_size", "decimation_target", "remesh", "remesh_band"}),
+    ),
 )
 
 
@@ -67,8 +71,11 @@ def test_ladder_has_13_levels_in_the_documented_order():
     at = [ladder.params_at(request, i) for i in range(13)]
     assert at[0] == request
     # structure first, then the input image, texture and decimation last
-    assert at[3].resolution == 1024 and at[5].resolution == 512
-    assert at[4].remesh is False and at[6].guidance is False
+    assert at[1].max_num_tokens == 32_768 and at[2].remesh_band == 0.5
+    assert [at[i].resolution for i in (2, 3, 4, 5, 6)] == [1536, 1024, 768, 768, 512]
+    assert at[4].remesh is True and at[5].remesh is False
+    # steps and guidance cannot lower a peak of the real code: no level touches them
+    assert all(at[i].steps_scale == 1.0 and at[i].guidance for i in range(13))
     assert [at[i].image_size for i in (6, 7, 8, 9)] == [1024, 768, 512, 384]
     assert all(at[i].texture_size == 4096 for i in range(10))
     assert [at[i].texture_size for i in (10, 11, 12)] == [2048, 1024, 512]
@@ -91,18 +98,19 @@ def test_caps_never_raise_quality():
 def test_no_op_levels_are_skipped_for_the_request_and_engine():
     request = parse_params({"preset": "balanced"})  # 1024: token caps change nothing
     step = ladder.next_step(request, 0, failed_stage=2, stages=STAGES, capabilities=KNOBS)
-    # token budgets only matter at 1536, resolution is already 1024 at level 3, and remesh
-    # (level 4) is read only by export, after the failed stage: the next useful level is 5.
-    assert step.level == 5 and step.skipped == (1, 2, 3, 4)
-    assert step.params.resolution == 512 and step.resume_stage == 1
+    # token budgets only matter at 1536, the remesh band (level 2) is read only by export,
+    # after the failed stage, and resolution is already 1024 at level 3: next is level 4.
+    assert step.level == 4 and step.skipped == (1, 2, 3)
+    assert step.params.resolution == 768 and step.resume_stage == 1
 
 
 def test_resume_point_is_the_earliest_stage_reading_a_changed_knob():
     request = parse_params({"preset": "high"})
     step = ladder.next_step(request, 0, failed_stage=3, stages=STAGES, capabilities=KNOBS)
     assert step.level == 1 and step.resume_stage == 2  # token budget: rerun from shape
-    step = ladder.next_step(request, 2, failed_stage=3, stages=STAGES, capabilities=KNOBS)
+    step = ladder.next_step(request, 1, failed_stage=3, stages=STAGES, capabilities=KNOBS)
     assert step.level == 3 and step.resume_stage == 1  # resolution: rerun from structure
+    assert step.skipped == (2,)  # the remesh band is read by export only
 
 
 def test_export_failure_reaches_texture_levels_only_after_structure_levels():

@@ -68,6 +68,8 @@ LIMITS = {
     "message age": int(protocol.MAX_MESSAGE_AGE),
     "replay window": protocol.REPLAY_WINDOW,
     "header field": protocol.MAX_HEADER_FIELD,
+    "fetch chunk": protocol.FETCH_DEFAULT,
+    "fetch reply": protocol.FETCH_MAX,
     "queue depth": settings.QUEUE_DEPTH,
     "jobs limit": handlers.JOBS_LIMIT,
     "jobs offset": handlers.JOBS_OFFSET,

@@ -225,6 +225,26 @@ def test_download_comes_in_bounded_chunks_and_stays_in_the_job_folder(preview):
     assert remote.fetch(job_id, "thumbnail.png", 0)[1].startswith(b"\x89PNG")
 
 
+def test_history_pages_by_offset_and_query_like_a_local_backend(preview):
+    remote = preview.session("bob")
+    ids = [remote.generate(png_bytes(), {"preset": "fast"}, filename=f"p{i}.png") for i in (1, 2)]
+    for job_id in ids:
+        remote.wait_for_job(job_id, WAIT)
+    first = remote.client.request("jobs", {"limit": 1, "offset": 0})
+    second = remote.client.request("jobs", {"limit": 1, "offset": 1})
+    total = len(_store(preview).list()[0])
+    assert first["total"] == second["total"] == total >= 2
+    assert first["jobs"][0]["job_id"] != second["jobs"][0]["job_id"]
+    assert first["next"] == first["jobs"][0]["job_id"]  # more pages follow
+    found = remote.client.request("jobs", {"limit": 10, "query": "P2.png done"})
+    assert found["total"] == 1 and found["jobs"][0]["job_id"] == ids[1]
+    entry = found["jobs"][0]
+    assert entry["user"] == "bob" and entry["bytes"] > 0
+    assert entry["thumbnail"].endswith("thumbnail.png") and "input." in entry["input"]
+    with pytest.raises(BackendError):
+        remote.client.request("jobs", {"limit": 1, "offset": -1})
+
+
 # -- keys and the wire ---------------------------------------------------------------------------
 
 

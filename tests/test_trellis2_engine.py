@@ -190,14 +190,15 @@ def test_each_preset_generates_a_png_textured_glb(engine, fake, tmp_path, preset
 def test_engine_declares_knobs_and_stages(fake, weights):
     from backend.engines.trellis2 import Trellis2Engine
 
-    assert Trellis2Engine.capabilities == KNOBS
+    # what cannot lower the real code's memory is not offered to the ladder
+    assert Trellis2Engine.capabilities == KNOBS - {"image_size", "steps_scale", "guidance"}
     knobs = {s.name: s.knobs for s in Trellis2Engine.stages}
     assert knobs["conditioning"] == {"image_size"}
     assert "resolution" in knobs["shape"] and "max_num_tokens" in knobs["shape"]
     assert knobs["decode"] == frozenset()
-    assert knobs["export"] == {"texture_size", "decimation_target", "remesh"}
+    assert knobs["export"] == {"texture_size", "decimation_target", "remesh", "remesh_band"}
     read = set().union(*knobs.values())
-    assert read == KNOBS  # every knob the engine claims is read by some stage
+    assert read == KNOBS  # every knob a request holds is read by some stage
 
 
 def test_sampler_overrides_are_merged_scaled_and_whitelisted(engine, fake, tmp_path):
@@ -704,13 +705,38 @@ def test_safetensors_header_reader_detects_truncation(fake, tmp_path):
 
 RESUME_AFTER_OOM = {
     # failed stage: (the level the ladder picks for "balanced", the stage it resumes from)
-    "conditioning": (7, "conditioning"),  # input 768 px
-    "sparse_structure": (6, "sparse_structure"),  # half steps, no guidance
-    "shape": (5, "shape"),  # resolution 512
-    "texture": (5, "shape"),
-    "decode": (5, "shape"),
-    "export": (4, "export"),  # remesh off
+    "shape": (4, "shape"),  # resolution 768 (the 1024 cascade's tokens, a third fewer)
+    "texture": (4, "shape"),
+    "decode": (4, "shape"),
+    "export": (2, "export"),  # remesh band 0.5
 }
+# Nothing the ladder holds lowers these stages' memory in the real code (the input size,
+# steps and guidance do not): an OOM there fails at once, clearly, with no lowered retry.
+NO_USEFUL_LEVEL = ("conditioning", "sparse_structure")
+
+
+@pytest.mark.parametrize("stage", NO_USEFUL_LEVEL)
+def test_an_oom_no_level_can_help_fails_without_lowering_quality(engine, fake, tmp_path, stage):
+    from backend.jobs import JobStore
+    from backend.runner import Runner, RunnerConfig
+    from backend.stats import StatsLog
+
+    store = JobStore(tmp_path / "out")
+    runner = Runner(
+        engine, store, StatsLog(tmp_path / "s.jsonl"), config=RunnerConfig(min_free_disk=1 << 20)
+    )
+    image = io.BytesIO()
+    subject_image(size=128).save(image, format="PNG")
+    params = parse_params({"preset": "balanced", "texture_size": 256}).to_dict()
+    record = store.create("generate", "trellis2", params, image=image.getvalue())
+    fake.FAIL.append({"where": stage, "kind": "oom", "times": 1})
+    events: list[tuple[str, dict]] = []
+    result = runner.run(record, emit=lambda kind, content: events.append((kind, content)))
+    assert result.outcome == "failed" and result.error["code"] == "out_of_memory"
+    assert stage in result.error["message"]
+    assert [k for k, _ in events].count("job_retry") == 0
+    assert len(result.attempts) == 1
+    assert on_device(engine) == []
 
 
 @pytest.mark.parametrize("stage", list(RESUME_AFTER_OOM))
@@ -759,6 +785,10 @@ def test_runner_resumes_trellis2_after_oom_at_each_stage(engine, fake, tmp_path,
     meta = glb_json(glb)
     assert {img["mimeType"] for img in meta["images"]} == {"image/png"}
     assert "EXT_texture_webp" not in meta.get("extensionsUsed", [])
+    exports = [call for name, call in fake.CALLS if name == "to_glb"]
+    bands = [call["remesh_band"] for call in exports]
+    # every level from 2 on narrows the remesh band, and the lowered export runs with it
+    assert bands[-1] == 0.5 and all(band == 1.0 for band in bands[:-1])
 
 
 def test_runner_cancel_mid_shape_leaves_no_model_on_the_device(engine, fake, tmp_path):
@@ -783,3 +813,54 @@ def test_runner_cancel_mid_shape_leaves_no_model_on_the_device(engine, fake, tmp
     assert store.get(record.id).state.value == "cancelled"
     assert on_device(engine) == []
     assert not (store.folder(record.id) / "result.glb").exists()
+
+
+def test_the_runner_lowers_a_job_the_memory_model_says_will_not_fit(
+    engine, fake, tmp_path, monkeypatch
+):
+    """Prediction instead of retry: after the structure, a job whose later stages would not
+    fit is lowered before it runs them (no OOM); after the shape, the tokens it counted are
+    learned as this card's tokens per voxel."""
+    from backend import gpu, memmodel
+    from backend.jobs import JobStore
+    from backend.runner import Runner, RunnerConfig
+    from backend.stats import StatsLog
+
+    store = JobStore(tmp_path / "out")
+    runner = Runner(
+        engine, store, StatsLog(tmp_path / "s.jsonl"), config=RunnerConfig(min_free_disk=1 << 20)
+    )
+    image = io.BytesIO()
+    subject_image(size=128).save(image, format="PNG")
+    record = store.create(
+        "generate", "trellis2", parse_params({"preset": "high"}).to_dict(), image=image.getvalue()
+    )
+    ran: list[str] = []
+    original = engine.run_stage
+
+    def run_stage(stage, state, params, ctx):
+        ran.append(stage)
+        original(stage, state, params, ctx)
+        if stage == "sparse_structure":  # the model decides from the voxels: make them many
+            state["structure"] = {"voxels": 4_000}
+
+    monkeypatch.setattr(engine, "run_stage", run_stage)
+    budget = {"available": 12 * 2**30}
+    monkeypatch.setattr(gpu, "vram", lambda init=True: dict(budget))
+    events: list[tuple[str, dict]] = []
+    result = runner.run(record, emit=lambda kind, content: events.append((kind, content)))
+    assert result.outcome == "done", result.error
+    assert [a["outcome"] for a in result.attempts] == ["predicted_oom", "ok"]
+    assert result.attempts[0]["stage"] == "sparse_structure"
+    retry = [c for k, c in events if k == "job_retry"]
+    assert len(retry) == 1 and retry[0]["reason"] == "predicted_out_of_memory"
+    assert retry[0]["resume_stage"] == "shape"
+    # 4,000 voxels at the 1536 cascade: about 72k tokens, 57 GiB of export. With the 32k
+    # budget the cascade would settle at 1024 (15.6k tokens, export 12 GiB), and with the
+    # narrower remesh band too (8.4 GiB) it fits the 10.2 GiB budget: level 2
+    assert result.level == 2
+    assert result.params["max_num_tokens"] == 32_768 and result.params["remesh_band"] == 0.5
+    assert ran.count("sparse_structure") == 1 and ran.count("conditioning") == 1
+    # what the shape counted is kept as this card's tokens per voxel for the next job
+    tier = memmodel.tier(result.params["resolution"])
+    assert tier in runner.tokens_per_voxel and runner.tokens_per_voxel[tier] > 0

@@ -92,6 +92,11 @@ def test_export_passes_the_upstream_demo_settings(engine, fake, tmp_path):
     assert kwargs["grid_size"] == 1152
     assert kwargs["texture_size"] == params.texture_size
     assert kwargs["decimation_target"] == params.decimation_target
+    assert kwargs["remesh_band"] == 1.0
+    # the ladder's narrower band reaches upstream (it lowers the export's peak by a third)
+    state = new_state(tmp_path / "band")
+    run(engine, params.replace(remesh_band=0.5), state)
+    assert [c for c in fake.CALLS if c[0] == "to_glb"][-1][1]["remesh_band"] == 0.5
 
 
 def test_the_cache_is_freed_between_sampling_and_decoding(engine, fake, tmp_path, monkeypatch):

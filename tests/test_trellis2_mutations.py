@@ -62,7 +62,16 @@ MUTATIONS: dict[str, list[tuple[str, str]]] = {
         ("for loaded in (pipe, self.texturing):", "for loaded in (pipe,):"),
     ],
     "no cache release between sampling and decoding": [
-        ("        gpu.release_cache()\n", ""),
+        (
+            "fit where the flow models' blocks were.\n        gpu.release_cache()\n",
+            "fit where the flow models' blocks were.\n",
+        ),
+    ],
+    "o-voxel asked for its timings (SIGSEGV on the real build)": [
+        ("        quiet_voxeliser(o_voxel.convert)\n", ""),
+    ],
+    "the ladder's remesh band not passed to to_glb": [
+        ("remesh_band=params.remesh_band,", "remesh_band=1,"),
     ],
     "zero normals left in the GLB": [
         ('state["repaired_normals"] = unit_normals(glb)', 'state["repaired_normals"] = 3'),

@@ -17,6 +17,7 @@ KNOBS = frozenset(
         "resolution",
         "max_num_tokens",
         "remesh",
+        "remesh_band",
         "steps_scale",
         "guidance",
         "image_size",
@@ -88,6 +89,10 @@ class Engine(ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset()  # subset of KNOBS it honours
     stages: ClassVar[tuple[Stage, ...]] = ()
     uses_gpu: ClassVar[bool] = False
+    # Its stages put the job's size in state["structure"] ("voxels", then "shape_tokens" and
+    # state["effective_resolution"]) and its memory follows memmodel.py: the runner may lower
+    # a job before it runs out of memory.
+    predicts_memory: ClassVar[bool] = False
 
     def load(self, progress: Callable[[float, str], None] | None = None) -> None:  # noqa: B027
         """Load weights. `progress(fraction, message)`. Idempotent."""

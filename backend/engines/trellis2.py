@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # Our resolution tiers -> upstream pipeline types (the official demo's mapping, §3).
 PIPELINE_TYPES = {512: "512", 1024: "1024_cascade", 1536: "1536_cascade"}
+# The ladder's own cascade resolution below 1024 (upstream's token loop never goes there):
+# the 1024 cascade's models, high resolution 768, a third fewer tokens (issue #12).
+LADDER_CASCADES = {768: "1024_cascade"}
 # Sparse-structure grid: 32 for all three types we use (only the plain "1024" type uses 64).
 SS_RESOLUTION = 32
 MODEL_NAMES = (
@@ -511,6 +514,59 @@ def unit_normals(mesh: Any) -> int:
     return int(bad.sum())
 
 
+# CuMesh steps that allocate with cudaMalloc, outside torch's caching allocator.
+_CUMESH_STEPS = (("CuMesh", "init"), ("CuMesh", "simplify"), ("CuMesh", "uv_unwrap"))
+
+
+@contextmanager
+def cache_released_for_cumesh() -> Iterator[None]:
+    """Give torch's cached blocks back before each CuMesh step of `to_glb`.
+
+    CuMesh allocates with plain cudaMalloc. After the remesh, torch's allocator keeps the
+    remesh's blocks cached (34 GiB at the 1536 cascade), where CuMesh's simplify cannot use
+    them; measured on the real code, the card then needed the two added together (GPU run 7:
+    51.7 GiB at 1536, 10.9 at 1024). Released before each step, the steps share that memory."""
+    try:
+        import cumesh
+    except ImportError:
+        yield
+        return
+    patched = []
+    for owner_name, attr in _CUMESH_STEPS:
+        owner = getattr(cumesh, owner_name, None)
+        original = getattr(owner, attr, None) if owner is not None else None
+        if original is None:
+            continue
+
+        def released(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            gpu.release_cache()
+            return _original(*args, **kwargs)
+
+        setattr(owner, attr, released)
+        patched.append((owner, attr, original))
+    try:
+        yield
+    finally:
+        for owner, attr, original in patched:
+            setattr(owner, attr, original)
+
+
+def quiet_voxeliser(convert: Any) -> None:
+    """o-voxel's `mesh_to_flexible_dual_grid` dies with SIGSEGV when asked to print its timings
+    (GPU runs 6 and 7: every time with `timing=True`, never without), and upstream's texturing
+    pipeline asks. Its calls go through the module attribute, so one wrapper quiets them all."""
+    original = convert.mesh_to_flexible_dual_grid
+    if getattr(original, "quiet", False):
+        return
+
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        kwargs["timing"] = False
+        return original(*args, **kwargs)
+
+    quiet.quiet = True  # type: ignore[attr-defined]
+    convert.mesh_to_flexible_dual_grid = quiet
+
+
 def texturing_resolution(resolution: int) -> int:
     """Upstream's texturing pipeline has 512 and 1024 models only (run() picks 512 or 1024)."""
     return 512 if resolution <= 512 else 1024
@@ -534,7 +590,10 @@ class Trellis2Engine(Engine):
     name = "trellis2"
     label = "TRELLIS.2"
     uses_gpu = True
-    capabilities = KNOBS
+    # Steps, guidance and the input size cannot lower a peak of the real code (memmodel.py),
+    # so the ladder never spends a level on them here.
+    capabilities = KNOBS - {"steps_scale", "guidance", "image_size"}
+    predicts_memory = True
     stages = (
         Stage("conditioning", "Preparing the image", frozenset({"image_size"})),
         Stage(
@@ -554,7 +613,7 @@ class Trellis2Engine(Engine):
         Stage(
             "export",
             "Baking textures and writing the GLB",
-            frozenset({"texture_size", "decimation_target", "remesh"}),
+            frozenset({"texture_size", "decimation_target", "remesh", "remesh_band"}),
         ),
     )
     texture_stages = (
@@ -800,12 +859,14 @@ class Trellis2Engine(Engine):
         encoder_rel = tex_args.get("models", {}).get("shape_slat_encoder", DEFAULT_SHAPE_ENCODER)
         encoder = self._load_model("shape_slat_encoder", resolve_model_path(weights, encoder_rel))
         try:
+            import o_voxel.convert
             from trellis2.pipelines.trellis2_texturing import Trellis2TexturingPipeline
         except (ImportError, OSError) as exc:
             module, hint = _missing_module_hint(exc)
             raise BackendError(
                 ErrorCode.ENGINE_UNAVAILABLE, f"cannot import the texturing pipeline: {exc}", hint
             ) from None
+        quiet_voxeliser(o_voxel.convert)
         sampler_params = pipe.tex_slat_sampler_params
         if "tex_slat_sampler" in tex_args:
             sampler_params = self._clean_defaults(
@@ -1102,6 +1163,7 @@ class Trellis2Engine(Engine):
                 "the sparse structure is empty: the model found no object in the image",
             )
         state["coords"] = coords.cpu()
+        state["structure"] = {"voxels": int(coords.shape[0])}  # the runner's memory prediction
         # Later stages restore this, so a resumed stage draws the same noise as a fresh run.
         state["rng_after_ss"] = torch.get_rng_state()
 
@@ -1110,7 +1172,7 @@ class Trellis2Engine(Engine):
 
         pipe = self.pipeline
         device = self._device()
-        pipeline_type = PIPELINE_TYPES[params.resolution]
+        pipeline_type = PIPELINE_TYPES.get(params.resolution) or LADDER_CASCADES[params.resolution]
         sp = self._sampler_params(
             "shape", params, pipe.shape_slat_sampler_params, pipe.shape_slat_sampler
         )
@@ -1139,7 +1201,9 @@ class Trellis2Engine(Engine):
                     resolution=params.resolution,
                     coords=coords,
                     sampler_params=sp,
-                    max_num_tokens=params.max_num_tokens,
+                    # Below 1024 upstream's loop would step past its floor (it stops only at
+                    # exactly 1024), so the ladder's own cascades take no budget.
+                    max_num_tokens=params.max_num_tokens if params.resolution >= 1024 else 1 << 62,
                 )
         state["shape_slat"] = _to(slat, "cpu")
         state["effective_resolution"] = int(resolution)
@@ -1215,7 +1279,13 @@ class Trellis2Engine(Engine):
     def _stage_export(self, state, params, ctx) -> None:
         mesh = state["decoded_mesh"]
         device = self._device()
-        glb = self._up["postprocess"].to_glb(
+        with cache_released_for_cumesh():
+            glb = self._export(mesh, state, params, device)
+        ctx.check_cancelled()
+        self._write_glb(glb, state, params.texture_size)
+
+    def _export(self, mesh, state, params, device) -> Any:
+        return self._up["postprocess"].to_glb(
             vertices=mesh.vertices.to(device),
             faces=mesh.faces.to(device),
             attr_volume=mesh.attrs.to(device),
@@ -1226,11 +1296,9 @@ class Trellis2Engine(Engine):
             decimation_target=params.decimation_target,
             texture_size=params.texture_size,
             remesh=params.remesh,
-            remesh_band=1,
+            remesh_band=params.remesh_band,
             remesh_project=0,  # the demo's setting: no projection back onto the raw surface
         )
-        ctx.check_cancelled()
-        self._write_glb(glb, state, params.texture_size)
 
     # -- texturing an existing mesh ----------------------------------------------------
 

@@ -53,7 +53,16 @@ def addon():
     bpy.ops.preferences.addon_disable(module=MODULE)
 
 
-PREF_FIELDS = ("python", "engine", "trellis_checkout", "weights_dir", "output_dir", "respawn")
+PREF_FIELDS = (
+    "python",
+    "engine",
+    "trellis_checkout",
+    "weights_dir",
+    "output_dir",
+    "respawn",
+    "backend",
+    "connection",
+)
 
 
 @pytest.fixture
@@ -89,6 +98,9 @@ def ctrl(addon, prefs):
     controller._outbox.clear()
     controller._requests.clear()
     controller._abandoned.clear()
+    controller._downloading.clear()
+    controller.supervisor_factory = import_module(f"{MODULE}.blender_addon.launch").make_supervisor
+    controller.files.active.clear()
     controller.history = views.HistoryView()
     controller.last_error = controller.last_hint = ""
     controller.last_outcome = None

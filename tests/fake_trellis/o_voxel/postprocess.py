@@ -41,6 +41,7 @@ def to_glb(
                 "decimation_target": decimation_target,
                 "texture_size": texture_size,
                 "remesh": remesh,
+                "remesh_band": remesh_band,
                 "grid_size": grid_size,
                 "voxel_size": voxel_size,
                 "remesh_project": remesh_project,
