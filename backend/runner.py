@@ -130,6 +130,8 @@ class Runner:
         # High-resolution tokens per structure voxel, per cascade tier, as seen on this card's
         # jobs: the memory prediction's estimate before the shape stage counts them.
         self.tokens_per_voxel: dict[int, float] = {}
+        if profile is not None and hasattr(profile, "tokens_per_voxel"):
+            self.tokens_per_voxel.update(profile.tokens_per_voxel())
 
     # -- entry point -----------------------------------------------------------------
 
@@ -391,7 +393,14 @@ class Runner:
         effective = state.get("effective_resolution")
         if tokens and voxels and effective and effective > 512:
             key = memmodel.tier(effective)
-            self.tokens_per_voxel[key] = tokens / voxels / (effective / key) ** 2
+            ratio = tokens / voxels / (effective / key) ** 2
+            if self.tokens_per_voxel.get(key) != ratio:
+                self.tokens_per_voxel[key] = ratio
+                if self.profile is not None and hasattr(self.profile, "learn_tokens_per_voxel"):
+                    try:
+                        self.profile.learn_tokens_per_voxel(key, ratio)
+                    except Exception:  # the profile is an optimisation; never fail a job
+                        log.warning("cannot save tokens per voxel", exc_info=True)
         figures = gpu.vram(init=False)
         if not figures:
             return
