@@ -538,12 +538,16 @@ class Runner:
             result.mesh_stats["structure"] = dict(state["structure"])
         result.warnings = warnings
         if level:
-            failed = [a for a in result.attempts if a["outcome"] == "oom"]
-            where = failed[-1]["stage"] if failed else "start"
-            cause = "ran out of GPU memory" if failed else "predicted not to fit in free VRAM"
+            lowered = [a for a in result.attempts if a["outcome"] in ("oom", "predicted_oom")]
+            last = lowered[-1] if lowered else None
+            if last is None:
+                reason = "the requested settings were predicted not to fit in free VRAM at start"
+            elif last["outcome"] == "oom":
+                reason = f"the requested settings ran out of GPU memory at {last['stage']}"
+            else:  # lowered by the memory model once the object's size was known
+                reason = f"after {last['stage']}, {last['error']}"
             result.degraded_reason = (
-                f"Quality reduced to level {level} ({ladder.describe(level)}): "
-                f"the requested settings {cause} at {where}."
+                f"Quality reduced to level {level} ({ladder.describe(level)}): {reason}."
             )
 
     def _discard_tmp(self, job_id: str) -> None:
