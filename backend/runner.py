@@ -233,27 +233,11 @@ class Runner:
                     partial=resume > 0,
                 )
                 result.attempts.append(attempt)
-                for i in list(outputs):
-                    if i >= plan.resume_stage:
-                        del outputs[i]
                 level, params, resume = plan.level, plan.params, plan.resume_stage
-                emit(
-                    "job_retry",
-                    {
-                        "job_id": job.id,
-                        "level": level,
-                        "level_name": ladder.describe(level),
-                        "reason": "predicted_out_of_memory",
-                        "failed_stage": stages[replan.stage_index].name,
-                        "resume_stage": stages[resume].name,
-                        "skipped_levels": [],
-                    },
+                self._lower(
+                    job, emit, stages, outputs, level, resume, replan.stage_index, (), "predicted"
                 )
-                self.store.append_log(
-                    job.id,
-                    f"lowered to level {level} ({ladder.describe(level)}) before running out "
-                    f"of memory ({replan}); resuming at {stages[resume].name}",
-                )
+                self.store.append_log(job.id, f"the memory model: {replan}")
                 continue
             except _Failure as failure:
                 del state
@@ -296,32 +280,43 @@ class Runner:
                         f"out of GPU memory at stage {stages[failure.stage_index].name} "
                         f"even at ladder level {level}",
                     ) from None
-                for i in list(outputs):
-                    if i >= step.resume_stage:
-                        del outputs[i]
                 level, params, resume = step.level, step.params, step.resume_stage
-                emit(
-                    "job_retry",
-                    {
-                        "job_id": job.id,
-                        "level": level,
-                        "level_name": ladder.describe(level),
-                        "reason": "out_of_memory",
-                        "failed_stage": stages[failure.stage_index].name,
-                        "resume_stage": stages[resume].name,
-                        "skipped_levels": list(step.skipped),
-                    },
-                )
-                self.store.append_log(
-                    job.id,
-                    f"retrying at level {level} "
-                    f"({ladder.describe(level)}) from {stages[resume].name}",
+                self._lower(
+                    job, emit, stages, outputs, level, resume, failure.stage_index, step.skipped
                 )
                 continue
             self._close_attempt(attempt, "ok", stages[-1], None, gpu.vram(), partial=resume > 0)
             result.attempts.append(attempt)
             self._accept_output(job, state, request, params, level, result)
             return
+
+    def _lower(
+        self, job, emit, stages, outputs, level, resume, at_stage, skipped, cause="oom"
+    ) -> None:
+        """Go down the ladder to `level`: forget the outputs of `resume` and later stages, say
+        so (job_retry, the job log). `cause`: an OOM at `at_stage`, or the memory model's
+        prediction after it."""
+        for i in list(outputs):
+            if i >= resume:
+                del outputs[i]
+        predicted = cause == "predicted"
+        emit(
+            "job_retry",
+            {
+                "job_id": job.id,
+                "level": level,
+                "level_name": ladder.describe(level),
+                "reason": "predicted_out_of_memory" if predicted else "out_of_memory",
+                "failed_stage": stages[at_stage].name,
+                "resume_stage": stages[resume].name,
+                "skipped_levels": list(skipped),
+            },
+        )
+        what = "lowered before running out of memory" if predicted else "retrying"
+        self.store.append_log(
+            job.id,
+            f"{what} at level {level} ({ladder.describe(level)}) from {stages[resume].name}",
+        )
 
     def _run_stages(
         self, job, stages, resume, state, request, level, outputs, attempt, emit, cancelled
