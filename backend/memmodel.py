@@ -32,6 +32,10 @@ GIB = 1 << 30
 # idle process, H200 + torch 2.11, upstream 5565d24, the export at remesh band 1, texture 2048
 # (GPU run 7). `shape` and `texture` hold a flow model (1.3 GB) and its activations; `decode`
 # the shape and texture decoders; `export` is to_glb, whose remesh and CuMesh steps dominate.
+# `scripts/memory_report.py` prints the least-squares fit of the measured cases. The export
+# was measured with torch's cache released before CuMesh only at the 1024 cascade (7.38 GiB);
+# its line also passes through the 1536 remesh's own reserve (37.2 GiB), which the release
+# cannot lower, and matched the 24 GB card's 1152 export (14.2 GiB measured, 14.6 predicted).
 STAGE_FIT: dict[str, tuple[float, float]] = {
     "conditioning": (1.4, 0.0),
     "sparse_structure": (2.7, 0.0),

@@ -85,6 +85,9 @@ class MemoryProfile:
         self._entries: dict[str, dict[str, Any]] = section.get("entries", {})
         # OOMs that also rule out other parameters agreeing on the failed stage's inputs
         self._stage_ooms: list[dict[str, Any]] = section.get("stage_ooms", [])
+        # High-resolution tokens per structure voxel by cascade tier (memmodel.py), as seen
+        # on this GPU's jobs: the memory prediction's estimate before the shape counts them
+        self._tokens_per_voxel: dict[str, float] = section.get("tokens_per_voxel", {})
 
     # -- persistence -------------------------------------------------------------------
 
@@ -108,6 +111,7 @@ class MemoryProfile:
                 continue
             entries = section.get("entries")
             ooms = section.get("stage_ooms")
+            ratios = section.get("tokens_per_voxel")
             clean[gpu] = {
                 "entries": {k: v for k, v in entries.items() if self._valid_entry(v)}
                 if isinstance(entries, dict)
@@ -115,6 +119,13 @@ class MemoryProfile:
                 "stage_ooms": [o for o in ooms if self._valid_stage_oom(o)]
                 if isinstance(ooms, list)
                 else [],
+                "tokens_per_voxel": {
+                    k: float(v)
+                    for k, v in ratios.items()
+                    if k.isdigit() and isinstance(v, (int, float)) and 0 < v < 1e4
+                }
+                if isinstance(ratios, dict)
+                else {},
             }
         return clean
 
@@ -146,12 +157,29 @@ class MemoryProfile:
         """Write this GPU's section, keeping other GPUs' sections as they are on disk."""
         with self._lock:
             data = self._read_all()
-            data[self.gpu_key] = {"entries": self._entries, "stage_ooms": self._stage_ooms}
+            data[self.gpu_key] = {
+                "entries": self._entries,
+                "stage_ooms": self._stage_ooms,
+                "tokens_per_voxel": self._tokens_per_voxel,
+            }
             payload = json.dumps({"version": FORMAT_VERSION, "gpus": data}, indent=1)
             with Folder.at(self.path.parent, create=True) as folder:
                 folder.write(self.path.name, payload.encode("utf-8"))
 
     # -- learning ----------------------------------------------------------------------
+
+    def tokens_per_voxel(self) -> dict[int, float]:
+        with self._lock:
+            return {int(k): v for k, v in self._tokens_per_voxel.items()}
+
+    def learn_tokens_per_voxel(self, tier: int, ratio: float) -> None:
+        """Keep what a job's shape counted, so the next job (also after a respawn) predicts
+        its memory from this GPU's objects rather than the defaults."""
+        if not (ratio > 0):
+            return
+        with self._lock:
+            self._tokens_per_voxel[str(int(tier))] = round(float(ratio), 4)
+        self.save()
 
     def record(
         self,

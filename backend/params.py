@@ -73,6 +73,24 @@ _LIMITS: dict[str, tuple[type, Any, Any]] = {
 }
 
 
+def limits(name: str) -> tuple[Any, Any]:
+    """The lowest and highest value a request may give a numeric parameter (the add-on's
+    fields take their bounds from here, so it never offers what the backend refuses)."""
+    _kind, low, high = _LIMITS[name]
+    return low, high
+
+
+def describe_preset(name: str) -> str:
+    """A preset in a line, from its table: what a user sees beside it."""
+    values = {**dataclasses.asdict(GenerationParams()), **PRESETS[name]}
+    faces = values["decimation_target"]
+    faces_text = f"{faces // 1_000_000}M" if faces % 1_000_000 == 0 else f"{faces // 1000}K"
+    size = values["texture_size"]
+    texture = f"{size // 1024}K" if size >= 1024 else f"{size} px"
+    text = f"{values['resolution']} voxels, {texture} texture, {faces_text} faces"
+    return text + (", tuned samplers" if values.get("samplers") else "")
+
+
 def _bad(message: str) -> InputError:
     return InputError(ErrorCode.BAD_PARAMS, message)
 

@@ -130,6 +130,8 @@ class Runner:
         # High-resolution tokens per structure voxel, per cascade tier, as seen on this card's
         # jobs: the memory prediction's estimate before the shape stage counts them.
         self.tokens_per_voxel: dict[int, float] = {}
+        if profile is not None and hasattr(profile, "tokens_per_voxel"):
+            self.tokens_per_voxel.update(profile.tokens_per_voxel())
 
     # -- entry point -----------------------------------------------------------------
 
@@ -231,27 +233,11 @@ class Runner:
                     partial=resume > 0,
                 )
                 result.attempts.append(attempt)
-                for i in list(outputs):
-                    if i >= plan.resume_stage:
-                        del outputs[i]
                 level, params, resume = plan.level, plan.params, plan.resume_stage
-                emit(
-                    "job_retry",
-                    {
-                        "job_id": job.id,
-                        "level": level,
-                        "level_name": ladder.describe(level),
-                        "reason": "predicted_out_of_memory",
-                        "failed_stage": stages[replan.stage_index].name,
-                        "resume_stage": stages[resume].name,
-                        "skipped_levels": [],
-                    },
+                self._lower(
+                    job, emit, stages, outputs, level, resume, replan.stage_index, (), "predicted"
                 )
-                self.store.append_log(
-                    job.id,
-                    f"lowered to level {level} ({ladder.describe(level)}) before running out "
-                    f"of memory ({replan}); resuming at {stages[resume].name}",
-                )
+                self.store.append_log(job.id, f"the memory model: {replan}")
                 continue
             except _Failure as failure:
                 del state
@@ -294,32 +280,43 @@ class Runner:
                         f"out of GPU memory at stage {stages[failure.stage_index].name} "
                         f"even at ladder level {level}",
                     ) from None
-                for i in list(outputs):
-                    if i >= step.resume_stage:
-                        del outputs[i]
                 level, params, resume = step.level, step.params, step.resume_stage
-                emit(
-                    "job_retry",
-                    {
-                        "job_id": job.id,
-                        "level": level,
-                        "level_name": ladder.describe(level),
-                        "reason": "out_of_memory",
-                        "failed_stage": stages[failure.stage_index].name,
-                        "resume_stage": stages[resume].name,
-                        "skipped_levels": list(step.skipped),
-                    },
-                )
-                self.store.append_log(
-                    job.id,
-                    f"retrying at level {level} "
-                    f"({ladder.describe(level)}) from {stages[resume].name}",
+                self._lower(
+                    job, emit, stages, outputs, level, resume, failure.stage_index, step.skipped
                 )
                 continue
             self._close_attempt(attempt, "ok", stages[-1], None, gpu.vram(), partial=resume > 0)
             result.attempts.append(attempt)
             self._accept_output(job, state, request, params, level, result)
             return
+
+    def _lower(
+        self, job, emit, stages, outputs, level, resume, at_stage, skipped, cause="oom"
+    ) -> None:
+        """Go down the ladder to `level`: forget the outputs of `resume` and later stages, say
+        so (job_retry, the job log). `cause`: an OOM at `at_stage`, or the memory model's
+        prediction after it."""
+        for i in list(outputs):
+            if i >= resume:
+                del outputs[i]
+        predicted = cause == "predicted"
+        emit(
+            "job_retry",
+            {
+                "job_id": job.id,
+                "level": level,
+                "level_name": ladder.describe(level),
+                "reason": "predicted_out_of_memory" if predicted else "out_of_memory",
+                "failed_stage": stages[at_stage].name,
+                "resume_stage": stages[resume].name,
+                "skipped_levels": list(skipped),
+            },
+        )
+        what = "lowered before running out of memory" if predicted else "retrying"
+        self.store.append_log(
+            job.id,
+            f"{what} at level {level} ({ladder.describe(level)}) from {stages[resume].name}",
+        )
 
     def _run_stages(
         self, job, stages, resume, state, request, level, outputs, attempt, emit, cancelled
@@ -391,7 +388,14 @@ class Runner:
         effective = state.get("effective_resolution")
         if tokens and voxels and effective and effective > 512:
             key = memmodel.tier(effective)
-            self.tokens_per_voxel[key] = tokens / voxels / (effective / key) ** 2
+            ratio = tokens / voxels / (effective / key) ** 2
+            if self.tokens_per_voxel.get(key) != ratio:
+                self.tokens_per_voxel[key] = ratio
+                if self.profile is not None and hasattr(self.profile, "learn_tokens_per_voxel"):
+                    try:
+                        self.profile.learn_tokens_per_voxel(key, ratio)
+                    except Exception:  # the profile is an optimisation; never fail a job
+                        log.warning("cannot save tokens per voxel", exc_info=True)
         figures = gpu.vram(init=False)
         if not figures:
             return
@@ -529,12 +533,16 @@ class Runner:
             result.mesh_stats["structure"] = dict(state["structure"])
         result.warnings = warnings
         if level:
-            failed = [a for a in result.attempts if a["outcome"] == "oom"]
-            where = failed[-1]["stage"] if failed else "start"
-            cause = "ran out of GPU memory" if failed else "predicted not to fit in free VRAM"
+            lowered = [a for a in result.attempts if a["outcome"] in ("oom", "predicted_oom")]
+            last = lowered[-1] if lowered else None
+            if last is None:
+                reason = "the requested settings were predicted not to fit in free VRAM at start"
+            elif last["outcome"] == "oom":
+                reason = f"the requested settings ran out of GPU memory at {last['stage']}"
+            else:  # lowered by the memory model once the object's size was known
+                reason = f"after {last['stage']}, {last['error']}"
             result.degraded_reason = (
-                f"Quality reduced to level {level} ({ladder.describe(level)}): "
-                f"the requested settings {cause} at {where}."
+                f"Quality reduced to level {level} ({ladder.describe(level)}): {reason}."
             )
 
     def _discard_tmp(self, job_id: str) -> None:

@@ -651,6 +651,7 @@ class TRELLIS2_OT_reexport(bpy.types.Operator):
             "texture_size": int(props.texture_size),
             "decimation_target": int(props.decimation_target),
             "remesh": bool(props.remesh),
+            "remesh_band": float(props.remesh_band),
         }
         entry = ctrl.history_entry(self.job_id) or {}
         view = ctrl.find(self.job_id)

@@ -205,6 +205,7 @@ class TRELLIS2_PT_advanced(_Base, bpy.types.Panel):
             "texture_size",
             "decimation_target",
             "remesh",
+            "remesh_band",
             "steps_scale",
             "guidance",
             "image_size",

@@ -12,17 +12,23 @@ from bpy.props import (
     StringProperty,
 )
 
+from ..backend import params as backend_params
 from ..backend.params import VARIATIONS_MAX, VARIATIONS_MIN
 from .sources import SOURCES
 
-PRESETS = (
-    ("fast", "Fast", "512 voxels, 1K texture, 200K faces"),
-    ("balanced", "Balanced", "1024 voxels, 2K texture, 500K faces"),
-    ("high", "High", "1536 voxels, 2K texture, 1M faces"),
-    ("game-asset", "Game Asset", "1536 voxels, 4K texture, 800K faces, tuned samplers"),
+# Every choice and bound below comes from backend.params, the one owner of what a request
+# may ask for: the sidebar never offers a value the backend refuses, nor hides one it takes.
+PRESETS = tuple(
+    (name, name.replace("-", " ").title(), backend_params.describe_preset(name))
+    for name in backend_params.PRESETS
 )
-RESOLUTIONS = (("512", "512", ""), ("1024", "1024", ""), ("1536", "1536", ""))
-TEXTURES = tuple((s, s, "") for s in ("512", "1024", "2048", "4096"))
+RESOLUTIONS = tuple((str(r), str(r), "") for r in backend_params.RESOLUTIONS)
+TEXTURES = tuple((str(s), str(s), "") for s in backend_params.TEXTURE_SIZES)
+_DEFAULTS = backend_params.GenerationParams()
+_FACES = backend_params.limits("decimation_target")
+_STEPS = backend_params.limits("steps_scale")
+_IMAGE = backend_params.limits("image_size")
+_BAND = backend_params.limits("remesh_band")
 TEXTURE_RESULTS = (
     (
         "APPLY",
@@ -77,12 +83,28 @@ class TRELLIS2_PG_settings(bpy.types.PropertyGroup):
     resolution: EnumProperty(name="Resolution", items=RESOLUTIONS, default="1024")
     texture_size: EnumProperty(name="Texture Size", items=TEXTURES, default="2048")
     decimation_target: IntProperty(
-        name="Face Target", default=500_000, min=1_000, max=16_000_000, step=1000
+        name="Face Target",
+        default=_DEFAULTS.decimation_target,
+        min=_FACES[0],
+        max=_FACES[1],
+        step=1000,
     )
-    remesh: BoolProperty(name="Remesh", default=True)
-    steps_scale: FloatProperty(name="Steps Scale", default=1.0, min=0.05, max=4.0)
-    guidance: BoolProperty(name="Guidance (CFG)", default=True)
-    image_size: IntProperty(name="Conditioning Size", default=1024, min=128, max=2048)
+    remesh: BoolProperty(name="Remesh", default=_DEFAULTS.remesh)
+    remesh_band: FloatProperty(
+        name="Remesh Band",
+        default=_DEFAULTS.remesh_band,
+        min=_BAND[0],
+        max=_BAND[1],
+        description="Width of the remeshing band in voxels; 0.5 needs about a third less "
+        "GPU memory in the export",
+    )
+    steps_scale: FloatProperty(
+        name="Steps Scale", default=_DEFAULTS.steps_scale, min=_STEPS[0], max=_STEPS[1]
+    )
+    guidance: BoolProperty(name="Guidance (CFG)", default=_DEFAULTS.guidance)
+    image_size: IntProperty(
+        name="Conditioning Size", default=_DEFAULTS.image_size, min=_IMAGE[0], max=_IMAGE[1]
+    )
 
     auto_import: BoolProperty(name="Import When Done", default=True)
     at_cursor: BoolProperty(
@@ -141,6 +163,7 @@ def params_from(props, seed: int) -> dict:
             texture_size=int(props.texture_size),
             decimation_target=int(props.decimation_target),
             remesh=bool(props.remesh),
+            remesh_band=float(props.remesh_band),
             steps_scale=float(props.steps_scale),
             guidance=bool(props.guidance),
             image_size=int(props.image_size),

@@ -95,6 +95,31 @@ def export_table(cases: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def fit(cases: dict[str, dict]) -> dict[str, tuple[float, float]]:
+    """Least-squares (intercept GiB, slope GiB per 1,000 tokens) per stage, from the cases
+    that ran every stage (the export only from cases with the cache released before CuMesh,
+    i.e. not run 7's first call): what backend/memmodel.py's STAGE_FIT holds."""
+    out = {}
+    for stage in ("shape", "texture", "decode", "export"):
+        points = [
+            (tokens(c) / 1000, peak(c["spans"].get(stage)))
+            for c in cases.values()
+            if not c.get("variant_of")
+            and tokens(c)
+            and peak(c["spans"].get(stage)) is not None
+            and not (stage == "export" and c["source"].endswith("call2.json"))
+        ]
+        if len({x for x, _ in points}) < 2:
+            out[stage] = (round(points[0][1], 2), 0.0) if points else (0.0, 0.0)
+            continue
+        n = len(points)
+        mx = sum(x for x, _ in points) / n
+        my = sum(y for _, y in points) / n
+        slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+        out[stage] = (round(my - slope * mx, 2), round(slope, 3))
+    return out
+
+
 def plot(cases: dict[str, dict], out: Path) -> None:
     import matplotlib
 
@@ -155,6 +180,9 @@ def main() -> int:
     print(stage_table(cases))
     print("\n### Steps of to_glb (GiB: torch allocated / card peak)\n")
     print(export_table(cases))
+    print("\n### Fit (intercept GiB, GiB per 1,000 tokens)\n")
+    for stage, (intercept, slope) in fit(cases).items():
+        print(f"- {stage}: {intercept}, {slope}")
     if args.plot:
         plot(cases, Path(args.plot))
         print(f"\nplot: {args.plot}")

@@ -182,3 +182,17 @@ def test_a_stage_oom_rules_out_levels_that_do_not_change_that_stage(tmp_path):
     profile.record("trellis2", 2, ladder.params_at(BALANCED, 2), 14 * GIB, 16 * GIB, ok=True)
     assert profile.choose_start_level("trellis2", BALANCED, CAPS, 16 * GIB)[0] == 2
     assert _profile(tmp_path).stage_ooms()  # kept on disk
+
+
+def test_tokens_per_voxel_are_kept_across_restarts_and_bad_values_dropped(tmp_path):
+    profile = _profile(tmp_path)
+    profile.learn_tokens_per_voxel(1024, 3.86)
+    profile.learn_tokens_per_voxel(1536, 0)  # nonsense is not learned
+    assert _profile(tmp_path).tokens_per_voxel() == {1024: 3.86}
+    assert _profile(tmp_path, "other-gpu").tokens_per_voxel() == {}
+    # a hand-edited file with junk keeps what is sound
+    path = tmp_path / "memprofile.json"
+    data = json.loads(path.read_text())
+    data["gpus"]["NVIDIA H100 sm90 80GiB"]["tokens_per_voxel"] = {"1024": 2.5, "x": 1, "15": "a"}
+    path.write_text(json.dumps(data))
+    assert _profile(tmp_path).tokens_per_voxel() == {1024: 2.5}

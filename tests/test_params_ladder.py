@@ -154,3 +154,16 @@ def test_reexport_keeps_the_parents_settings_and_changes_only_export_ones():
     assert err.value.code is ErrorCode.BAD_PARAMS and "texture_size" in err.value.message
     with pytest.raises(InputError):
         reexport_params(requested, final, ["texture_size"])
+
+
+def test_preset_descriptions_and_limits_come_from_the_tables():
+    from backend.params import PRESETS, describe_preset, limits
+
+    for name, table in PRESETS.items():
+        text = describe_preset(name)
+        assert f"{table['resolution']} voxels" in text
+        assert ("tuned samplers" in text) == bool(table.get("samplers"))
+    assert describe_preset("fast") == "512 voxels, 1K texture, 200K faces"
+    assert limits("decimation_target") == (1_000, 16_777_216)
+    with pytest.raises(KeyError):
+        limits("preset")

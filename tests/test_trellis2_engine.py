@@ -860,6 +860,9 @@ def test_the_runner_lowers_a_job_the_memory_model_says_will_not_fit(
     # narrower remesh band too (8.4 GiB) it fits the 10.2 GiB budget: level 2
     assert result.level == 2
     assert result.params["max_num_tokens"] == 32_768 and result.params["remesh_band"] == 0.5
+    # the user is told why, in words: predicted, at which point, against how much memory
+    assert "after sparse_structure, predicted peak" in result.degraded_reason
+    assert "GiB this card has" in result.degraded_reason
     assert ran.count("sparse_structure") == 1 and ran.count("conditioning") == 1
     # what the shape counted is kept as this card's tokens per voxel for the next job
     tier = memmodel.tier(result.params["resolution"])

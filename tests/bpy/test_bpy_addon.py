@@ -36,6 +36,30 @@ def test_extension_registers_sidebar_tab_and_preferences(addon, prefs):
     assert bpy.app.timers.is_registered(submodule("runtime").timer)
 
 
+def test_the_sidebar_offers_exactly_what_the_backend_accepts(scene):
+    """Choices and bounds come from backend.params: nothing offered is refused (a texture of
+    256 px used to be accepted but not offered; face limits differed)."""
+    params = sys.modules[f"{MODULE}.backend.params"]
+    settings = type(scene.trellis2).bl_rna.properties
+
+    def enum(name):
+        return [item.identifier for item in settings[name].enum_items]
+
+    assert enum("texture_size") == [str(s) for s in params.TEXTURE_SIZES]
+    assert enum("resolution") == [str(r) for r in params.RESOLUTIONS]
+    assert enum("preset") == list(params.PRESETS)
+    for name in ("decimation_target", "steps_scale", "image_size", "remesh_band"):
+        low, high = params.limits(name)
+        assert (settings[name].hard_min, settings[name].hard_max) == pytest.approx((low, high))
+    # what the advanced settings send is a request the backend takes as it is
+    props = scene.trellis2
+    props.use_advanced, props.texture_size, props.remesh_band = True, "256", 0.5
+    sent = submodule("properties").params_from(props, 7)
+    assert params.parse_params(sent).texture_size == 256
+    assert params.parse_params(sent).remesh_band == 0.5
+    props.use_advanced = False
+
+
 def test_panels_draw_generate_source_seed_and_history(scene, ctrl, prefs):
     props = scene.trellis2
     props.filepath = str(EXAMPLE)
