@@ -110,6 +110,39 @@ class JobRecord:
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def may_run_again(self) -> bool:
+        """A job whose backend (or worker) died or was poisoned while it ran runs once more,
+        then fails: the one place this rule lives (the runner, the supervisor and the studio
+        workers ask it)."""
+        return self.recoveries < settings.MAX_RECOVERIES
+
+
+def outcome_event(record: JobRecord) -> tuple[str, dict[str, Any]]:
+    """A finished job's final event (`job_done`, `job_failed` or `job_cancelled`), built from
+    its record: the one shape the local backend and the studio workers send
+    (docs/protocol.md)."""
+    state = record.state
+    if state is JobState.DONE:
+        result = record.result or {}
+        content = {
+            "job_id": record.id,
+            "glb_path": result.get("glb_path"),
+            "mesh_stats": result.get("mesh_stats"),
+            "oom_quality_degradation_level": record.level or 0,
+            "degraded": bool(record.level),
+            "degraded_reason": result.get("degraded_reason"),
+            "final_params": record.final_params,
+            "warnings": result.get("warnings") or [],
+            "seconds": result.get("seconds"),
+        }
+        if record.extra.get("worker"):
+            content["worker"] = record.extra["worker"]
+        return "job_done", content
+    if state is JobState.FAILED:
+        return "job_failed", {"job_id": record.id, **(record.error or {})}
+    return "job_cancelled", {"job_id": record.id}
+
 
 _FIELD_TYPES = {
     "kind": str,

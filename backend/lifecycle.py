@@ -14,9 +14,6 @@ from enum import Enum
 from . import settings
 from .errors import ErrorCode
 
-# A job whose backend died while running it runs once more, then fails.
-JOB_RETRIES = settings.MAX_RECOVERIES
-
 
 class SupervisorState(str, Enum):
     STOPPED = "stopped"  # nothing running, nothing wanted

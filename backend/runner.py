@@ -17,14 +17,13 @@ from typing import Any
 from . import gpu, heap, ladder, memmodel, validate
 from .engines.base import Engine, Stage, StageContext
 from .errors import BackendError, ErrorCode, JobCancelled, OutputError
-from .jobs import JobRecord, JobStore
+from .jobs import JobRecord, JobStore, outcome_event
 from .params import GenerationParams, parse_params
 from .stats import StatsLog
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[str, dict[str, Any]], None]
-MAX_RECOVERIES = 1  # a job whose backend died or was poisoned runs once more, then fails
 
 
 @dataclass
@@ -578,7 +577,7 @@ class Runner:
             self.store.append_log(job.id, "backend stopping; the job runs again after a restart")
             emit("job_queued", {"job_id": job.id, "reason": "interrupted by a backend stop"})
             return
-        if result.poisoned and job.recoveries < MAX_RECOVERIES:
+        if result.poisoned and job.may_run_again:
             result.outcome = "requeued"
             self.store.transition(
                 job.id,
@@ -623,7 +622,7 @@ class Runner:
             "final_params": result.params,
         }
         if result.outcome == "done":
-            self.store.transition(
+            record = self.store.transition(
                 job.id,
                 "finish",
                 result={
@@ -636,25 +635,10 @@ class Runner:
                 **common,
             )
             self.store.append_log(job.id, f"done in {result.seconds:.2f} s at level {result.level}")
-            emit(
-                "job_done",
-                {
-                    "job_id": job.id,
-                    "glb_path": result.glb_path,
-                    "mesh_stats": result.mesh_stats,
-                    "oom_quality_degradation_level": result.level,
-                    "degraded": result.level > 0,
-                    "degraded_reason": result.degraded_reason,
-                    "final_params": result.params,
-                    "warnings": result.warnings,
-                    "seconds": round(result.seconds, 4),
-                },
-            )
         elif result.outcome == "cancelled":
-            self.store.transition(job.id, "cancel", error=result.error, **common)
+            record = self.store.transition(job.id, "cancel", error=result.error, **common)
             self.store.append_log(job.id, "cancelled")
-            emit("job_cancelled", {"job_id": job.id})
         else:
-            self.store.transition(job.id, "fail", error=result.error, **common)
+            record = self.store.transition(job.id, "fail", error=result.error, **common)
             self.store.append_log(job.id, f"failed: {result.error}")
-            emit("job_failed", {"job_id": job.id, **(result.error or {})})
+        emit(*outcome_event(record))

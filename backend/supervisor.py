@@ -41,7 +41,6 @@ from .errors import BackendError, ErrorCode, JobCancelled
 from .jobs import JobState, JobStore
 from .lifecycle import (
     CAUSES,
-    JOB_RETRIES,
     Cause,
     LadderWalk,
     Lifecycle,
@@ -951,7 +950,7 @@ class Supervisor:
                     store.transition(record.id, "cancel", error=JobCancelled().to_dict())
                     self._emit("job_cancelled", why, job_id=record.id, pid=b.pid)
                     continue
-                if record.recoveries >= JOB_RETRIES:
+                if not record.may_run_again:
                     error = BackendError(
                         ErrorCode.BACKEND_DIED,
                         f"the backend died twice while running this job ({why})",

@@ -25,13 +25,13 @@ from typing import Any
 
 from redis.exceptions import LockError
 
-from . import protocol, settings
+from . import protocol
 from .backend_process import BackendSpec
 from .client import ClientTimeout
 from .coord import Coordinator, Lease
 from .dispatch import TASK_NAME, Timing, make_celery, queues_for_card
 from .errors import BackendError, ErrorCode
-from .jobs import MESH_STEM, RESULT, STATS, JobRecord, JobStore
+from .jobs import MESH_STEM, RESULT, STATS, JobRecord, JobStore, outcome_event
 from .supervisor import RespawnPolicy, Supervisor, SupervisorEvent, SupervisorState
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class WorkerRuntime:
             runs = list(record.extra.get("runs") or [])
             if record.state.value == "running":  # its worker was lost mid-job
                 lost = runs[-1] if runs else "?"
-                if record.recoveries >= settings.MAX_RECOVERIES:
+                if not record.may_run_again:
                     error = BackendError(
                         ErrorCode.BACKEND_DIED,
                         f"the worker running this job was lost twice (last: {lost})",
@@ -426,29 +426,6 @@ class WorkerRuntime:
     def _stop_worker(self, why: str) -> None:
         log.error("stopping this worker: %s", why)
         os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown, after this task
-
-
-def outcome_event(record: JobRecord) -> tuple[str, dict[str, Any]]:
-    """The final event of a shared job, built from its record (the same fields as a local
-    backend's job_done / job_failed / job_cancelled)."""
-    state = record.state.value
-    if state == "done":
-        result = record.result or {}
-        return "job_done", {
-            "job_id": record.id,
-            "glb_path": result.get("glb_path"),
-            "mesh_stats": result.get("mesh_stats"),
-            "oom_quality_degradation_level": record.level or 0,
-            "degraded": bool(record.level),
-            "degraded_reason": result.get("degraded_reason"),
-            "final_params": record.final_params,
-            "warnings": result.get("warnings") or [],
-            "seconds": result.get("seconds"),
-            "worker": record.extra.get("worker"),
-        }
-    if state == "failed":
-        return "job_failed", {"job_id": record.id, **(record.error or {})}
-    return "job_cancelled", {"job_id": record.id}
 
 
 def register_task(app, runtime: WorkerRuntime):

@@ -357,10 +357,7 @@ class Backend:
                     self.store.append_log(record.id, "cancelled (its backend stopped first)")
                     self.emit("job_cancelled", {"job_id": record.id})
                     continue
-                if (
-                    record.state is JobState.RUNNING
-                    and record.recoveries >= settings.MAX_RECOVERIES
-                ):
+                if record.state is JobState.RUNNING and not record.may_run_again:
                     error = BackendError(
                         ErrorCode.BACKEND_DIED, "the backend died twice while running this job"
                     )

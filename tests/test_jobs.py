@@ -233,3 +233,34 @@ def test_a_cancel_request_is_written_for_a_running_job_only(tmp_path):
     assert store.request_cancel(job.id) and store.get(job.id).cancel_requested
     store.transition(job.id, "cancel")
     assert not store.request_cancel(job.id)  # ended
+
+
+def test_one_rule_for_running_a_job_again_and_one_shape_for_its_final_event(tmp_path):
+    """A job whose backend died runs once more, then fails; and every finished job's event
+    is built from its record in one place (the runner and the studio workers send it)."""
+    from backend.jobs import JobRecord, JobState, outcome_event
+
+    record = JobRecord(
+        id="20260101-000000-abcdef",
+        kind="generate",
+        state=JobState.RUNNING,
+        engine="preview",
+        params={},
+    )
+    assert record.may_run_again
+    record.recoveries = 1
+    assert not record.may_run_again
+    record.state, record.level = JobState.DONE, 2
+    record.final_params = {"resolution": 768}
+    record.result = {"glb_path": "/x/result.glb", "degraded_reason": "why", "seconds": 1.5}
+    kind, content = outcome_event(record)
+    assert kind == "job_done" and content["degraded"] is True
+    assert content["oom_quality_degradation_level"] == 2 and content["warnings"] == []
+    assert "worker" not in content
+    record.extra["worker"] = "gpu0"
+    assert outcome_event(record)[1]["worker"] == "gpu0"
+    record.state, record.error = JobState.FAILED, {"code": "engine_error", "message": "m"}
+    assert outcome_event(record) == (
+        "job_failed",
+        {"job_id": record.id, "code": "engine_error", "message": "m"},
+    )

@@ -9,7 +9,6 @@ import pytest
 
 from backend.lifecycle import (
     CAUSES,
-    JOB_RETRIES,
     TRANSITIONS,
     Cause,
     LadderWalk,
@@ -28,12 +27,6 @@ from backend.lifecycle import (
 )
 
 S, T = SupervisorState, Trigger
-
-
-def test_job_retries_match_the_runner():
-    from backend.runner import MAX_RECOVERIES
-
-    assert JOB_RETRIES == MAX_RECOVERIES
 
 
 def test_a_normal_life_walks_the_table():

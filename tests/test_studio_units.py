@@ -12,8 +12,7 @@ import zmq
 from backend import curvekeys, dispatch, protocol
 from backend.errors import BackendError, ProtocolError
 from backend.jobdesk import REQUESTS
-from backend.jobs import JobRecord, JobState
-from backend.worker import outcome_event
+from backend.jobs import JobRecord, JobState, outcome_event
 
 # -- queues by card size ----------------------------------------------------------------------
 
