@@ -468,6 +468,8 @@ def _closed_error(msg_type: str) -> BackendError:
 
 
 def _event_from_record(record: dict) -> dict:
+    """A missed final event, rebuilt from the `job` record on the wire: the same fields as
+    `jobs.outcome_event` (which the client, imported by the add-on, does not import)."""
     state = record["state"]
     result = record.get("result") or {}
     if state == "done":
@@ -480,6 +482,8 @@ def _event_from_record(record: dict) -> dict:
             "degraded": bool(record.get("level")),
             "degraded_reason": result.get("degraded_reason"),
             "final_params": record.get("final_params"),
+            "warnings": result.get("warnings") or [],
+            "seconds": result.get("seconds"),
         }
     if state == "failed":
         return {"event": "job_failed", "job_id": record["job_id"], **(record.get("error") or {})}

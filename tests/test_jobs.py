@@ -264,3 +264,22 @@ def test_one_rule_for_running_a_job_again_and_one_shape_for_its_final_event(tmp_
         "job_failed",
         {"job_id": record.id, "code": "engine_error", "message": "m"},
     )
+
+
+def test_the_clients_rebuilt_event_has_the_fields_of_the_one_sent():
+    from backend.client import _event_from_record
+    from backend.jobs import JobRecord, JobState, outcome_event
+
+    record = JobRecord(
+        id="20260101-000000-abcdef",
+        kind="generate",
+        state=JobState.DONE,
+        engine="preview",
+        params={},
+        level=1,
+        final_params={"resolution": 512},
+        result={"glb_path": "/r.glb", "mesh_stats": {"faces": 3}, "warnings": ["w"], "seconds": 2},
+    )
+    kind, sent = outcome_event(record)
+    rebuilt = _event_from_record(record.to_wire())
+    assert rebuilt.pop("event") == kind and rebuilt == sent
