@@ -19,7 +19,8 @@ from typing import Any
 
 from . import attention, settings
 from . import gpu as gpu_hygiene
-from .engines import trellis2 as adapter
+from .engines import upstream
+from .engines import weights as layout
 from .errors import BackendError
 from .paths import output_dir_problem
 
@@ -29,18 +30,18 @@ TRANSFORMERS_RANGE = ((4, 56), (5, 0))  # DINOv3 needs >= 4.56; 5.x breaks the e
 
 # (import name, distribution names, required, hint)
 PACKAGES: tuple[tuple[str, tuple[str, ...], bool, str], ...] = (
-    ("torch", ("torch",), True, adapter.FIX_HINTS["torch"]),
-    ("transformers", ("transformers",), True, adapter.FIX_HINTS["transformers"]),
-    ("trellis2", ("trellis2",), True, adapter.FIX_HINTS["trellis2"]),
-    ("o_voxel", ("o_voxel", "o-voxel"), True, adapter.FIX_HINTS["o_voxel"]),
-    ("cumesh", ("cumesh",), True, adapter.FIX_HINTS["cumesh"]),
-    ("flex_gemm", ("flex_gemm", "flex-gemm"), True, adapter.FIX_HINTS["flex_gemm"]),
-    ("nvdiffrast", ("nvdiffrast",), True, adapter.FIX_HINTS["nvdiffrast"]),
-    ("safetensors", ("safetensors",), True, adapter.FIX_HINTS["safetensors"]),
+    ("torch", ("torch",), True, upstream.FIX_HINTS["torch"]),
+    ("transformers", ("transformers",), True, upstream.FIX_HINTS["transformers"]),
+    ("trellis2", ("trellis2",), True, upstream.FIX_HINTS["trellis2"]),
+    ("o_voxel", ("o_voxel", "o-voxel"), True, upstream.FIX_HINTS["o_voxel"]),
+    ("cumesh", ("cumesh",), True, upstream.FIX_HINTS["cumesh"]),
+    ("flex_gemm", ("flex_gemm", "flex-gemm"), True, upstream.FIX_HINTS["flex_gemm"]),
+    ("nvdiffrast", ("nvdiffrast",), True, upstream.FIX_HINTS["nvdiffrast"]),
+    ("safetensors", ("safetensors",), True, upstream.FIX_HINTS["safetensors"]),
     ("flash_attn", ("flash_attn", "flash-attn"), False, "pip install flash-attn (Ampere+ GPUs)"),
     ("xformers", ("xformers",), False, "pip install xformers"),
     ("triton", ("triton", "triton-windows"), False, "pip install triton (FlexGEMM needs it)"),
-    ("trimesh", ("trimesh",), True, adapter.FIX_HINTS["trimesh"]),
+    ("trimesh", ("trimesh",), True, upstream.FIX_HINTS["trimesh"]),
 )
 
 
@@ -172,7 +173,7 @@ def _torch_and_gpu(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "gpu",
                 False,
                 "torch is not installed, so no GPU can be used",
-                adapter.FIX_HINTS["torch"],
+                upstream.FIX_HINTS["torch"],
             )
         ]
     gpu_hygiene.configure_allocator()
@@ -210,7 +211,7 @@ def _attention(report: dict[str, Any]) -> list[dict[str, Any]]:
     report["attention_backend"] = None
     if not _find("torch"):
         return [
-            _check("attention", False, "needs torch", adapter.FIX_HINTS["torch"]),
+            _check("attention", False, "needs torch", upstream.FIX_HINTS["torch"]),
         ]
     chosen = attention.choose(attention.detect())
     problem = attention.usable(chosen)
@@ -237,7 +238,7 @@ def _file_entry(stem: Path) -> tuple[dict[str, Any], str | None]:
     tensors = stem.with_suffix(".safetensors")
     entry["bytes"] = tensors.stat().st_size
     try:
-        adapter.read_safetensors_header(tensors)
+        layout.read_safetensors_header(tensors)
     except (ValueError, OSError) as exc:
         return entry, str(exc)
     return entry, None
@@ -260,16 +261,16 @@ def _weights(
         ]
     root = Path(weights_dir).expanduser()
     try:
-        args = adapter.read_pipeline_config(root)
+        args = layout.read_pipeline_config(root)
     except BackendError as exc:
         return [_check("weights", False, exc.message, exc.hint)]
     problems = []
     total = 0
-    for name in adapter.MODEL_NAMES:
+    for name in layout.MODEL_NAMES:
         if name not in args["models"]:
             problems.append(f"{name} not listed in pipeline.json")
             continue
-        entry, problem = _file_entry(adapter.resolve_model_path(root, args["models"][name]))
+        entry, problem = _file_entry(layout.resolve_model_path(root, args["models"][name]))
         info["files"][name] = entry
         total += entry.get("bytes", 0)
         if problem:
@@ -280,18 +281,18 @@ def _weights(
         _check(
             "weights",
             not problems,
-            f"{len(adapter.MODEL_NAMES)} models, {total / 2**30:.2f} GiB in {root}"
+            f"{len(layout.MODEL_NAMES)} models, {total / 2**30:.2f} GiB in {root}"
             if not problems
             else "; ".join(problems[:4]),
             "Download the missing or damaged files again (docs/TRELLIS2.md lists the layout).",
         )
     ]
-    tex_stem = adapter.resolve_model_path(root, adapter.DEFAULT_SHAPE_ENCODER)
+    tex_stem = layout.resolve_model_path(root, layout.DEFAULT_SHAPE_ENCODER)
     if (root / "texturing_pipeline.json").is_file():
         try:
-            tex_args = adapter.read_pipeline_config(root, "texturing_pipeline.json")
-            rel = tex_args["models"].get("shape_slat_encoder", adapter.DEFAULT_SHAPE_ENCODER)
-            tex_stem = adapter.resolve_model_path(root, rel)
+            tex_args = layout.read_pipeline_config(root, "texturing_pipeline.json")
+            rel = tex_args["models"].get("shape_slat_encoder", layout.DEFAULT_SHAPE_ENCODER)
+            tex_stem = layout.resolve_model_path(root, rel)
         except BackendError:
             pass
     entry, problem = _file_entry(tex_stem)
@@ -305,7 +306,7 @@ def _weights(
             else f"not available ({problem}): texturing existing meshes is disabled",
         )
     )
-    dino, rmbg = adapter.resolve_aux_paths(root, dinov3, rembg, args)
+    dino, rmbg = layout.resolve_aux_paths(root, dinov3, rembg, args)
     info["dinov3"], info["rembg"] = dino, rmbg
     dino_ok = bool(dino) and (Path(dino) / "config.json").is_file()
     checks.append(
@@ -379,14 +380,14 @@ def _disk(report: dict[str, Any], output_dir: str | None) -> list[dict[str, Any]
     ]
 
 
-def _resolve(call: adapter.UpstreamCall) -> Any:
+def _resolve(call: upstream.UpstreamCall) -> Any:
     obj: Any = importlib.import_module(call.module)
     for part in call.qualname.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def check_signature(call: adapter.UpstreamCall) -> dict[str, Any]:
+def check_signature(call: upstream.UpstreamCall) -> dict[str, Any]:
     """Whether the installed callable accepts the keyword arguments the adapter passes."""
     entry = {"target": call.target, "args": list(call.args), "ok": False, "detail": ""}
     try:
@@ -418,7 +419,7 @@ def _signatures(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "signatures",
                 False,
                 "not checked: trellis2 is not importable",
-                adapter.FIX_HINTS["trellis2"],
+                upstream.FIX_HINTS["trellis2"],
             )
         ]
     gpu_hygiene.configure_allocator()
@@ -427,7 +428,7 @@ def _signatures(report: dict[str, Any]) -> list[dict[str, Any]]:
         attention.apply(report["attention_backend"])
     # trellis2 prints its backend choice at import; keep stdout clean for --json.
     with contextlib.redirect_stdout(sys.stderr):
-        entries = [check_signature(call) for call in adapter.UPSTREAM_CALLS]
+        entries = [check_signature(call) for call in upstream.UPSTREAM_CALLS]
     report["signatures"] = entries
     bad = [e for e in entries if not e["ok"]]
     if not bad:
@@ -436,7 +437,7 @@ def _signatures(report: dict[str, Any]) -> list[dict[str, Any]]:
     hint = "Use the TRELLIS.2 revision the add-on supports (docs/TRELLIS2.md)."
     if first["detail"].startswith("cannot import"):
         module = first["detail"].split("'")[1] if "'" in first["detail"] else ""
-        hint = adapter.FIX_HINTS.get(module.split(".")[0], hint)
+        hint = upstream.FIX_HINTS.get(module.split(".")[0], hint)
     return [
         _check(
             "signatures",

@@ -13,6 +13,8 @@ import pytest
 
 from backend import attention, doctor
 from backend.engines import trellis2 as adapter
+from backend.engines import upstream
+from backend.engines import weights as layout
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = Path(__file__).resolve().parent / "fake_trellis"
@@ -98,7 +100,7 @@ def test_partial_install_names_what_is_missing(tmp_path, clean):
     (checkout / "trellis2" / "__init__.py").write_text("import cumesh\n")
     weights = tmp_path / "weights"
     (weights / "ckpts").mkdir(parents=True)
-    models = {name: f"ckpts/{name}" for name in adapter.MODEL_NAMES}
+    models = {name: f"ckpts/{name}" for name in layout.MODEL_NAMES}
     (weights / "pipeline.json").write_text(json.dumps({"args": {"models": models}}))
     (weights / "ckpts" / "tex_slat_decoder.json").write_text("{}")
     (weights / "ckpts" / "tex_slat_decoder.safetensors").write_bytes(b"\x10" + b"\x00" * 7)
@@ -164,7 +166,7 @@ def test_fake_install_passes_package_weights_and_signature_checks(fake_install, 
     assert report["attention_backend"] == "flash_attn"
     assert report["weights"]["complete"] and len(report["weights"]["files"]) == 9
     assert all(entry["bytes"] > 0 for entry in report["weights"]["files"].values())
-    assert len(report["signatures"]) == len(adapter.UPSTREAM_CALLS)
+    assert len(report["signatures"]) == len(upstream.UPSTREAM_CALLS)
     assert all(s["ok"] for s in report["signatures"])
     assert report["gpu"]["available"] is False and not found["gpu"]["ok"]  # CPU-only torch
 
@@ -191,11 +193,11 @@ def test_signature_drift_is_reported(fake_install, tmp_path, monkeypatch):
     assert not found["signatures"]["ok"]
     assert "sample_shape_slat_cascade" in found["signatures"]["detail"]
     bad = [s["target"] for s in report["signatures"] if not s["ok"]]
-    assert bad == [f"{adapter._P}.Trellis2ImageTo3DPipeline.sample_shape_slat_cascade"]
+    assert bad == [f"{upstream._P}.Trellis2ImageTo3DPipeline.sample_shape_slat_cascade"]
 
 
 def test_damaged_checkpoint_is_reported(fake_install, tmp_path):
-    stem = adapter.resolve_model_path(fake_install, "ckpts/tex_dec_next_dc_f16c32_fp16")
+    stem = layout.resolve_model_path(fake_install, "ckpts/tex_dec_next_dc_f16c32_fp16")
     tensors = stem.with_suffix(".safetensors")
     tensors.write_bytes(tensors.read_bytes()[:-16])
     found = checks(doctor.run_doctor(weights_dir=str(fake_install), output_dir=str(tmp_path)))
@@ -205,7 +207,7 @@ def test_damaged_checkpoint_is_reported(fake_install, tmp_path):
 def _call_sites() -> dict[str, set[str]]:
     """Method name -> keyword names at every call site in the adapter's source."""
     tree = ast.parse(Path(adapter.__file__).read_text())
-    names = {c.qualname.split(".")[-1] for c in adapter.UPSTREAM_CALLS}
+    names = {c.qualname.split(".")[-1] for c in upstream.UPSTREAM_CALLS}
     sites: dict[str, set[str]] = {}
     for node in ast.walk(tree):
         if (
@@ -221,7 +223,7 @@ def _call_sites() -> dict[str, set[str]]:
 
 def test_signature_table_matches_the_adapters_call_sites():
     table: dict[str, set[str]] = {}
-    for call in adapter.UPSTREAM_CALLS:
+    for call in upstream.UPSTREAM_CALLS:
         table.setdefault(call.qualname.split(".")[-1], set()).update(call.args)
     sites = _call_sites()
     for method, keywords in sites.items():

@@ -686,7 +686,7 @@ def test_apply_sets_both_variables_and_refuses_others(monkeypatch):
 def test_safetensors_header_reader_detects_truncation(fake, tmp_path):
     import fake_weights
 
-    from backend.engines.trellis2 import read_safetensors_header
+    from backend.engines.weights import read_safetensors_header
 
     path = tmp_path / "m.safetensors"
     fake_weights.save_file({"a": torch.ones(64)}, path)

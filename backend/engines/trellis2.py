@@ -7,11 +7,9 @@ import io
 import json
 import logging
 import os
-import struct
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +18,18 @@ from ..errors import BackendError, ErrorCode, InputError
 from ..params import SAMPLER_KEYS, GenerationParams
 from ..safefs import Folder
 from .base import KNOBS, Engine, Stage, StageContext
+from .upstream import missing_module_hint
+from .upstream_fixes import cache_released_for_cumesh, quiet_voxeliser, unit_normals
+from .weights import (
+    DEFAULT_SHAPE_ENCODER,
+    MODEL_NAMES,
+    check_weight_keys,
+    model_files,
+    read_pipeline_config,
+    resolve_aux_paths,
+    resolve_model_path,
+    skipped_initialisation,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,21 +43,6 @@ PIPELINE_TYPES = {512: "512", 1024: "1024_cascade", 1536: "1536_cascade"}
 LADDER_CASCADES = {768: "1024_cascade"}
 # Sparse-structure grid: 32 for all three types we use (only the plain "1024" type uses 64).
 SS_RESOLUTION = 32
-MODEL_NAMES = (
-    "sparse_structure_flow_model",
-    "sparse_structure_decoder",
-    "shape_slat_flow_model_512",
-    "shape_slat_flow_model_1024",
-    "shape_slat_decoder",
-    "tex_slat_flow_model_512",
-    "tex_slat_flow_model_1024",
-    "tex_slat_decoder",
-)
-DEFAULT_SHAPE_ENCODER = "ckpts/shape_enc_next_dc_f16c32_fp16"
-DINOV3_ID = "facebook/dinov3-vitl16-pretrain-lvd1689m"
-# Places inside the weights folder where a DINOv3 / background-removal copy may live.
-DINOV3_DIRS = (DINOV3_ID, "dinov3", "dinov3-vitl16-pretrain-lvd1689m")
-REMBG_DIRS = ("briaai/RMBG-2.0", "ZhengPeng7/BiRefNet", "rembg", "BiRefNet", "RMBG-2.0")
 NVDIFFRAST_FACE_LIMIT = 16_777_216  # app.py simplifies to this before baking
 ALPHA_THRESHOLD = 0.8 * 255  # upstream crops to pixels above this alpha
 AABB = [[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]]
@@ -59,271 +54,8 @@ _SAMPLER_ATTRS = {
     "texture": "tex_slat_sampler",
 }
 
-# One-line fixes for missing upstream modules; doctor uses the same table.
-FIX_HINTS = {
-    "torch": "Install PyTorch with CUDA in the TRELLIS.2 environment (setup.sh --new-env).",
-    "transformers": "pip install 'transformers>=4.56,<5'",
-    "trellis2": "Set TRELLIS2_CHECKOUT (or --engine-opt trellis_checkout=...) to your "
-    "TRELLIS.2 clone.",
-    "o_voxel": "Install o-voxel from the TRELLIS.2 clone: pip install ./o-voxel "
-    "--no-build-isolation (setup.sh --o-voxel).",
-    "cumesh": "Build CuMesh: git clone --recursive https://github.com/JeffreyXiang/CuMesh && "
-    "pip install ./CuMesh --no-build-isolation.",
-    "flex_gemm": "Build FlexGEMM: git clone --recursive https://github.com/JeffreyXiang/FlexGEMM "
-    "&& pip install ./FlexGEMM --no-build-isolation.",
-    "nvdiffrast": "pip install git+https://github.com/NVlabs/nvdiffrast.git@v0.4.0 "
-    "--no-build-isolation",
-    "safetensors": "pip install safetensors",
-    "huggingface_hub": "pip install huggingface_hub",
-    "easydict": "pip install easydict",
-    "cv2": "pip install opencv-python-headless",
-    "torchvision": "Install torchvision matching your torch build.",
-    "trimesh": "pip install trimesh",
-}
 
-
-@dataclass(frozen=True)
-class UpstreamCall:
-    """One trellis2 / o_voxel callable and the keyword arguments this adapter passes it."""
-
-    module: str
-    qualname: str
-    args: tuple[str, ...]
-    method: bool = True  # bound method or constructor: the first parameter is self
-
-    @property
-    def target(self) -> str:
-        return f"{self.module}.{self.qualname}"
-
-
-_P = "trellis2.pipelines.trellis2_image_to_3d"
-_PC = "Trellis2ImageTo3DPipeline"
-_T = "trellis2.pipelines.trellis2_texturing"
-_TC = "Trellis2TexturingPipeline"
-# Every upstream call site of this module, by the argument names it uses (all calls below
-# pass these as keywords), so `doctor` can check them against the installed code.
-UPSTREAM_CALLS: tuple[UpstreamCall, ...] = (
-    UpstreamCall("trellis2.models", "from_pretrained", ("path",), method=False),
-    UpstreamCall(
-        _P,
-        f"{_PC}.__init__",
-        (
-            "models",
-            "sparse_structure_sampler",
-            "shape_slat_sampler",
-            "tex_slat_sampler",
-            "sparse_structure_sampler_params",
-            "shape_slat_sampler_params",
-            "tex_slat_sampler_params",
-            "shape_slat_normalization",
-            "tex_slat_normalization",
-            "image_cond_model",
-            "rembg_model",
-            "low_vram",
-            "default_pipeline_type",
-        ),
-    ),
-    UpstreamCall(_P, f"{_PC}.to", ("device",)),
-    UpstreamCall(_P, f"{_PC}.get_cond", ("image", "resolution", "include_neg_cond")),
-    UpstreamCall(
-        _P,
-        f"{_PC}.sample_sparse_structure",
-        ("cond", "resolution", "num_samples", "sampler_params"),
-    ),
-    UpstreamCall(
-        _P, f"{_PC}.sample_shape_slat", ("cond", "flow_model", "coords", "sampler_params")
-    ),
-    UpstreamCall(
-        _P,
-        f"{_PC}.sample_shape_slat_cascade",
-        (
-            "lr_cond",
-            "cond",
-            "flow_model_lr",
-            "flow_model",
-            "lr_resolution",
-            "resolution",
-            "coords",
-            "sampler_params",
-            "max_num_tokens",
-        ),
-    ),
-    UpstreamCall(
-        _P, f"{_PC}.sample_tex_slat", ("cond", "flow_model", "shape_slat", "sampler_params")
-    ),
-    UpstreamCall(_P, f"{_PC}.decode_latent", ("shape_slat", "tex_slat", "resolution")),
-    # Wrapped (not called) for per-step progress; the wrapper passes arguments through.
-    UpstreamCall(
-        "trellis2.pipelines.samplers",
-        "FlowEulerSampler.sample_once",
-        ("model", "x_t", "t", "t_prev", "cond"),
-    ),
-    UpstreamCall(
-        "trellis2.pipelines.samplers", "FlowEulerGuidanceIntervalSampler.__init__", ("sigma_min",)
-    ),
-    UpstreamCall(
-        "trellis2.modules.image_feature_extractor",
-        "DinoV3FeatureExtractor.__init__",
-        ("model_name",),
-    ),
-    UpstreamCall("trellis2.pipelines.rembg", "BiRefNet.__init__", ("model_name",)),
-    UpstreamCall("trellis2.modules.sparse", "SparseTensor.__init__", ("feats", "coords")),
-    UpstreamCall("trellis2.representations", "MeshWithVoxel.simplify", ("target",)),
-    UpstreamCall(
-        "o_voxel.postprocess",
-        "to_glb",
-        (
-            "vertices",
-            "faces",
-            "attr_volume",
-            "coords",
-            "attr_layout",
-            "aabb",
-            "grid_size",
-            "decimation_target",
-            "texture_size",
-            "remesh",
-            "remesh_band",
-            "remesh_project",
-        ),
-        method=False,
-    ),
-    UpstreamCall(
-        _T,
-        f"{_TC}.__init__",
-        (
-            "models",
-            "tex_slat_sampler",
-            "tex_slat_sampler_params",
-            "shape_slat_normalization",
-            "tex_slat_normalization",
-            "image_cond_model",
-            "rembg_model",
-            "low_vram",
-        ),
-    ),
-    UpstreamCall(_T, f"{_TC}.to", ("device",)),
-    UpstreamCall(_T, f"{_TC}.preprocess_mesh", ("mesh",)),
-    UpstreamCall(_T, f"{_TC}.get_cond", ("image", "resolution", "include_neg_cond")),
-    UpstreamCall(_T, f"{_TC}.encode_shape_slat", ("mesh", "resolution")),
-    UpstreamCall(
-        _T, f"{_TC}.sample_tex_slat", ("cond", "flow_model", "shape_slat", "sampler_params")
-    ),
-    UpstreamCall(_T, f"{_TC}.decode_tex_slat", ("slat",)),
-    UpstreamCall(
-        _T, f"{_TC}.postprocess_mesh", ("mesh", "pbr_voxel", "resolution", "texture_size")
-    ),
-)
-
-
-# -- helpers shared with doctor ----------------------------------------------------------
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (u64 little-endian length + JSON); no import of
-    safetensors needed. Raises ValueError on a truncated or malformed file."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path.name}: shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(size - 8, 100_000_000):
-            raise ValueError(f"{path.name}: header length {length} exceeds the file")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError as exc:
-            raise ValueError(f"{path.name}: unreadable header ({exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path.name}: header is not an object")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + length + end > size:
-        raise ValueError(
-            f"{path.name}: truncated ({size} bytes, the header describes {8 + length + end})"
-        )
-    return header
-
-
-def safetensors_keys(path: str | Path) -> set[str]:
-    return {k for k in read_safetensors_header(path) if k != "__metadata__"}
-
-
-def check_weight_keys(name: str, model: Any, path: str | Path) -> dict[str, list[str]]:
-    """Upstream loads with strict=False, so a checkpoint for another architecture loads
-    silently into random weights. Fail on what breaks the model: a parameter the file lacks.
-    Tolerate what upstream tolerates and what cannot hurt: buffers the model computes itself
-    (`rope_phases`, `pos_emb`) and keys the model ignores; both are reported."""
-    file_keys = safetensors_keys(path)
-    parameters = {key for key, _ in model.named_parameters()}
-    model_keys = set(model.state_dict().keys())
-    missing = model_keys - file_keys
-    missing_parameters = sorted(missing & parameters)
-    report = {
-        "missing_buffers": sorted(missing - parameters),
-        "unexpected": sorted(file_keys - model_keys),
-    }
-    if missing_parameters:
-        shown = ", ".join(missing_parameters[:3])
-        raise BackendError(
-            ErrorCode.WEIGHTS_MISMATCH,
-            f"weights of {name} do not match the model code: {len(missing_parameters)} "
-            f"parameters missing (e.g. {shown}) in {path}",
-            "Download the weights again for the TRELLIS.2 revision you run (or update the "
-            "checkout); never use the spconv/torchsparse conv backends with released weights.",
-        )
-    if report["unexpected"]:
-        log.warning(
-            "%s: %d keys in %s are not used by the model (e.g. %s)",
-            name,
-            len(report["unexpected"]),
-            Path(path).name,
-            ", ".join(report["unexpected"][:3]),
-        )
-    return report
-
-
-_INIT_FUNCTIONS = (
-    "uniform_",
-    "normal_",
-    "trunc_normal_",
-    "constant_",
-    "ones_",
-    "zeros_",
-    "eye_",
-    "dirac_",
-    "xavier_uniform_",
-    "xavier_normal_",
-    "kaiming_uniform_",
-    "kaiming_normal_",
-    "orthogonal_",
-    "sparse_",
-)
-
-
-@contextmanager
-def skipped_initialisation() -> Iterator[None]:
-    """Model constructors fill every tensor with random values that load_state_dict then
-    overwrites: about 100 s of CPU for TRELLIS.2's 4B parameters (9 s without; measured on
-    the GPU machine). The init functions do nothing while models are built; buffers computed
-    from arithmetic (positional embeddings) are unaffected, and a parameter the file lacks
-    fails `check_weight_keys` instead of staying uninitialised."""
-    import torch
-
-    saved = {n: getattr(torch.nn.init, n) for n in _INIT_FUNCTIONS if hasattr(torch.nn.init, n)}
-    for name in saved:
-        setattr(torch.nn.init, name, _keep)
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
-
-
-def _keep(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-    return tensor
-
-
+# -- helpers --------------------------------------------------------------------------------
 def pin_device(device: str) -> str:
     """The device the engine uses inside this process. Upstream hard-codes the default CUDA
     device (`.cuda()`, "cuda" in the DINOv3 extractor, BiRefNet, `to_glb`, the texturing
@@ -362,72 +94,6 @@ def pin_device(device: str) -> str:
     return "cuda"
 
 
-def read_pipeline_config(weights_dir: str | Path, name: str = "pipeline.json") -> dict[str, Any]:
-    """The `args` object of pipeline.json (or texturing_pipeline.json) in the weights folder."""
-    path = Path(weights_dir) / name
-    if not path.is_file():
-        raise BackendError(
-            ErrorCode.ENGINE_UNAVAILABLE,
-            f"{path} not found",
-            "Download microsoft/TRELLIS.2-4B into the weights folder (see docs/TRELLIS2.md).",
-        )
-    try:
-        args = json.loads(path.read_text(encoding="utf-8"))["args"]
-        if not isinstance(args.get("models"), dict):
-            raise KeyError("models")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BackendError(
-            ErrorCode.ENGINE_UNAVAILABLE,
-            f"{path} is not a TRELLIS.2 pipeline file ({exc})",
-            "Download pipeline.json again from microsoft/TRELLIS.2-4B.",
-        ) from None
-    return args
-
-
-def resolve_model_path(weights_dir: str | Path, value: str) -> Path:
-    """A pipeline.json model entry -> the local checkpoint stem (…/name without suffix)."""
-    candidate = Path(value)
-    return candidate if candidate.is_absolute() else Path(weights_dir) / value
-
-
-def model_files(weights_dir: str | Path, args: dict[str, Any]) -> dict[str, Path]:
-    return {
-        name: resolve_model_path(weights_dir, args["models"][name])
-        for name in MODEL_NAMES
-        if name in args["models"]
-    }
-
-
-def _is_model_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
-
-
-def resolve_aux_paths(
-    weights_dir: str | Path | None,
-    dinov3_path: str | None,
-    rembg_path: str | None,
-    args: dict[str, Any] | None = None,
-) -> tuple[str | None, str | None]:
-    """Local folders for DINOv3 and the background-removal model: the explicit paths, else
-    conventional places inside the weights folder, else the config's hub id (which then loads
-    only from the local Hugging Face cache, as HF_HUB_OFFLINE is set). None if unknown."""
-
-    def pick(explicit: str | None, names: tuple[str, ...], config_key: str) -> str | None:
-        if explicit:
-            return str(explicit)
-        if weights_dir:
-            configured = ((args or {}).get(config_key) or {}).get("args", {}).get("model_name")
-            for name in ((configured,) if configured else ()) + names:
-                if _is_model_dir(Path(weights_dir) / name):
-                    return str(Path(weights_dir) / name)
-        configured = ((args or {}).get(config_key) or {}).get("args", {}).get("model_name")
-        return configured or None
-
-    dinov3 = pick(dinov3_path, DINOV3_DIRS, "image_cond_model")
-    rembg = pick(rembg_path, REMBG_DIRS, "rembg_model")
-    return dinov3, rembg
-
-
 def _bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -437,17 +103,6 @@ def _bool(value: Any, name: str) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise BackendError(ErrorCode.BAD_PARAMS, f"engine option {name} must be true or false")
-
-
-def _missing_module_hint(exc: BaseException) -> tuple[str, str]:
-    name = getattr(exc, "name", None) or ""
-    text = str(exc)
-    for module, hint in FIX_HINTS.items():
-        if name.split(".")[0] == module or f"'{module}" in text or f"{module}." in text:
-            return module, hint
-    if "DINOv3" in text:
-        return "transformers", FIX_HINTS["transformers"]
-    return name or "?", "Run `python -m backend doctor` to see what is missing."
 
 
 def _to(obj: Any, device: Any) -> Any:
@@ -494,77 +149,6 @@ def _parse_mesh(data: bytes, fmt: str) -> Any:
     from .. import meshes  # numpy: imported when used, so doctor runs on a bare Python
 
     return meshes.read_mesh(data, fmt)  # the reader both engines share (UVs kept)
-
-
-def unit_normals(mesh: Any) -> int:
-    """glTF requires unit-length normals. Upstream's export leaves zero normals on vertices
-    that only degenerate faces use (seen on the real code: the Khronos validator reported 10
-    ACCESSOR_VECTOR3_NON_UNIT errors in a 432k-face GLB). Those get +Y; the rest are
-    renormalised. Returns how many were repaired."""
-    import numpy as np
-
-    normals = np.asarray(mesh.vertex_normals, dtype=np.float64)
-    if normals.size == 0:
-        return 0
-    length = np.linalg.norm(normals, axis=1)
-    bad = ~np.isfinite(length) | (length < 1e-6)
-    fixed = normals / np.where(bad, 1.0, length)[:, None]
-    fixed[bad] = (0.0, 1.0, 0.0)
-    mesh.vertex_normals = fixed
-    return int(bad.sum())
-
-
-# CuMesh steps that allocate with cudaMalloc, outside torch's caching allocator.
-_CUMESH_STEPS = (("CuMesh", "init"), ("CuMesh", "simplify"), ("CuMesh", "uv_unwrap"))
-
-
-@contextmanager
-def cache_released_for_cumesh() -> Iterator[None]:
-    """Give torch's cached blocks back before each CuMesh step of `to_glb`.
-
-    CuMesh allocates with plain cudaMalloc. After the remesh, torch's allocator keeps the
-    remesh's blocks cached (34 GiB at the 1536 cascade), where CuMesh's simplify cannot use
-    them; measured on the real code, the card then needed the two added together (GPU run 7:
-    51.7 GiB at 1536, 10.9 at 1024). Released before each step, the steps share that memory."""
-    try:
-        import cumesh
-    except ImportError:
-        yield
-        return
-    patched = []
-    for owner_name, attr in _CUMESH_STEPS:
-        owner = getattr(cumesh, owner_name, None)
-        original = getattr(owner, attr, None) if owner is not None else None
-        if original is None:
-            continue
-
-        def released(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            gpu.release_cache()
-            return _original(*args, **kwargs)
-
-        setattr(owner, attr, released)
-        patched.append((owner, attr, original))
-    try:
-        yield
-    finally:
-        for owner, attr, original in patched:
-            setattr(owner, attr, original)
-
-
-def quiet_voxeliser(convert: Any) -> None:
-    """o-voxel's `mesh_to_flexible_dual_grid` dies with SIGSEGV when asked to print its timings
-    (GPU runs 6 and 7: every time with `timing=True`, never without), and upstream's texturing
-    pipeline asks. Its calls go through the module attribute, so one wrapper quiets them all."""
-    original = convert.mesh_to_flexible_dual_grid
-    if getattr(original, "quiet", False):
-        return
-
-    def quiet(*args: Any, **kwargs: Any) -> Any:
-        kwargs["timing"] = False
-        return original(*args, **kwargs)
-
-    quiet.quiet = True  # type: ignore[attr-defined]
-    convert.mesh_to_flexible_dual_grid = quiet
 
 
 def texturing_resolution(resolution: int) -> int:
@@ -703,7 +287,7 @@ class Trellis2Engine(Engine):
             from trellis2.modules.sparse import SparseTensor
             from trellis2.pipelines.trellis2_image_to_3d import Trellis2ImageTo3DPipeline
         except (ImportError, OSError) as exc:
-            module, hint = _missing_module_hint(exc)
+            module, hint = missing_module_hint(exc)
             raise BackendError(
                 ErrorCode.ENGINE_UNAVAILABLE,
                 f"cannot import TRELLIS.2 ({module}): {exc}",
@@ -862,7 +446,7 @@ class Trellis2Engine(Engine):
             import o_voxel.convert
             from trellis2.pipelines.trellis2_texturing import Trellis2TexturingPipeline
         except (ImportError, OSError) as exc:
-            module, hint = _missing_module_hint(exc)
+            module, hint = missing_module_hint(exc)
             raise BackendError(
                 ErrorCode.ENGINE_UNAVAILABLE, f"cannot import the texturing pipeline: {exc}", hint
             ) from None
