@@ -7,12 +7,18 @@ the tick writes the chunk that came and asks for the next, so a 30 MB GLB costs 
 short ticks and Blender never waits. Files land in `<cache>/<backend key>/<job id>/<name>`
 (folders 0700, files 0600, written through `safefs` so no link is followed); a file is only
 given its name once it is whole, so what the cache holds is always complete.
+
+The cache is bounded (`limit`, 2 GiB by default): after each whole result, the jobs whose
+files were used least recently are removed until it fits. An imported model lives in the
+.blend (the glTF importer packs its images), so only a later Import from the history has to
+download it again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +35,8 @@ log = logging.getLogger("trellis2_blender")
 PARALLEL = 4  # downloads with a request in flight at once (thumbnails of a history page)
 RETRIES = 5  # a chunk whose backend went away (a respawn, a gateway restart) is asked again
 FETCH_TIMEOUT = 30.0  # one chunk (4 MiB at most) over a studio network
+CACHE_LIMIT = 2 << 30  # bytes the download cache may hold (GLBs are 20-100 MB each)
+_PRUNE_AFTER = 1 << 20  # only a download this large makes the cache check its size
 
 Send = Callable[[dict], Pending | None]  # sends a `fetch`; None while no backend answers
 Done = Callable[["Download"], None]
@@ -66,8 +74,10 @@ class Downloads:
         chunk: int = FETCH_DEFAULT,
         max_bytes: int = MAX_DOWNLOAD,
         guard: Callable[[str, Callable[[], object]], object] | None = None,
+        limit: int = CACHE_LIMIT,
     ):
         self.folder = Path(folder)
+        self.limit = limit
         # Runs each `then` so that one that raises is reported and the others still run.
         self.guard = guard or (lambda where, fn: fn())
         self.chunk = chunk
@@ -89,6 +99,10 @@ class Downloads:
             path = self._on_disk(job_id, name)
             if path:
                 download.path = path
+                try:  # used now: the cache's pruning goes by when a job's files were used
+                    os.utime(path)
+                except OSError:
+                    pass
             elif not JOB_ID.match(job_id) or not FILE_NAME.match(name):
                 download.error = BackendError(ErrorCode.NOT_FOUND, f"no file {name!r}")
             else:
@@ -197,7 +211,40 @@ class Downloads:
             job.rename(self._part(download), download.name)
         path = str(self.folder / download.job_id / download.name)
         self.known[(download.job_id, download.name)] = path
+        if (download.size or 0) >= _PRUNE_AFTER:
+            self.prune(keep={download.job_id})
         return path
+
+    def prune(self, keep: set[str] | frozenset[str] = frozenset()) -> int:
+        """Remove the least recently used jobs' files until the cache holds at most `limit`
+        bytes; never a job in `keep` or one with a download under way. Returns the bytes
+        freed. A cache that cannot be read or changed is left as it is (logged)."""
+        busy = {d.job_id for d in self.active.values()} | set(keep)
+        try:
+            with Folder.root(self.folder) as root:
+                jobs = []
+                for name, st in root.entries():
+                    if not (JOB_ID.match(name) and stat.S_ISDIR(st.st_mode)):
+                        continue
+                    with root.sub(name) as job:
+                        files = [f for _n, f in job.entries() if stat.S_ISREG(f.st_mode)]
+                    used = max((f.st_mtime for f in files), default=st.st_mtime)
+                    jobs.append((used, name, sum(f.st_size for f in files)))
+                total = sum(size for _u, _n, size in jobs)
+                freed = 0
+                for _used, name, size in sorted(jobs):
+                    if total - freed <= self.limit:
+                        break
+                    if name in busy:
+                        continue
+                    root.remove_tree(name)
+                    freed += size
+                    for key in [k for k in self.known if k[0] == name]:
+                        del self.known[key]
+                return freed
+        except OSError as exc:
+            log.warning("cannot tidy the download cache %s: %s", self.folder, exc)
+            return 0
 
     def _finish(self, download: Download) -> None:
         if download.error is not None:
