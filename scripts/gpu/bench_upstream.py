@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 IMAGE = ROOT / "examples" / "robot.png"
 
 
@@ -50,8 +51,9 @@ def main() -> int:
     gpu.configure_allocator()
     import torch
     from PIL import Image
+    from upstream_reference import upstream_export, upstream_run
 
-    from backend.engines.trellis2 import AABB, PIPELINE_TYPES, Trellis2Engine
+    from backend.engines.trellis2 import Trellis2Engine
     from backend.jobs import JobStore
     from backend.params import parse_params
     from backend.runner import Runner, RunnerConfig
@@ -66,7 +68,6 @@ def main() -> int:
     )
     params = parse_params({"preset": args.preset, "seed": 1})
     image_bytes = IMAGE.read_bytes()
-    postprocess = engine._up["postprocess"]
 
     def ours() -> dict:
         job = store.create(
@@ -77,29 +78,9 @@ def main() -> int:
         return glb_figures(Path(result.glb_path))
 
     def upstream() -> dict:
-        pipe = engine.pipeline
         image = Image.open(io.BytesIO(image_bytes))
-        mesh = pipe.run(
-            image,
-            seed=params.seed,
-            pipeline_type=PIPELINE_TYPES[params.resolution],
-            max_num_tokens=params.max_num_tokens,
-        )[0]
-        mesh.simplify(16777216)  # example.py: nvdiffrast's limit
-        glb = postprocess.to_glb(
-            vertices=mesh.vertices,
-            faces=mesh.faces,
-            attr_volume=mesh.attrs,
-            coords=mesh.coords,
-            attr_layout=mesh.layout,
-            voxel_size=mesh.voxel_size,
-            aabb=AABB,
-            decimation_target=params.decimation_target,
-            texture_size=params.texture_size,
-            remesh=params.remesh,
-            remesh_band=1,
-            remesh_project=0,
-        )
+        mesh = upstream_run(engine, image, params)
+        glb = upstream_export(engine, mesh, params)
         path = work / f"upstream_{time.time_ns()}.glb"
         glb.export(path, extension_webp=False)
         del mesh, glb

@@ -88,6 +88,7 @@ def main() -> int:
     import torch
     from memory_model import DeviceSampler
     from PIL import Image
+    from upstream_reference import upstream_export, upstream_run
 
     from backend.engines import trellis2 as t2
     from backend.jobs import JobStore
@@ -165,38 +166,14 @@ def main() -> int:
 
     def upstream(preset: str) -> dict:
         params = parse_params({"preset": preset, "seed": 1})
-        pipe = engine.pipeline
-        post = engine._up["postprocess"]
         before = figures()
         t0 = time.perf_counter()
         outcome, error, stage = "done", None, "run"
         try:
             image = Image.open(io.BytesIO(image_bytes))
-            mesh = pipe.run(
-                image,
-                seed=1,
-                sparse_structure_sampler_params={"steps": args.steps},
-                shape_slat_sampler_params={"steps": args.steps},
-                tex_slat_sampler_params={"steps": args.steps},
-                pipeline_type=t2.PIPELINE_TYPES[params.resolution],
-                max_num_tokens=params.max_num_tokens,
-            )[0]
+            mesh = upstream_run(engine, image, params, args.steps)
             stage = "to_glb"
-            mesh.simplify(16777216)
-            glb = post.to_glb(
-                vertices=mesh.vertices,
-                faces=mesh.faces,
-                attr_volume=mesh.attrs,
-                coords=mesh.coords,
-                attr_layout=mesh.layout,
-                voxel_size=mesh.voxel_size,
-                aabb=t2.AABB,
-                decimation_target=params.decimation_target,
-                texture_size=params.texture_size,
-                remesh=params.remesh,
-                remesh_band=1,
-                remesh_project=0,
-            )
+            glb = upstream_export(engine, mesh, params)
             del mesh, glb
         except Exception as exc:
             kind = gpu.classify_error(exc)
