@@ -129,7 +129,7 @@ class Runner:
         # High-resolution tokens per structure voxel, per cascade tier, as seen on this card's
         # jobs: the memory prediction's estimate before the shape stage counts them.
         self.tokens_per_voxel: dict[int, float] = {}
-        if profile is not None and hasattr(profile, "tokens_per_voxel"):
+        if profile is not None:
             self.tokens_per_voxel.update(profile.tokens_per_voxel())
 
     # -- entry point -----------------------------------------------------------------
@@ -390,7 +390,7 @@ class Runner:
             ratio = tokens / voxels / (effective / key) ** 2
             if self.tokens_per_voxel.get(key) != ratio:
                 self.tokens_per_voxel[key] = ratio
-                if self.profile is not None and hasattr(self.profile, "learn_tokens_per_voxel"):
+                if self.profile is not None:
                     try:
                         self.profile.learn_tokens_per_voxel(key, ratio)
                     except Exception:  # the profile is an optimisation; never fail a job
