@@ -43,6 +43,9 @@ def test_presets_and_overrides():
         {"seed": 1.5},
         {"seed": "7"},
         {"remesh": "yes"},
+        {"remesh_band": 0.1},  # below what to_glb's remesh handles
+        {"remesh_band": "narrow"},
+        {"remesh_band": True},
         {"colour": "red"},
         {"samplers": {"shape": {"cfg_strength": 3}}},  # TRELLIS v1 key: TypeError upstream
         {"samplers": {"mesh": {"steps": 3}}},
