@@ -1,7 +1,8 @@
 """Real OOMs on emulated 8-24 GB cards with the real TRELLIS.2 (GPU machine; issue #12).
 
 usage: python scripts/gpu/cards.py --cards 8,12 --out cards.json [--budget 500] [--steps 4]
-       [--blind 16] [--texture] [--presets fast,balanced,high,game-asset]
+       [--blind 16] [--upstream 16] [--texture] [--presets fast,balanced,high,game-asset]
+       [--batch fast:mid,balanced:low,high:high] [--shifts low=-0.07,mid=0.023,high=0.117]
 
 A smaller card is emulated two ways at once, because either alone lies:
 - `set_per_process_memory_fraction` (gpu.set_memory_cap) caps torch's caching allocator, and
@@ -16,6 +17,12 @@ teaches the rest); on `--blind` cards the same jobs with prediction and adaptive
 blind ladder); then upstream alone (run() + to_glb, example.py's sequence). After every job
 and every OOM the allocator's and the card's used memory are compared with the baseline.
 Sampler steps are lowered to --steps for every stage: a stage's peak is one step's peak.
+
+`--batch` runs a mixed batch instead of one job per preset: preset:occupancy pairs, the
+occupancy set by shifting the sparse-structure decoder's output bias (the shifts that
+`memory_model.py` calibrated in run 7 to about 1,000 / 2,500 / 6,000 voxels at 512), so one
+card sees small, middling and large objects. Every `gpu.cleanup` the runner makes (after each
+attempt, OOM or not) is recorded with the allocator's and the card's figures.
 """
 
 from __future__ import annotations
@@ -75,9 +82,12 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=500.0)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--presets", default="fast,balanced,high,game-asset")
+    parser.add_argument("--ours", default="all", help="cards (GB) run through our runner")
     parser.add_argument("--blind", default="", help="cards (GB) also run with the blind ladder")
     parser.add_argument("--upstream", default="", help="cards (GB) also run upstream alone")
     parser.add_argument("--texture", action="store_true", help="one texture job at the end")
+    parser.add_argument("--batch", default="", help="preset:occupancy pairs (replaces --presets)")
+    parser.add_argument("--shifts", default="low=-0.0703,mid=0.0234,high=0.1172")
     args = parser.parse_args()
     began = time.time()
     deadline = began + args.budget
@@ -103,37 +113,73 @@ def main() -> int:
     image_bytes = IMAGE.read_bytes()
     work = Path(tempfile.mkdtemp(prefix="cards_"))
     steps = {stage: {"steps": args.steps} for stage in SAMPLER_STAGES}
-    presets = [p for p in args.presets.split(",") if p]
+    shifts = {k: float(v) for k, v in (pair.split("=") for pair in args.shifts.split(","))}
+    if args.batch:
+        batch = [tuple(item.split(":")) for item in args.batch.split(",") if item]
+    else:
+        batch = [(p, "") for p in args.presets.split(",") if p]
+    decoder = engine.pipeline.models["sparse_structure_decoder"]
+    bias = decoder.out_layer[-1].bias
+    bias0 = bias.detach().clone()
+
+    def occupancy(occ: str) -> None:
+        with torch.no_grad():
+            bias.copy_(bias0 + shifts.get(occ, 0.0))
+
+    # Every cleanup the runner makes (after each attempt, an OOM's included), with figures.
+    cleanups: list[dict] = []
+    real_cleanup = gpu.cleanup
+
+    def recorded_cleanup(*a, **k):
+        figures = real_cleanup(*a, **k)
+        cleanups.append(
+            {
+                "allocated": torch.cuda.memory_allocated(),
+                "reserved": torch.cuda.memory_reserved(),
+                "device_used_mib": sampler.now(),
+            }
+        )
+        return figures
+
+    gpu.cleanup = recorded_cleanup
     report: dict = {
         "gpu": torch.cuda.get_device_name(0),
         "steps": args.steps,
         "cards": {},
         "notes": [],
+        "shifts": shifts,
+        "batch": batch,
     }
 
     def save() -> None:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
 
     def figures() -> dict:
-        gpu.cleanup(engine)
+        real_cleanup(engine)
         return {
             "allocated": torch.cuda.memory_allocated(),
             "reserved": torch.cuda.memory_reserved(),
             "device_used_mib": sampler.now(),
         }
 
-    def ours(runner, store, preset: str, card_report: dict, label: str) -> None:
+    def ours(runner, store, preset: str, occ: str, card_report: dict, label: str) -> None:
         params = parse_params({"preset": preset, "seed": 1, "samplers": steps}).to_dict()
         job = store.create("generate", "trellis2", params, image=image_bytes)
+        occupancy(occ)
         before = figures()
         events = []
+        cleanups.clear()
         t0 = time.perf_counter()
         result = runner.run(job, emit=lambda kind, content: events.append((kind, content)))
         seconds = round(time.perf_counter() - t0, 2)
         after = figures()
+        structure = (result.mesh_stats or {}).get("structure") or {}
         card_report[label].append(
             {
                 "preset": preset,
+                "occupancy": occ,
+                "voxels": structure.get("voxels"),
+                "tokens": structure.get("shape_tokens"),
                 "outcome": result.outcome,
                 "error": result.error,
                 "level": result.level,
@@ -148,7 +194,8 @@ def main() -> int:
                         "outcome": a["outcome"],
                         "stage": a["stage"],
                         "seconds": a["seconds"],
-                        "error": (a.get("error") or "")[:200],
+                        "error": (a.get("error") or "")[:300],
+                        "error_code": a.get("error_code"),
                         "stage_vram_peaks": a.get("stage_vram_peaks"),
                     }
                     for a in result.attempts
@@ -159,13 +206,15 @@ def main() -> int:
                 "before": before,
                 "after": after,
                 "faces": (result.mesh_stats or {}).get("faces"),
+                "cleanups": list(cleanups),
             }
         )
         save()
-        print(label, preset, result.outcome, "level", result.level, seconds, "s", flush=True)
+        print(label, preset, occ, result.outcome, "level", result.level, seconds, "s", flush=True)
 
-    def upstream(preset: str) -> dict:
+    def upstream(preset: str, occ: str) -> dict:
         params = parse_params({"preset": preset, "seed": 1})
+        occupancy(occ)
         before = figures()
         t0 = time.perf_counter()
         outcome, error, stage = "done", None, "run"
@@ -182,9 +231,10 @@ def main() -> int:
             del exc
         seconds = round(time.perf_counter() - t0, 2)
         after = figures()
-        print("upstream", preset, outcome, stage, seconds, "s", flush=True)
+        print("upstream", preset, occ, outcome, stage, seconds, "s", flush=True)
         return {
             "preset": preset,
+            "occupancy": occ,
             "outcome": outcome,
             "stage": stage,
             "error": error,
@@ -213,34 +263,34 @@ def main() -> int:
             runner = Runner(
                 engine, store, StatsLog(folder / "stats.jsonl"), profile, RunnerConfig(0)
             )
-            for preset in presets:
+            run_ours = args.ours == "all" or str(card_gb) in args.ours.split(",")
+            for preset, occ in batch if run_ours else ():
                 if time.time() > deadline - 60:
-                    report["notes"].append(f"{card_gb} GB: {preset} not run (time)")
+                    report["notes"].append(f"{card_gb} GB: {preset}:{occ} not run (time)")
                     continue
-                ours(runner, store, preset, card_report, "ours")
+                ours(runner, store, preset, occ, card_report, "ours")
             if str(card_gb) in args.blind.split(","):
+                # The blind ladder, as before issue #12: OOM, then lower; the adaptive start
+                # learns from the OOMs in a memory profile of its own.
+                blind_profile = MemoryProfile(folder / "blind_profile.json", "card")
                 blind = Runner(
-                    engine,
-                    store,
-                    StatsLog(folder / "blind.jsonl"),
-                    None,
-                    RunnerConfig(0, adaptive_start=False),
+                    engine, store, StatsLog(folder / "blind.jsonl"), blind_profile, RunnerConfig(0)
                 )
-                engine.predicts_memory = False  # the blind ladder: OOM, then lower
+                engine.predicts_memory = False
                 try:
-                    for preset in presets:
+                    for preset, occ in batch:
                         if time.time() > deadline - 60:
-                            report["notes"].append(f"{card_gb} GB blind: {preset} not run")
+                            report["notes"].append(f"{card_gb} GB blind: {preset}:{occ} not run")
                             continue
-                        ours(blind, store, preset, card_report, "blind")
+                        ours(blind, store, preset, occ, card_report, "blind")
                 finally:
                     del engine.predicts_memory
             if str(card_gb) in args.upstream.split(","):
-                for preset in presets:
+                for preset, occ in batch:
                     if time.time() > deadline - 45:
-                        report["notes"].append(f"{card_gb} GB upstream: {preset} not run")
+                        report["notes"].append(f"{card_gb} GB upstream: {preset}:{occ} not run")
                         continue
-                    card_report["upstream"].append(upstream(preset))
+                    card_report["upstream"].append(upstream(preset, occ))
                     save()
             card_report["tokens_per_voxel"] = runner.tokens_per_voxel
         finally:
@@ -248,6 +298,7 @@ def main() -> int:
             ballast.close()
         save()
 
+    occupancy("")
     report["seconds"] = round(time.time() - began, 1)
     save()
     sampler.stop()
