@@ -4,6 +4,7 @@ Standard library only: the add-on (Blender's Python) and `doctor` both use it.""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,21 +44,24 @@ def output_dir_problem(path: str | Path) -> str | None:
             return f"{path} is inside a file ({existing}), not a folder"
     except OSError as exc:
         return f"cannot look at {path}: {exc.strerror or exc}"
-    missing = [p for p in (path, *path.parents) if p not in (existing, *existing.parents)]
-    made: list[Path] = []
+    # Missing folders are tried inside a scratch folder of this check's own, made where they
+    # would be made: same names, same file system, and nothing another check (or the backend
+    # starting at the same time) could create or remove under it.
+    missing = path.relative_to(existing).parts
+    scratch: str | None = None
     try:
-        for folder in reversed(missing):
-            folder.mkdir()
-            made.append(folder)
-        fd, probe = tempfile.mkstemp(prefix=".trellis2-write-test-", dir=path)
+        if missing:
+            scratch = tempfile.mkdtemp(prefix=".trellis2-write-test-", dir=existing)
+            where = Path(scratch).joinpath(*missing)
+            where.mkdir(parents=True)
+        else:
+            where = path
+        fd, probe = tempfile.mkstemp(prefix=".trellis2-write-test-", dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         return f"cannot write to {path}: {exc.strerror or exc}"
     finally:
-        for folder in reversed(made):  # leave no trace: the backend creates it when it starts
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        if scratch is not None:  # leave no trace: the backend creates the folder when it starts
+            shutil.rmtree(scratch, ignore_errors=True)
     return None

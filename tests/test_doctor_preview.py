@@ -64,6 +64,32 @@ def test_an_output_folder_inside_a_file_is_reported(tmp_path):
     assert "Output Directory" in check["hint"]
 
 
+def test_checks_started_together_on_a_missing_folder_all_find_it_writable(tmp_path):
+    """Four doctors started at once (the GPU run's healthy and broken variants; an add-on
+    checking while its backend starts) each make the missing folder, probe it and remove it.
+    One must not report another's folder as a problem: "File exists" was (GPU run 8)."""
+    import threading
+
+    from backend.paths import output_dir_problem
+
+    problems: list[str | None] = []
+    for round_ in range(40):
+        target = tmp_path / f"round{round_}" / "deeper" / "out"
+        start = threading.Barrier(4)
+
+        def check(target=target, start=start) -> None:
+            start.wait()
+            problems.append(output_dir_problem(target))
+
+        threads = [threading.Thread(target=check) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not target.exists()  # no trace left: the backend creates it
+    assert problems == [None] * 160
+
+
 def test_a_bare_interpreter_misses_the_backends_own_packages(tmp_path):
     # -S: no site-packages at all (no pyzmq, Pillow, numpy), like a fresh Python.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRELLIS2_", "PYTHON"))}

@@ -19,7 +19,7 @@ from ..params import SAMPLER_KEYS, GenerationParams
 from ..safefs import Folder
 from .base import KNOBS, Engine, Stage, StageContext
 from .upstream import missing_module_hint
-from .upstream_fixes import cache_released_for_cumesh, quiet_voxeliser, unit_normals
+from .upstream_fixes import bake_input, cache_released_for_cumesh, quiet_voxeliser, unit_normals
 from .weights import (
     DEFAULT_SHAPE_ENCODER,
     MODEL_NAMES,
@@ -947,7 +947,7 @@ class Trellis2Engine(Engine):
 
         tex = self._ensure_texturing()
         out = tex.postprocess_mesh(
-            mesh=state["tex_mesh"],
+            mesh=bake_input(state["tex_mesh"]),
             pbr_voxel=_to(state["tex_pbr_voxel"], self._device()),
             resolution=texturing_resolution(params.resolution),
             texture_size=params.texture_size,

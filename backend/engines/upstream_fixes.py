@@ -1,11 +1,13 @@
 """Faults of the real upstream code, found on the GPU, and how the engine works around them
 without changing upstream: zero normals in the GLB, torch's cache held where CuMesh needs the
-memory, o-voxel crashing when asked for its timings (docs/GPU.md, runs 6 and 7)."""
+memory, o-voxel crashing when asked for its timings, the bake writing into its input mesh
+(docs/GPU.md, runs 6 to 8)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 from .. import gpu
@@ -80,3 +82,23 @@ def quiet_voxeliser(convert: Any) -> None:
 
     quiet.quiet = True  # type: ignore[attr-defined]
     convert.mesh_to_flexible_dual_grid = quiet
+
+
+def bake_input(mesh: Any) -> SimpleNamespace:
+    """What upstream's texturing `postprocess_mesh` reads of a mesh (vertices, faces, vertex
+    normals, UVs), as fresh writable arrays.
+
+    When the mesh has UVs, `postprocess_mesh` swaps the axes of `mesh.vertices` and
+    `mesh.vertex_normals` in place. trimesh's cached normals are read-only, so every mesh with
+    UVs failed there ("assignment destination is read-only", GPU run 8), and the vertices of
+    the job's prepared mesh would have been turned over for a second bake (an attempt resumed
+    at the bake after an out-of-memory error). Without UVs upstream unwraps and copies."""
+    import numpy as np
+
+    uv = getattr(getattr(mesh, "visual", None), "uv", None)
+    return SimpleNamespace(
+        vertices=np.array(mesh.vertices, dtype=np.float64),
+        faces=np.array(mesh.faces),
+        vertex_normals=np.array(mesh.vertex_normals, dtype=np.float64),
+        visual=SimpleNamespace(uv=None if uv is None else np.array(uv, dtype=np.float64)),
+    )

@@ -120,12 +120,15 @@ class Trellis2TexturingPipeline(Pipeline):
     ) -> trimesh.Trimesh:
         fake_control.count("bake")
         fake_control.maybe_fail("bake")
-        vertices = np.array(mesh.vertices)
         faces = np.array(mesh.faces)
         if hasattr(mesh, "visual") and getattr(mesh.visual, "uv", None) is not None:
-            uv = np.array(mesh.visual.uv)  # as upstream: UVs the mesh has are baked into
+            # As upstream: the mesh's own arrays are used and turned over in place below
+            # (trimesh's cached normals are read-only, so a trimesh fails there).
+            vertices, normals = mesh.vertices, mesh.vertex_normals
+            uv = np.array(mesh.visual.uv)  # UVs the mesh has are baked into
         else:
-            # "UV unwrap": a planar projection; the real one runs CuMesh + xatlas.
+            # "UV unwrap": a planar projection; the real one runs CuMesh + xatlas (copies).
+            vertices, normals = np.array(mesh.vertices), np.array(mesh.vertex_normals)
             uv = (vertices[:, :2] + 0.5).clip(0, 1)
         color = (pbr_voxel.feats.mean(0).clamp(0, 1) * 255).to(torch.uint8).numpy()
         base = Image.new("RGBA", (texture_size, texture_size), (*color[:3].tolist(), 255))
@@ -138,10 +141,12 @@ class Trellis2TexturingPipeline(Pipeline):
             alphaMode="OPAQUE",
             doubleSided=True,
         )
-        vertices = np.stack([vertices[:, 0], vertices[:, 2], -vertices[:, 1]], 1)
+        vertices[:, 1], vertices[:, 2] = vertices[:, 2], -vertices[:, 1]
+        normals[:, 1], normals[:, 2] = normals[:, 2], -normals[:, 1]
         return trimesh.Trimesh(
             vertices=vertices,
             faces=faces,
+            vertex_normals=normals,
             process=False,
             visual=trimesh.visual.TextureVisuals(uv=uv, material=material),
         )
