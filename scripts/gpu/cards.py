@@ -142,6 +142,25 @@ def main() -> int:
         return figures
 
     gpu.cleanup = recorded_cleanup
+
+    # What every shape stage found (tokens at the resolution it ran at), attempts included.
+    shapes: list[dict] = []
+    real_run_stage = engine.run_stage
+
+    def recorded_run_stage(name, state, params, ctx):
+        out = real_run_stage(name, state, params, ctx)
+        if name == "shape":
+            shapes.append(
+                {
+                    **(state.get("structure") or {}),
+                    "requested": params.resolution,
+                    "effective": state.get("effective_resolution"),
+                    "max_num_tokens": params.max_num_tokens,
+                }
+            )
+        return out
+
+    engine.run_stage = recorded_run_stage
     report: dict = {
         "gpu": torch.cuda.get_device_name(0),
         "steps": args.steps,
@@ -169,6 +188,7 @@ def main() -> int:
         before = figures()
         events = []
         cleanups.clear()
+        shapes.clear()
         t0 = time.perf_counter()
         result = runner.run(job, emit=lambda kind, content: events.append((kind, content)))
         seconds = round(time.perf_counter() - t0, 2)
@@ -207,6 +227,7 @@ def main() -> int:
                 "after": after,
                 "faces": (result.mesh_stats or {}).get("faces"),
                 "cleanups": list(cleanups),
+                "shapes": list(shapes),
             }
         )
         save()
