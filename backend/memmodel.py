@@ -47,9 +47,11 @@ STAGE_FIT: dict[str, tuple[float, float]] = {
 # Export settings against remesh band 1 (1024 cascade, 10,300 tokens, GPU run 7).
 EXPORT_FACTOR = {"band_half": 0.70, "remesh_off": 0.55}
 # High-resolution tokens per voxel of the 32^3 structure, by pipeline tier, before this card
-# has seen a job of that tier (GPU run 7, random weights: 3.9 at 1024, 18 at 1536). Real
-# objects are surfaces, with fewer; the runner replaces these with what it observes.
-DEFAULT_TOKENS_PER_VOXEL = {512: 1.0, 768: 2.2, 1024: 3.9, 1536: 18.0}
+# has seen a job of that tier (random weights: 3.9 at 1024 and 18 at 1536 in GPU run 7; 5.9
+# at 768 in run 8, where the same structure gave 33,052 tokens at 768 against 22,581 at 1024:
+# the 768 cascade does not lower the tokens on these weights). Real objects are surfaces,
+# with fewer; the runner replaces these with what it observes.
+DEFAULT_TOKENS_PER_VOXEL = {512: 1.0, 768: 5.9, 1024: 3.9, 1536: 18.0}
 # What a prediction may use of the memory available: the fit is within about 5 % of the
 # measured points, and the allocator needs room for fragmentation.
 SAFETY = 0.85
@@ -119,15 +121,20 @@ class Facts:
 
 def tokens_for(params: GenerationParams, facts: Facts, ratios: Mapping[int, float]) -> float:
     """The high-resolution tokens the job will have at `params`, from the best fact known:
-    the exact count after the shape (rescaled to another cascade resolution), else the
-    structure's voxels times the learned ratio."""
+    the exact count after the shape (rescaled to another resolution of its tier, or by the
+    ratios to another tier), else the structure's voxels times the learned ratio."""
     if params.resolution <= 512:
         return float(facts.voxels if facts.voxels is not None else facts.tokens or 0)
     if facts.tokens is not None and facts.resolution and facts.resolution > 512:
-        known, at = facts.tokens, facts.resolution
+        known, at, voxels = facts.tokens, facts.resolution, facts.voxels
 
         def tokens_at(r: int) -> float:
-            return known * (r / at) ** 2
+            if tier(r) == tier(at) or not voxels:
+                return known * (r / at) ** 2
+            # Another tier: its ratio, scaled by how far this object is from the known one's
+            # (the tiers do not scale with the resolution squared: run 8, 768 against 1024).
+            estimate_at = estimate_tokens(voxels, at, ratios)
+            return estimate_tokens(voxels, r, ratios) * known / max(estimate_at, 1.0)
     elif facts.voxels is not None:
         voxels = facts.voxels
 

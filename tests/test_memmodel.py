@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from backend import ladder, memmodel
 from backend.engines.trellis2 import Trellis2Engine
 from backend.params import parse_params
@@ -85,10 +87,32 @@ def test_after_the_shape_exact_tokens_decide_and_only_export_settings_may_change
     assert plan is not None and plan.level == 2 and plan.params.remesh_band == 0.5
     assert STAGES[plan.resume_stage].name == "texture"
     assert plan.current_peak > plan.budget >= plan.predicted_peak
-    # 6 GB: the decode itself does not fit: the 768 cascade, rerunning the shape
+    # 6 GB: the decode itself does not fit. The 768 cascade gave more tokens than the 1024
+    # one on the GPU (run 8: 33,052 against 22,581), so it is passed over for 512, rerunning
+    # the shape; on a card that learned fewer tokens per voxel at 768, the 768 cascade.
     plan = memmodel.plan(request, 0, SHAPE, STAGES, CAPS, facts, int(5.5 * GIB))
+    assert plan is not None and plan.params.resolution == 512
+    assert STAGES[plan.resume_stage].name == "shape"
+    learned = {768: 2.0, 1024: 3.9}
+    plan = memmodel.plan(request, 0, SHAPE, STAGES, CAPS, facts, int(5.5 * GIB), learned)
     assert plan is not None and plan.params.resolution == 768
     assert STAGES[plan.resume_stage].name == "shape"
+
+
+def test_exact_tokens_move_to_another_tier_by_its_ratio_not_by_the_resolution_squared():
+    """GPU run 8, 16 GB card: the same structure (5,622 voxels) gave 22,581 tokens at 1024 and
+    33,052 at 768. The squared rescale predicted 12,700 at 768 and sent the job there."""
+    request = parse_params({"preset": "balanced"})
+    at_768 = ladder.params_at(request, 4)
+    assert at_768.resolution == 768
+    facts = memmodel.Facts(voxels=5_622, tokens=22_581, resolution=1024)
+    ratios = {1024: 22_581 / 5_622}
+    assert memmodel.tokens_for(at_768, facts, ratios) == pytest.approx(33_170, rel=0.01)
+    # within the tier the surface rule holds: the 1536 cascade settling at 1280
+    high = parse_params({"preset": "high"})
+    facts = memmodel.Facts(voxels=2_629, tokens=47_267, resolution=1536)
+    at_1280 = memmodel.tokens_for(high.replace(resolution=1280), facts, {})
+    assert at_1280 == pytest.approx(47_267 * (1280 / 1536) ** 2)
 
 
 def test_learned_ratios_replace_the_default_estimate():
