@@ -32,17 +32,8 @@ from .launch import (
     remove_stale_run_dirs,
     run_dir,
 )
-from .views import (
-    TERMINAL,
-    HistoryView,
-    JobView,
-    Outgoing,
-    engine_label,
-    event_from_record,
-    format_bytes,
-    history_entry,
-    one_line,
-)
+from .views import TERMINAL, HistoryView, JobView, Outgoing, event_from_record, history_entry
+from .wording import engine_label, format_bytes, one_line
 
 log = logging.getLogger("trellis2_blender")
 

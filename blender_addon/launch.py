@@ -15,7 +15,7 @@ from typing import Any
 
 from ..backend.files import default_output_dir
 from ..backend.procutil import pid_alive
-from .views import one_line
+from .wording import one_line
 
 ADDON_ROOT = Path(__file__).resolve().parent.parent  # holds backend/, so `-m backend` works
 RUN_DIR_PREFIX = "trellis2-blender-"

@@ -9,7 +9,7 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from ..backend.paths import expand
 from .launch import BackendConfig, default_output_dir
-from .views import ENGINES, engine_label, one_line
+from .wording import ENGINES, engine_label, one_line
 
 WHERE = (
     ("LOCAL", "This Computer", "A backend on this computer, started and watched by the add-on"),

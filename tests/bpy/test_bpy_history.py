@@ -63,7 +63,7 @@ def test_delete_a_job_and_clear_old_ones_seeing_the_space_they_use(scene, ctrl):
     entries = ctrl.history_blocking()
     sizes = {e["job_id"]: e["bytes"] for e in entries}
     assert all(size > 0 for size in sizes.values())
-    fmt = submodule("views").format_bytes
+    fmt = submodule("wording").format_bytes
     log = draw(bpy.types.TRELLIS2_PT_history, bpy.context)
     assert f"{fmt(entries[0]['bytes'])} on disk" in texts(log)
     assert "trellis2.delete_job" in operators_in(log)
