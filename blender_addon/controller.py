@@ -22,11 +22,11 @@ from ..backend.client import ClientTimeout, Pending
 from ..backend.errors import BackendError, ErrorCode
 from ..backend.paths import output_dir_problem
 from . import groups as grouping
+from .doctor import Doctor
 from .downloads import FETCH_TIMEOUT, Download, Downloads
 from .groups import Group
 from .launch import (
     BackendConfig,
-    DoctorRun,
     default_cache_root,
     make_supervisor,
     remove_stale_run_dirs,
@@ -107,9 +107,7 @@ class Controller:
         self.last_outcome: str | None = None  # key of the job that ended last
         self.notes: list[str] = []  # supervisor/backend notices (newest last)
         self.sessions: list[str] = []  # backend sessions seen, in order (a restart adds one)
-        self.doctor_report: dict[str, Any] | None = None
-        self.doctor_text = ""
-        self._doctor: DoctorRun | None = None
+        self.doctor = Doctor()  # the Doctor button's run and what it found
         self._output_checked: tuple[str, str | None] | None = None  # (path, problem)
         self.tick_errors: list[str] = []
         self._reported: set[str] = set()
@@ -589,7 +587,7 @@ class Controller:
         if self.clock() >= self._next_reconcile:
             self._guard("checking jobs", self._reconcile)
         self._guard("reading the history", self._refresh_history)
-        changed = bool(self._guard("running the doctor", self._poll_doctor)) or changed
+        changed = bool(self._guard("running the doctor", self.doctor.poll)) or changed
         changed = bool(self._guard("following groups", self._sync_groups)) or changed
         if changed:
             self._guard("redrawing", self._changed)
@@ -1012,25 +1010,7 @@ class Controller:
     def run_doctor(self) -> None:
         """Run `python -m backend doctor` with the backend's interpreter, in the background
         (it imports torch); the tick collects the report."""
-        if self._doctor is not None:
-            return
-        if self.config.remote:
-            self.doctor_text = (
-                "Doctor checks this computer's backend; the studio server's admin runs it there"
-            )
-            return
-        self._doctor = DoctorRun(self.config)
-        self.doctor_text, self.doctor_report = "Running...", None
-
-    def _poll_doctor(self) -> bool:
-        run = self._doctor
-        if run is None or not run.poll():
-            return False
-        self._doctor = None
-        self.doctor_report, self.doctor_text = run.report, run.text
-        if run.report is None:
-            log.warning("doctor printed no report:\n%s", run.output)
-        return True
+        self.doctor.start(self.config)
 
     # -- blocking mode (blender -b scripts, tests) ---------------------------------------
 
@@ -1125,15 +1105,13 @@ class Controller:
         )
 
     def wait_doctor(self, timeout: float = 120.0) -> dict[str, Any] | None:
-        self._wait_until(lambda: self._doctor is None, timeout)
-        return self.doctor_report
+        self._wait_until(lambda: not self.doctor.running, timeout)
+        return self.doctor.report
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Everything off (unregister, Blender quitting): no orphan processes. This one waits
         (bounded by the shutdown ladder)."""
-        if self._doctor is not None:
-            self._doctor.kill()
-            self._doctor = None
+        self.doctor.kill()
         self._start_wanted = False
         for sup in [*self._retired, self.supervisor]:
             if sup is not None:

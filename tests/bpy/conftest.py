@@ -106,7 +106,7 @@ def ctrl(addon, prefs):
     controller.last_outcome = None
     controller.tick_errors.clear()
     controller._reported.clear()
-    controller.doctor_report, controller.doctor_text = None, ""
+    controller.doctor.forget()
 
 
 @pytest.fixture
