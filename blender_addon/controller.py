@@ -25,6 +25,7 @@ from . import groups as grouping
 from .doctor import Doctor
 from .downloads import FETCH_TIMEOUT, Download, Downloads
 from .groups import Group
+from .history import HistoryView, delete_request, job_entry
 from .launch import (
     BackendConfig,
     default_cache_root,
@@ -32,7 +33,7 @@ from .launch import (
     remove_stale_run_dirs,
     run_dir,
 )
-from .views import TERMINAL, HistoryView, JobView, Outgoing, event_from_record, history_entry
+from .views import TERMINAL, JobView, Outgoing, event_from_record
 from .wording import engine_label, format_bytes, one_line
 
 log = logging.getLogger("trellis2_blender")
@@ -210,7 +211,7 @@ class Controller:
         session = getattr(self.supervisor, "session", None)
         if session and (not self.sessions or self.sessions[-1] != session):
             self.sessions.append(session)
-            self.history.stale, self.history.prune = True, None
+            self.history.new_backend()
             self._next_reconcile = 0.0  # a new backend: check what it did with our jobs
 
     # -- backend lifecycle (all return at once) ------------------------------------------
@@ -643,7 +644,7 @@ class Controller:
         if state in ("stopped", "dead"):  # nothing more comes: downloads end (retried later)
             self.files.fail_all(BackendError(ErrorCode.BACKEND_DIED, f"the backend {state}"))
         if state in LIVE and self._last_state not in LIVE:
-            self.history.stale = True
+            self.history.refresh()
         self._last_state = state
         return True
 
@@ -869,7 +870,7 @@ class Controller:
             view.message = one_line(message, 300)
         view.hint = one_line(hint or "", 300)
         self.last_outcome = view.key
-        self.history.stale = True
+        self.history.refresh()
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -881,40 +882,20 @@ class Controller:
         h = self.history
         if not h.stale or h.request is not None or not self._answers():
             return
-        h.stale = False
-        content: dict[str, Any] = {"limit": h.page_size, "offset": h.page * h.page_size}
-        if h.query:
-            content["query"] = h.query
-        h.request = self.supervisor.request_nowait("jobs", content)
+        h.request = self.supervisor.request_nowait("jobs", h.listing())
         self._expect(h.request, self._on_history)
-        if h.prune is None and not self.remote:  # a gateway keeps its own store tidy
-            preview = self.supervisor.request_nowait(
-                "delete_jobs", {"older_than_days": h.prune_days, "dry_run": True}
-            )
-            self._expect(preview, self._on_prune_preview)
+        preview = h.prune_preview()
+        if preview is not None and not self.remote:  # a gateway keeps its own store tidy
+            pending = self.supervisor.request_nowait("delete_jobs", preview)
+            self._expect(pending, lambda p: self.history.on_prune_preview(p))
 
     def _on_history(self, pending: Pending) -> None:
-        h = self.history
-        h.request = None
-        if not pending.ok:
-            h.error = one_line(pending.error.message)
+        if not self.history.on_listing(pending):
             return
-        reply = pending.reply
-        h.total = int(reply.get("total") or 0)
-        if not reply.get("jobs") and h.page > 0 and h.total:  # the page emptied (deletes)
-            h.page = h.pages - 1
-            h.stale = True
-            return
-        h.entries = [history_entry(j) for j in reply.get("jobs") or []]
-        h.warnings = [one_line(w) for w in reply.get("warnings") or []]
-        h.error = ""
-        h.loaded = True
-        if reply.get("total") is None and not reply.get("offset"):  # a gateway: one page
-            h.total = len(h.entries)
-        for entry in h.entries:
+        for entry in self.history.entries:
             self._fetch_thumbnail(entry)
         if self.on_history is not None:
-            self.on_history(h.entries)
+            self.on_history(self.history.entries)
 
     def _fetch_thumbnail(self, entry: dict[str, Any]) -> None:
         """The entry's thumbnail, fetched into the cache; `thumbnail_file` once it is here."""
@@ -930,29 +911,20 @@ class Controller:
 
         self.files.get(entry["job_id"], name, arrived)
 
-    def _on_prune_preview(self, pending: Pending) -> None:
-        self.history.prune = pending.reply if pending.ok else None
-
     def refresh_history(self) -> None:
-        self.history.stale = True
+        self.history.refresh()
 
     def history_page(self, page: int) -> None:
-        self.history.page = max(0, min(page, self.history.pages - 1))
-        self.history.stale = True
+        self.history.turn_to(page)
 
     def history_search(self, query: str) -> None:
-        query = query.strip()
-        if query != self.history.query:
-            self.history.query, self.history.page = query, 0
-            self.history.stale = True
+        self.history.search(query)
 
     def history_prune_days(self, days: int) -> None:
-        if days != self.history.prune_days:
-            self.history.prune_days, self.history.prune = max(0, int(days)), None
-            self.history.stale = True
+        self.history.set_prune_days(days)
 
     def history_entry(self, job_id: str) -> dict[str, Any] | None:
-        return next((e for e in self.history.entries if e["job_id"] == job_id), None)
+        return self.history.entry(job_id)
 
     def delete_jobs(self, job_id: str | None = None, older_than_days: int | None = None) -> None:
         """Remove one finished job, or those older than N days; returns at once."""
@@ -968,20 +940,9 @@ class Controller:
                 "the history is kept by the backend, which is not running",
                 "Start the backend first.",
             )
-        content: dict[str, Any] = {"job_id": job_id} if job_id else {}
-        if older_than_days is not None:
-            content = {"older_than_days": int(older_than_days)}
-        self._expect(self.supervisor.request_nowait("delete_jobs", content), self._on_deleted)
-
-    def _on_deleted(self, pending: Pending) -> None:
-        h = self.history
-        h.prune = None
-        if pending.ok:
-            count, size = pending.reply.get("count", 0), pending.reply.get("bytes", 0)
-            h.notice = f"Deleted {count} job(s), {format_bytes(size)} freed"
-        else:
-            h.notice = f"Delete failed: {one_line(pending.error.message)}"
-        h.stale = True
+        content = delete_request(job_id, older_than_days)
+        pending = self.supervisor.request_nowait("delete_jobs", content)
+        self._expect(pending, lambda p: self.history.on_deleted(p))
 
     # -- status and doctor ---------------------------------------------------------------
 
@@ -1074,8 +1035,8 @@ class Controller:
 
     def history_blocking(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """The current history page, fetched now (starts nothing). Scripts and tests."""
-        self.history.stale = True
-        self._wait_until(lambda: not self.history.stale and self.history.request is None, timeout)
+        self.history.refresh()
+        self._wait_until(lambda: self.history.settled, timeout)
         return self.history.entries
 
     def job_entry_blocking(self, job_id: str, timeout: float = 30.0) -> dict[str, Any] | None:
@@ -1086,23 +1047,7 @@ class Controller:
         self._wait_until(lambda: pending.done, timeout)
         if not pending.ok:
             return None
-        record, folder = pending.reply["job"], str(pending.reply["folder"])
-        names = pending.reply.get("files") or {}
-        inputs = sorted(n for n in names if n.startswith("input."))
-        result = record.get("result") or {}
-        return history_entry(
-            {
-                "job_id": record["id"],
-                "kind": record.get("kind"),
-                "state": record.get("state"),
-                "filename": record.get("filename"),
-                "preset": (record.get("params") or {}).get("preset"),
-                "glb_path": result.get("glb_path"),
-                "parent": record.get("parent"),
-                "folder": folder,
-                "input": inputs[0] if inputs else None,  # a name: fetched, never opened
-            }
-        )
+        return job_entry(pending.reply)
 
     def wait_doctor(self, timeout: float = 120.0) -> dict[str, Any] | None:
         self._wait_until(lambda: not self.doctor.running, timeout)

@@ -1,16 +1,12 @@
-"""What the panel shows, as plain data (no bpy, no I/O): a job as the add-on follows it, a page
-of the history, and the few pure functions that word them."""
+"""What the panel shows of a job, as plain data (no bpy, no I/O): a job as the add-on follows
+it, and a finished job's record as the event it stands for."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..backend.client import Pending
-
 TERMINAL = ("done", "failed", "cancelled")
-HISTORY_PAGE = 8  # jobs per history page
 
 
 @dataclass
@@ -66,45 +62,6 @@ class Outgoing:
     msg_type: str
     content: dict[str, Any]
     buffers: tuple[bytes, ...] = ()
-
-
-@dataclass
-class HistoryView:
-    """One page of the job history, as the backend's last `jobs` reply gave it."""
-
-    entries: list[dict[str, Any]] = field(default_factory=list)
-    total: int = 0
-    page: int = 0
-    query: str = ""
-    warnings: list[str] = field(default_factory=list)
-    error: str = ""
-    loaded: bool = False  # a listing arrived at least once
-    stale: bool = True  # ask again as soon as a backend answers
-    request: Pending | None = None
-    page_size: int = HISTORY_PAGE
-    prune_days: int = 30
-    prune: dict[str, Any] | None = None  # the dry run: {count, bytes} older than prune_days
-    notice: str = ""  # what the last delete did
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.page_size))
-
-
-def history_entry(summary: dict[str, Any]) -> dict[str, Any]:
-    """A `jobs` summary as the history shows it (plain data, no disk reads)."""
-    entry = dict(summary)
-    filename = summary.get("filename") or ""
-    entry["name"] = Path(filename).stem if filename else summary.get("job_id", "?")
-    started, finished = summary.get("started"), summary.get("finished")
-    entry["seconds"] = finished - started if started and finished else None
-    entry["mesh_stats"] = summary.get("mesh_stats") or {}
-    entry["label"] = (
-        f"{entry['name']} (re-export of {summary['parent']})"
-        if summary.get("kind") == "reexport" and summary.get("parent")
-        else entry["name"]
-    )
-    return entry
 
 
 def event_from_record(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
