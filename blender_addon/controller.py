@@ -22,6 +22,7 @@ from ..backend.client import ClientTimeout, Pending
 from ..backend.errors import BackendError, ErrorCode
 from ..backend.paths import output_dir_problem
 from . import groups as grouping
+from . import views
 from .doctor import Doctor
 from .downloads import FETCH_TIMEOUT, Download, Downloads
 from .groups import Group
@@ -33,8 +34,8 @@ from .launch import (
     remove_stale_run_dirs,
     run_dir,
 )
-from .views import TERMINAL, JobView, Outgoing, event_from_record
-from .wording import engine_label, format_bytes, one_line
+from .views import JobView, Outgoing
+from .wording import engine_label, one_line
 
 log = logging.getLogger("trellis2_blender")
 
@@ -45,7 +46,6 @@ SUBMIT_TIMEOUT = 10.0  # a generate/reexport reply (the backend decodes the imag
 QUEUE_LIMIT = 8  # the backend's default queue depth
 LIVE = ("loading", "ready", "busy")  # a backend that answers requests
 CHANGING = ("starting", "loading", "restarting", "stopping")
-_PROGRESS = ("state", "stage", "label", "fraction", "level", "position")
 RESULT = "result.glb"  # the file of a job folder that holds its model
 REMOTE_ONLY_LOCAL = "Only for a backend on this computer (Preferences: Backend)"
 
@@ -278,9 +278,8 @@ class Controller:
     def _park_jobs(self, label: str) -> None:
         """Jobs the backend has but will not run now: they wait for the next backend."""
         for view in self.active_jobs():
-            if view.on_backend and view.state in ("queued", "running", "waiting"):
-                view.state, view.label, view.stage = "waiting", label, ""
-                view.fraction, view.position = 0.0, None
+            if view.on_backend:
+                self._step(view, views.PARKED, {"label": label})
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -448,9 +447,8 @@ class Controller:
         while self._outbox:
             out = self._outbox.pop(0)
             view = self.jobs.get(out.key)
-            if view is None or view.terminal:
+            if view is None or not self._step(view, views.SENT):
                 continue
-            view.state, view.label = "submitting", "Sending to the backend"
             pending = self.supervisor.request_nowait(
                 out.msg_type, out.content, out.buffers, SUBMIT_TIMEOUT
             )
@@ -465,30 +463,21 @@ class Controller:
             return
         if pending.ok:
             self._bind(view, pending.reply["job_id"])
-            view.on_backend = True
-            if view.state == "submitting":
-                view.state, view.label = "queued", ""
-                view.position = pending.reply.get("position")
-            if view.cancel_requested:
-                self._send_cancel(view)
+            self._step(view, views.ACCEPTED, pending.reply)
             return
         error = pending.error
         if isinstance(error, ClientTimeout) or error.code is ErrorCode.BACKEND_DIED:
             # The backend may have queued it before going quiet: should its reply or its
             # job_queued event still come, that job is cancelled (apply), never run or imported.
             self._abandoned[pending.msg_id] = key
-        if view.cancel_requested:
-            self._finish(view, "cancelled", "cancelled before the backend took it")
-        else:
-            self._finish(view, "failed", error.message, error.hint)
+        self._step(view, views.REFUSED, {"message": error.message, "hint": error.hint})
 
     def _bind(self, view: JobView, job_id: str) -> None:
+        """The backend named this view's job (it has it in its job store)."""
         other_key = self._keys.get(job_id)
         if other_key and other_key != view.key:  # events came first and made a view: take it
-            other = self.jobs.pop(other_key)
-            for name in (*_PROGRESS, "glb_path", "result", "message", "hint", "finished"):
-                setattr(view, name, getattr(other, name))
-        view.job_id = job_id
+            views.merge(view, self.jobs.pop(other_key))
+        view.job_id, view.on_backend = job_id, True
         self._keys[job_id] = view.key
 
     def find(self, ident: str) -> JobView | None:
@@ -498,21 +487,9 @@ class Controller:
     def cancel(self, ident: str) -> JobView | None:
         """Cancel a job; returns at once (the tick finishes it when the backend confirms)."""
         view = self.find(ident)
-        if view is None or view.terminal:
-            return view
-        if view.state == "downloading":  # it is done: only the import is called off
-            self._downloading.pop(view.key, None)
-            self._finish(view, "done", "done; not imported (cancelled while it downloaded)")
-            return view
-        if not view.on_backend and view.state == "waiting":  # never sent
-            self._outbox = [o for o in self._outbox if o.key != view.key]
-            self._finish(view, "cancelled", "cancelled before it was sent")
-            return view
-        view.cancel_requested = True
-        view.label = "Cancelling"
-        if view.job_id:
-            self._send_cancel(view)
-        return view  # submitting: the reply's job is cancelled when it comes
+        if view is not None:
+            self._step(view, views.CANCEL)
+        return view
 
     def _send_cancel(self, view: JobView) -> None:
         sup = self.supervisor or (self._retired[-1] if self._retired else None)
@@ -526,14 +503,14 @@ class Controller:
     def _on_cancel_reply(self, key: str, pending: Pending) -> None:
         self._cancelling.discard(key)
         view = self.jobs.get(key)
-        if view is None or view.terminal:
+        if view is None:
             return
         if pending.ok:
             if pending.reply.get("state") == "cancelled":
-                self._finish(view, "cancelled")
+                self._step(view, views.JOB_CANCELLED)
             return  # "cancelling": the job_cancelled event ends it
         if pending.error.code is ErrorCode.NOT_FOUND:
-            self._finish(view, "failed", pending.error.message, "Its job folder is gone.")
+            self._step(view, views.CANCEL_GONE, {"message": pending.error.message})
         # Otherwise (no backend right now): _retry_cancels sends it again.
 
     def _retry_cancels(self) -> None:
@@ -656,10 +633,12 @@ class Controller:
         reason = getattr(error, "message", "") or getattr(sup, "state_reason", "")
         self.last_error = one_line(reason)
         self.last_hint = one_line(getattr(error, "hint", ""), 300)
-        for out in self._outbox:
+        for out in list(self._outbox):
             view = self.jobs.get(out.key)
-            if view is not None and not view.terminal:
-                self._finish(view, "failed", f"not sent: {self.last_error}", self.last_hint)
+            if view is not None:
+                self._step(
+                    view, views.NOT_SENT, {"message": self.last_error, "hint": self.last_hint}
+                )
         self._outbox.clear()
         for group in self.groups.values():
             for item in group.pending():
@@ -680,25 +659,15 @@ class Controller:
     def _on_job_record(self, key: str, pending: Pending) -> None:
         self._checking.discard(key)
         view = self.jobs.get(key)
-        if view is None or view.terminal:
+        if view is None:
             return
         if not pending.ok:
             if pending.error.code is ErrorCode.NOT_FOUND:  # e.g. its folder was removed
-                self._finish(
-                    view,
-                    "failed",
-                    f"the job's record is gone: {pending.error.message}",
-                    "Its folder was removed, or the output folder changed or became unusable.",
-                )
+                self._step(view, views.RECORD_GONE, {"message": pending.error.message})
             return
-        record = pending.reply.get("job") or {}
-        state = record.get("state")
-        if state in TERMINAL:
-            self._apply_job(view, *event_from_record(record))
-        elif state == "queued" and view.state == "waiting":
-            view.state, view.label = "queued", ""
-        elif state == "running" and view.state in ("waiting", "queued"):
-            view.state, view.label = "running", ""
+        event = views.record_event(pending.reply.get("job") or {})
+        if event is not None:
+            self._step(view, *event)
 
     def apply(self, message: Any) -> None:
         """Fold one backend message or supervisor event into the views."""
@@ -710,8 +679,8 @@ class Controller:
         job_id = content.get("job_id")
         if msg_type == "supervisor_job_retried" and isinstance(job_id, str):
             view = self.find(job_id)
-            if view is not None and not view.terminal:
-                view.state, view.label = "waiting", "Runs again on a fresh backend"
+            if view is not None:
+                self._step(view, views.RETRIED)
             return
         if msg_type.startswith("job_") and isinstance(job_id, str):
             if parent_id and parent_id in self._abandoned:
@@ -723,10 +692,9 @@ class Controller:
                 view = self.jobs.get(self._by_request[parent_id])
                 if view is not None:
                     self._bind(view, job_id)
-                    view.on_backend = True
             if view is None:  # a job recovered from an earlier backend, or another client's
                 view = self._adopt(job_id, content)
-            self._apply_job(view, msg_type, content)
+            self._step(view, msg_type, content)
             return
         if msg_type in ("backend_state", "heartbeat", "supervisor_state"):
             return  # the supervisor folds these into its own state
@@ -756,48 +724,31 @@ class Controller:
             self._expect(self.supervisor.cancel_nowait(job_id), lambda p: None)
         self.notes.append(f"cancelled job {job_id}: its Generate was reported as failed")
 
-    def _apply_job(self, view: JobView, msg_type: str, content: dict[str, Any]) -> None:
-        if view.terminal:
-            return  # terminal states are sticky, as in the job store
-        if msg_type in ("job_queued", "job_started") and view.cancel_requested:
-            self._send_cancel(view)  # a new backend picked up a job we cancelled
-        if msg_type == "job_queued":
-            view.state, view.label = "queued", ""
-            view.position = content.get("position")
-            view.kind = content.get("kind") or view.kind
-        elif msg_type == "job_started":
-            view.state, view.label = "running", ""
-            view.position = None
-        elif msg_type == "job_progress":
-            view.state = "running"
-            view.stage = content.get("stage") or view.stage
-            view.label = content.get("label") or view.stage
-            view.fraction = float(content.get("fraction") or 0.0)
-            view.level = int(content.get("level") or view.level or 0)
-        elif msg_type == "job_retry":
-            view.level = int(content.get("level") or view.level or 0)
-            view.message = f"retrying at quality level {view.level} ({content.get('reason')})"
-        elif msg_type == "job_done":
-            if view.state == "downloading":
-                return  # the event and a `job` check both said so: one download
-            view.result = content
-            view.level = int(content.get("oom_quality_degradation_level") or 0)
-            final = content.get("final_params") or {}
-            view.seed = final.get("seed", view.seed)
-            if view.auto_import and not view.cancel_requested and self.on_job_done is not None:
-                self._download_result(view)  # imported when the file is here
-            else:
-                self._finish(view, "done")
-        elif msg_type == "job_failed":
-            message = content.get("message") or "failed"
-            self._finish(view, "failed", message, content.get("hint"))
-        elif msg_type == "job_cancelled":
-            self._finish(view, "cancelled")
+    def _step(self, view: JobView, event: str, content: dict[str, Any] | None = None) -> bool:
+        """Fold one event into a job's view (views.TRANSITIONS) and do what the step asks.
+        False when the event changed nothing (late, or unknown in the view's state)."""
+        importing = self.on_job_done is not None
+        actions = views.step(view, event, content, now=self.clock(), importing=importing)
+        for action in actions or ():
+            if action == views.ENDED:
+                self._outbox = [o for o in self._outbox if o.key != view.key]
+                self.last_outcome = view.key
+                self.history.refresh()
+            elif action == views.UNQUEUE:
+                self._outbox = [o for o in self._outbox if o.key != view.key]
+            elif action == views.SEND_CANCEL:
+                self._send_cancel(view)
+            elif action == views.DOWNLOAD:
+                self._download_result(view)
+            elif action == views.STOP_DOWNLOAD:
+                self._downloading.pop(view.key, None)
+            elif action == views.IMPORT:
+                self._import(view)
+        return actions is not None
 
     def _download_result(self, view: JobView) -> None:
         """Bring the result here through `fetch` (never from the backend's path), then import
         it. The job stays active ("downloading") until then, so scripts' waits include it."""
-        view.state, view.label, view.fraction = "downloading", "Downloading the result", 0.0
         key = view.key
         self._downloading[key] = self.files.get(
             view.job_id, RESULT, lambda d: self._on_result_file(key, d)
@@ -806,20 +757,22 @@ class Controller:
     def _on_result_file(self, key: str, download: Download) -> None:
         self._downloading.pop(key, None)
         view = self.jobs.get(key)
-        if view is None or view.terminal:
-            return  # cancelled while it came: the file stays in the cache, nothing imported
-        if download.error is not None:
-            self._finish(view, "done")
-            view.message = f"download failed: {one_line(download.error.message)}"
+        if view is None:
+            return
+        if download.error is None:
+            self._step(view, views.FILE_ARRIVED, {"path": download.path})
+        elif self._step(view, views.FILE_FAILED, {"message": download.error.message}):
             self.last_error = view.message
             self.last_hint = one_line(download.error.hint or "", 300)
+        # A job cancelled while its file came: the file stays in the cache, nothing imported.
+
+    def _import(self, view: JobView) -> None:
+        if self.on_job_done is None:
             return
-        view.glb_path = download.path
-        self._finish(view, "done")
         try:
             self.on_job_done(view)
         except Exception as exc:  # a failed import is reported, never raised in a timer
-            view.message = f"import failed: {one_line(exc)}"
+            self._step(view, views.IMPORT_FAILED, {"message": str(exc)})
             self.last_error = view.message
 
     def _follow_downloads(self) -> bool:
@@ -827,8 +780,8 @@ class Controller:
         for key, download in self._downloading.items():
             view = self.jobs.get(key)
             if view is not None and download.size:
-                view.fraction = download.fraction
-                view.label = f"Downloading the result ({format_bytes(download.size)})"
+                progress = {"fraction": download.fraction, "size": download.size}
+                self._step(view, views.FILE_PROGRESS, progress)
         return moved
 
     def _send_fetch(self, content: dict[str, Any]) -> Pending | None:
@@ -851,26 +804,6 @@ class Controller:
         download = self.fetch_file(job_id, name)
         self._wait_until(lambda: download.done, timeout)
         return download
-
-    def _finish(
-        self, view: JobView | None, state: str, message: str = "", hint: str | None = ""
-    ) -> None:
-        if view is None:
-            return
-        self._outbox = [o for o in self._outbox if o.key != view.key]
-        view.state = state
-        view.finished = self.clock()
-        view.position = None
-        if state == "done":
-            view.fraction = 1.0
-            view.label = "Done"
-        else:
-            view.label = state.capitalize()
-        if message:
-            view.message = one_line(message, 300)
-        view.hint = one_line(hint or "", 300)
-        self.last_outcome = view.key
-        self.history.refresh()
 
     def _changed(self) -> None:
         if self.on_change is not None:
