@@ -150,7 +150,7 @@ def job_entry(reply: dict[str, Any]) -> dict[str, Any]:
     result = record.get("result") or {}
     return history_entry(
         {
-            "job_id": record["id"],
+            "job_id": record["job_id"],
             "kind": record.get("kind"),
             "state": record.get("state"),
             "filename": record.get("filename"),

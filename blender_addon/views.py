@@ -405,17 +405,19 @@ def record_event(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
 
 
 def event_from_record(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The terminal event a finished job record stands for (a missed event, recovered)."""
+    """The terminal event a finished job record stands for (a missed event, recovered). A
+    record names its job `job_id`, as every request, reply and event does (docs/protocol.md;
+    its `id` is for older clients only)."""
     state = record.get("state")
     result = record.get("result") or {}
     if state == "done":
         return "job_done", {
-            "job_id": record.get("id"),
+            "job_id": record.get("job_id"),
             "glb_path": result.get("glb_path"),
             "mesh_stats": result.get("mesh_stats"),
             "oom_quality_degradation_level": record.get("level") or 0,
             "final_params": record.get("final_params"),
         }
     if state == "failed":
-        return "job_failed", {"job_id": record.get("id"), **(record.get("error") or {})}
-    return "job_cancelled", {"job_id": record.get("id")}
+        return "job_failed", {"job_id": record.get("job_id"), **(record.get("error") or {})}
+    return "job_cancelled", {"job_id": record.get("job_id")}

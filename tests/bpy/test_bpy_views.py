@@ -220,14 +220,14 @@ def test_a_record_stands_for_its_event(v):
     assert v.record_event({"job_id": "j1", "state": "running"}) == (v.RECORD_RUNNING, {})
     assert v.record_event({"job_id": "j1", "state": "weird"}) is None
     event, content = v.record_event(
-        {"job_id": "j1", "id": "j1", "state": "done", "level": 2, "result": {"glb_path": "/r.glb"}}
+        {"job_id": "j1", "state": "done", "level": 2, "result": {"glb_path": "/r.glb"}}
     )
     assert event == v.JOB_DONE and content["job_id"] == "j1" and content["glb_path"] == "/r.glb"
     event, content = v.record_event(
-        {"job_id": "j1", "id": "j1", "state": "failed", "error": {"code": "x", "message": "m"}}
+        {"job_id": "j1", "state": "failed", "error": {"code": "x", "message": "m"}}
     )
     assert (event, content) == (v.JOB_FAILED, {"job_id": "j1", "code": "x", "message": "m"})
-    assert v.record_event({"job_id": "j1", "id": "j1", "state": "cancelled"}) == (
+    assert v.record_event({"job_id": "j1", "state": "cancelled"}) == (
         v.JOB_CANCELLED,
         {"job_id": "j1"},
     )
