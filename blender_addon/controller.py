@@ -1,12 +1,15 @@
-"""The add-on's runtime state and tick logic as plain Python (no bpy), so tests drive it directly.
+"""The add-on's runtime as plain Python (no bpy), so tests drive it directly: the one place that
+wires the supervisor (or studio link), the job views' table (`views`), the history (`history`),
+the downloads, the groups and the Doctor button (`doctor`) to the timer tick.
 
 Blender calls `Controller.tick()` from a `bpy.app.timers` callback on the main thread; tests and
 `blender -b` scripts call it in a loop (timers never fire in Blender-as-a-module). Nothing here
 waits on the backend: every request is a `client.Pending` that a later tick resolves, Stop is a
-shutdown ladder that the tick walks, and the history is what the last `jobs` reply said (the
-add-on speaks only the protocol; it never reads job folders). Only the methods under "blocking
-mode" wait, for scripts and tests. Everything the panel shows lives here, in memory, not in
-Scene properties, so progress never dirties the .blend file and drawing never touches a disk.
+shutdown ladder that the tick walks, and a job's view changes only through `views.step()` (the
+controller turns replies and events into its events and does the actions it names). The add-on
+speaks only the protocol; it never reads job folders. Only the methods under "blocking mode"
+wait, for scripts and tests. Everything the panel shows lives in memory, not in Scene
+properties, so progress never dirties the .blend file and drawing never touches a disk.
 """
 
 from __future__ import annotations
