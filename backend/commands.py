@@ -58,12 +58,22 @@ def serve_command(
 
 
 def doctor_command(
-    python: str, *, output_dir: Path | None = None, engine_options: Mapping[str, str] = {}
+    python: str,
+    *,
+    output_dir: Path | None = None,
+    engine: str | None = None,
+    engine_options: Mapping[str, str] = {},
+    for_blender: bool = False,
 ) -> list[str]:
-    """`python -m backend doctor --json ...` with the engine's folders as flags."""
+    """`python -m backend doctor --json ...` with the engine's folders as flags; `for_blender`
+    words the hints for the add-on's preferences (the add-on's Doctor button)."""
     command = backend_args(python, "doctor", "--json")
+    if for_blender:
+        command.append("--for-blender")
     if output_dir is not None:
         command += ["--output-dir", str(output_dir)]
+    if engine:
+        command += ["--engine", engine]
     for key in settings.ENGINE_ENV:
         if engine_options.get(key):
             command += [f"--{key.replace('_', '-')}", engine_options[key]]

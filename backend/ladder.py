@@ -74,7 +74,7 @@ def params_at(request: GenerationParams, level: int) -> GenerationParams:
 
 
 def _effective(params: GenerationParams, knob: str) -> Any:
-    # The cascade token budget only bites at the 1536 tier (reference/trellis2.md §1.4).
+    # The cascade token budget only bites at the 1536 tier (only that cascade reads it).
     if knob == "max_num_tokens" and params.resolution < 1536:
         return None
     if knob == "remesh_band" and not params.remesh:

@@ -55,7 +55,7 @@ def _gib(n: float) -> str:
 
 def memory_values(params: GenerationParams) -> dict[str, Any]:
     """The parameters that decide memory. The token budget only bites in the 1536 cascade
-    (reference/trellis2.md §1.4), so below 1536 it is left out (0) and cannot split records."""
+    (only that cascade reads it), so below 1536 it is left out (0) and cannot split records."""
     values = {k: getattr(params, k) for k in MEMORY_KNOBS}
     if params.resolution < 1536:
         values["max_num_tokens"] = 0

@@ -12,7 +12,7 @@ RESOLUTIONS = (512, 1024, 1536)
 TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
 SAMPLER_STAGES = ("sparse_structure", "shape", "texture")
 # The only sampler keys TRELLIS.2's samplers accept; anything else reaches a model's
-# forward() and raises TypeError in stage 1 (reference/trellis2.md §1.4).
+# forward() and raises TypeError in stage 1.
 SAMPLER_KEYS = ("steps", "guidance_strength", "guidance_rescale", "guidance_interval", "rescale_t")
 # The most triangles a mesh sent for texturing may have. With every corner split for UVs a
 # triangle costs at most 72 bytes of GLB, so a mesh at the limit fits one 96 MiB frame
@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"resolution": 512, "texture_size": 1024, "decimation_target": 200_000},
     "balanced": {"resolution": 1024, "texture_size": 2048, "decimation_target": 500_000},
     "high": {"resolution": 1536, "texture_size": 2048, "decimation_target": 1_000_000},
-    # The configuration from TRELLIS.2 issue #92 (reference/trellis2.md §7).
+    # The configuration from TRELLIS.2's GitHub issue #92.
     "game-asset": {
         "resolution": 1536,
         "texture_size": 4096,

@@ -1,12 +1,15 @@
-"""The add-on's runtime state and tick logic as plain Python (no bpy), so tests drive it directly.
+"""The add-on's runtime as plain Python (no bpy), so tests drive it directly: the one place that
+wires the supervisor (or studio link), the job views' table (`views`), the history (`history`),
+the downloads, the groups and the Doctor button (`doctor`) to the timer tick.
 
 Blender calls `Controller.tick()` from a `bpy.app.timers` callback on the main thread; tests and
 `blender -b` scripts call it in a loop (timers never fire in Blender-as-a-module). Nothing here
 waits on the backend: every request is a `client.Pending` that a later tick resolves, Stop is a
-shutdown ladder that the tick walks, and the history is what the last `jobs` reply said (the
-add-on speaks only the protocol; it never reads job folders). Only the methods under "blocking
-mode" wait, for scripts and tests. Everything the panel shows lives here, in memory, not in
-Scene properties, so progress never dirties the .blend file and drawing never touches a disk.
+shutdown ladder that the tick walks, and a job's view changes only through `views.step()` (the
+controller turns replies and events into its events and does the actions it names). The add-on
+speaks only the protocol; it never reads job folders. Only the methods under "blocking mode"
+wait, for scripts and tests. Everything the panel shows lives in memory, not in Scene
+properties, so progress never dirties the .blend file and drawing never touches a disk.
 """
 
 from __future__ import annotations
@@ -22,27 +25,20 @@ from ..backend.client import ClientTimeout, Pending
 from ..backend.errors import BackendError, ErrorCode
 from ..backend.paths import output_dir_problem
 from . import groups as grouping
+from . import views
+from .doctor import Doctor
 from .downloads import FETCH_TIMEOUT, Download, Downloads
 from .groups import Group
+from .history import HistoryView, delete_request, job_entry
 from .launch import (
     BackendConfig,
-    DoctorRun,
     default_cache_root,
     make_supervisor,
     remove_stale_run_dirs,
     run_dir,
 )
-from .views import (
-    TERMINAL,
-    HistoryView,
-    JobView,
-    Outgoing,
-    engine_label,
-    event_from_record,
-    format_bytes,
-    history_entry,
-    one_line,
-)
+from .views import JobView, Outgoing
+from .wording import engine_label, one_line
 
 log = logging.getLogger("trellis2_blender")
 
@@ -53,7 +49,6 @@ SUBMIT_TIMEOUT = 10.0  # a generate/reexport reply (the backend decodes the imag
 QUEUE_LIMIT = 8  # the backend's default queue depth
 LIVE = ("loading", "ready", "busy")  # a backend that answers requests
 CHANGING = ("starting", "loading", "restarting", "stopping")
-_PROGRESS = ("state", "stage", "label", "fraction", "level", "position")
 RESULT = "result.glb"  # the file of a job folder that holds its model
 REMOTE_ONLY_LOCAL = "Only for a backend on this computer (Preferences: Backend)"
 
@@ -116,9 +111,7 @@ class Controller:
         self.last_outcome: str | None = None  # key of the job that ended last
         self.notes: list[str] = []  # supervisor/backend notices (newest last)
         self.sessions: list[str] = []  # backend sessions seen, in order (a restart adds one)
-        self.doctor_report: dict[str, Any] | None = None
-        self.doctor_text = ""
-        self._doctor: DoctorRun | None = None
+        self.doctor = Doctor()  # the Doctor button's run and what it found
         self._output_checked: tuple[str, str | None] | None = None  # (path, problem)
         self.tick_errors: list[str] = []
         self._reported: set[str] = set()
@@ -221,7 +214,7 @@ class Controller:
         session = getattr(self.supervisor, "session", None)
         if session and (not self.sessions or self.sessions[-1] != session):
             self.sessions.append(session)
-            self.history.stale, self.history.prune = True, None
+            self.history.new_backend()
             self._next_reconcile = 0.0  # a new backend: check what it did with our jobs
 
     # -- backend lifecycle (all return at once) ------------------------------------------
@@ -288,9 +281,8 @@ class Controller:
     def _park_jobs(self, label: str) -> None:
         """Jobs the backend has but will not run now: they wait for the next backend."""
         for view in self.active_jobs():
-            if view.on_backend and view.state in ("queued", "running", "waiting"):
-                view.state, view.label, view.stage = "waiting", label, ""
-                view.fraction, view.position = 0.0, None
+            if view.on_backend:
+                self._step(view, views.PARKED, {"label": label})
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -458,9 +450,8 @@ class Controller:
         while self._outbox:
             out = self._outbox.pop(0)
             view = self.jobs.get(out.key)
-            if view is None or view.terminal:
+            if view is None or not self._step(view, views.SENT):
                 continue
-            view.state, view.label = "submitting", "Sending to the backend"
             pending = self.supervisor.request_nowait(
                 out.msg_type, out.content, out.buffers, SUBMIT_TIMEOUT
             )
@@ -475,30 +466,21 @@ class Controller:
             return
         if pending.ok:
             self._bind(view, pending.reply["job_id"])
-            view.on_backend = True
-            if view.state == "submitting":
-                view.state, view.label = "queued", ""
-                view.position = pending.reply.get("position")
-            if view.cancel_requested:
-                self._send_cancel(view)
+            self._step(view, views.ACCEPTED, pending.reply)
             return
         error = pending.error
         if isinstance(error, ClientTimeout) or error.code is ErrorCode.BACKEND_DIED:
             # The backend may have queued it before going quiet: should its reply or its
             # job_queued event still come, that job is cancelled (apply), never run or imported.
             self._abandoned[pending.msg_id] = key
-        if view.cancel_requested:
-            self._finish(view, "cancelled", "cancelled before the backend took it")
-        else:
-            self._finish(view, "failed", error.message, error.hint)
+        self._step(view, views.REFUSED, {"message": error.message, "hint": error.hint})
 
     def _bind(self, view: JobView, job_id: str) -> None:
+        """The backend named this view's job (it has it in its job store)."""
         other_key = self._keys.get(job_id)
         if other_key and other_key != view.key:  # events came first and made a view: take it
-            other = self.jobs.pop(other_key)
-            for name in (*_PROGRESS, "glb_path", "result", "message", "hint", "finished"):
-                setattr(view, name, getattr(other, name))
-        view.job_id = job_id
+            views.merge(view, self.jobs.pop(other_key))
+        view.job_id, view.on_backend = job_id, True
         self._keys[job_id] = view.key
 
     def find(self, ident: str) -> JobView | None:
@@ -508,21 +490,9 @@ class Controller:
     def cancel(self, ident: str) -> JobView | None:
         """Cancel a job; returns at once (the tick finishes it when the backend confirms)."""
         view = self.find(ident)
-        if view is None or view.terminal:
-            return view
-        if view.state == "downloading":  # it is done: only the import is called off
-            self._downloading.pop(view.key, None)
-            self._finish(view, "done", "done; not imported (cancelled while it downloaded)")
-            return view
-        if not view.on_backend and view.state == "waiting":  # never sent
-            self._outbox = [o for o in self._outbox if o.key != view.key]
-            self._finish(view, "cancelled", "cancelled before it was sent")
-            return view
-        view.cancel_requested = True
-        view.label = "Cancelling"
-        if view.job_id:
-            self._send_cancel(view)
-        return view  # submitting: the reply's job is cancelled when it comes
+        if view is not None:
+            self._step(view, views.CANCEL)
+        return view
 
     def _send_cancel(self, view: JobView) -> None:
         sup = self.supervisor or (self._retired[-1] if self._retired else None)
@@ -536,14 +506,14 @@ class Controller:
     def _on_cancel_reply(self, key: str, pending: Pending) -> None:
         self._cancelling.discard(key)
         view = self.jobs.get(key)
-        if view is None or view.terminal:
+        if view is None:
             return
         if pending.ok:
             if pending.reply.get("state") == "cancelled":
-                self._finish(view, "cancelled")
+                self._step(view, views.JOB_CANCELLED)
             return  # "cancelling": the job_cancelled event ends it
         if pending.error.code is ErrorCode.NOT_FOUND:
-            self._finish(view, "failed", pending.error.message, "Its job folder is gone.")
+            self._step(view, views.CANCEL_GONE, {"message": pending.error.message})
         # Otherwise (no backend right now): _retry_cancels sends it again.
 
     def _retry_cancels(self) -> None:
@@ -598,7 +568,7 @@ class Controller:
         if self.clock() >= self._next_reconcile:
             self._guard("checking jobs", self._reconcile)
         self._guard("reading the history", self._refresh_history)
-        changed = bool(self._guard("running the doctor", self._poll_doctor)) or changed
+        changed = bool(self._guard("running the doctor", self.doctor.poll)) or changed
         changed = bool(self._guard("following groups", self._sync_groups)) or changed
         if changed:
             self._guard("redrawing", self._changed)
@@ -654,7 +624,7 @@ class Controller:
         if state in ("stopped", "dead"):  # nothing more comes: downloads end (retried later)
             self.files.fail_all(BackendError(ErrorCode.BACKEND_DIED, f"the backend {state}"))
         if state in LIVE and self._last_state not in LIVE:
-            self.history.stale = True
+            self.history.refresh()
         self._last_state = state
         return True
 
@@ -666,10 +636,12 @@ class Controller:
         reason = getattr(error, "message", "") or getattr(sup, "state_reason", "")
         self.last_error = one_line(reason)
         self.last_hint = one_line(getattr(error, "hint", ""), 300)
-        for out in self._outbox:
+        for out in list(self._outbox):
             view = self.jobs.get(out.key)
-            if view is not None and not view.terminal:
-                self._finish(view, "failed", f"not sent: {self.last_error}", self.last_hint)
+            if view is not None:
+                self._step(
+                    view, views.NOT_SENT, {"message": self.last_error, "hint": self.last_hint}
+                )
         self._outbox.clear()
         for group in self.groups.values():
             for item in group.pending():
@@ -690,25 +662,15 @@ class Controller:
     def _on_job_record(self, key: str, pending: Pending) -> None:
         self._checking.discard(key)
         view = self.jobs.get(key)
-        if view is None or view.terminal:
+        if view is None:
             return
         if not pending.ok:
             if pending.error.code is ErrorCode.NOT_FOUND:  # e.g. its folder was removed
-                self._finish(
-                    view,
-                    "failed",
-                    f"the job's record is gone: {pending.error.message}",
-                    "Its folder was removed, or the output folder changed or became unusable.",
-                )
+                self._step(view, views.RECORD_GONE, {"message": pending.error.message})
             return
-        record = pending.reply.get("job") or {}
-        state = record.get("state")
-        if state in TERMINAL:
-            self._apply_job(view, *event_from_record(record))
-        elif state == "queued" and view.state == "waiting":
-            view.state, view.label = "queued", ""
-        elif state == "running" and view.state in ("waiting", "queued"):
-            view.state, view.label = "running", ""
+        event = views.record_event(pending.reply.get("job") or {})
+        if event is not None:
+            self._step(view, *event)
 
     def apply(self, message: Any) -> None:
         """Fold one backend message or supervisor event into the views."""
@@ -720,8 +682,8 @@ class Controller:
         job_id = content.get("job_id")
         if msg_type == "supervisor_job_retried" and isinstance(job_id, str):
             view = self.find(job_id)
-            if view is not None and not view.terminal:
-                view.state, view.label = "waiting", "Runs again on a fresh backend"
+            if view is not None:
+                self._step(view, views.RETRIED)
             return
         if msg_type.startswith("job_") and isinstance(job_id, str):
             if parent_id and parent_id in self._abandoned:
@@ -733,10 +695,9 @@ class Controller:
                 view = self.jobs.get(self._by_request[parent_id])
                 if view is not None:
                     self._bind(view, job_id)
-                    view.on_backend = True
             if view is None:  # a job recovered from an earlier backend, or another client's
                 view = self._adopt(job_id, content)
-            self._apply_job(view, msg_type, content)
+            self._step(view, msg_type, content)
             return
         if msg_type in ("backend_state", "heartbeat", "supervisor_state"):
             return  # the supervisor folds these into its own state
@@ -766,48 +727,31 @@ class Controller:
             self._expect(self.supervisor.cancel_nowait(job_id), lambda p: None)
         self.notes.append(f"cancelled job {job_id}: its Generate was reported as failed")
 
-    def _apply_job(self, view: JobView, msg_type: str, content: dict[str, Any]) -> None:
-        if view.terminal:
-            return  # terminal states are sticky, as in the job store
-        if msg_type in ("job_queued", "job_started") and view.cancel_requested:
-            self._send_cancel(view)  # a new backend picked up a job we cancelled
-        if msg_type == "job_queued":
-            view.state, view.label = "queued", ""
-            view.position = content.get("position")
-            view.kind = content.get("kind") or view.kind
-        elif msg_type == "job_started":
-            view.state, view.label = "running", ""
-            view.position = None
-        elif msg_type == "job_progress":
-            view.state = "running"
-            view.stage = content.get("stage") or view.stage
-            view.label = content.get("label") or view.stage
-            view.fraction = float(content.get("fraction") or 0.0)
-            view.level = int(content.get("level") or view.level or 0)
-        elif msg_type == "job_retry":
-            view.level = int(content.get("level") or view.level or 0)
-            view.message = f"retrying at quality level {view.level} ({content.get('reason')})"
-        elif msg_type == "job_done":
-            if view.state == "downloading":
-                return  # the event and a `job` check both said so: one download
-            view.result = content
-            view.level = int(content.get("oom_quality_degradation_level") or 0)
-            final = content.get("final_params") or {}
-            view.seed = final.get("seed", view.seed)
-            if view.auto_import and not view.cancel_requested and self.on_job_done is not None:
-                self._download_result(view)  # imported when the file is here
-            else:
-                self._finish(view, "done")
-        elif msg_type == "job_failed":
-            message = content.get("message") or "failed"
-            self._finish(view, "failed", message, content.get("hint"))
-        elif msg_type == "job_cancelled":
-            self._finish(view, "cancelled")
+    def _step(self, view: JobView, event: str, content: dict[str, Any] | None = None) -> bool:
+        """Fold one event into a job's view (views.TRANSITIONS) and do what the step asks.
+        False when the event changed nothing (late, or unknown in the view's state)."""
+        importing = self.on_job_done is not None
+        actions = views.step(view, event, content, now=self.clock(), importing=importing)
+        for action in actions or ():
+            if action == views.ENDED:
+                self._outbox = [o for o in self._outbox if o.key != view.key]
+                self.last_outcome = view.key
+                self.history.refresh()
+            elif action == views.UNQUEUE:
+                self._outbox = [o for o in self._outbox if o.key != view.key]
+            elif action == views.SEND_CANCEL:
+                self._send_cancel(view)
+            elif action == views.DOWNLOAD:
+                self._download_result(view)
+            elif action == views.STOP_DOWNLOAD:
+                self._downloading.pop(view.key, None)
+            elif action == views.IMPORT:
+                self._import(view)
+        return actions is not None
 
     def _download_result(self, view: JobView) -> None:
         """Bring the result here through `fetch` (never from the backend's path), then import
         it. The job stays active ("downloading") until then, so scripts' waits include it."""
-        view.state, view.label, view.fraction = "downloading", "Downloading the result", 0.0
         key = view.key
         self._downloading[key] = self.files.get(
             view.job_id, RESULT, lambda d: self._on_result_file(key, d)
@@ -816,20 +760,22 @@ class Controller:
     def _on_result_file(self, key: str, download: Download) -> None:
         self._downloading.pop(key, None)
         view = self.jobs.get(key)
-        if view is None or view.terminal:
-            return  # cancelled while it came: the file stays in the cache, nothing imported
-        if download.error is not None:
-            self._finish(view, "done")
-            view.message = f"download failed: {one_line(download.error.message)}"
+        if view is None:
+            return
+        if download.error is None:
+            self._step(view, views.FILE_ARRIVED, {"path": download.path})
+        elif self._step(view, views.FILE_FAILED, {"message": download.error.message}):
             self.last_error = view.message
             self.last_hint = one_line(download.error.hint or "", 300)
+        # A job cancelled while its file came: the file stays in the cache, nothing imported.
+
+    def _import(self, view: JobView) -> None:
+        if self.on_job_done is None:
             return
-        view.glb_path = download.path
-        self._finish(view, "done")
         try:
             self.on_job_done(view)
         except Exception as exc:  # a failed import is reported, never raised in a timer
-            view.message = f"import failed: {one_line(exc)}"
+            self._step(view, views.IMPORT_FAILED, {"message": str(exc)})
             self.last_error = view.message
 
     def _follow_downloads(self) -> bool:
@@ -837,8 +783,8 @@ class Controller:
         for key, download in self._downloading.items():
             view = self.jobs.get(key)
             if view is not None and download.size:
-                view.fraction = download.fraction
-                view.label = f"Downloading the result ({format_bytes(download.size)})"
+                progress = {"fraction": download.fraction, "size": download.size}
+                self._step(view, views.FILE_PROGRESS, progress)
         return moved
 
     def _send_fetch(self, content: dict[str, Any]) -> Pending | None:
@@ -862,26 +808,6 @@ class Controller:
         self._wait_until(lambda: download.done, timeout)
         return download
 
-    def _finish(
-        self, view: JobView | None, state: str, message: str = "", hint: str | None = ""
-    ) -> None:
-        if view is None:
-            return
-        self._outbox = [o for o in self._outbox if o.key != view.key]
-        view.state = state
-        view.finished = self.clock()
-        view.position = None
-        if state == "done":
-            view.fraction = 1.0
-            view.label = "Done"
-        else:
-            view.label = state.capitalize()
-        if message:
-            view.message = one_line(message, 300)
-        view.hint = one_line(hint or "", 300)
-        self.last_outcome = view.key
-        self.history.stale = True
-
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
@@ -892,40 +818,20 @@ class Controller:
         h = self.history
         if not h.stale or h.request is not None or not self._answers():
             return
-        h.stale = False
-        content: dict[str, Any] = {"limit": h.page_size, "offset": h.page * h.page_size}
-        if h.query:
-            content["query"] = h.query
-        h.request = self.supervisor.request_nowait("jobs", content)
+        h.request = self.supervisor.request_nowait("jobs", h.listing())
         self._expect(h.request, self._on_history)
-        if h.prune is None and not self.remote:  # a gateway keeps its own store tidy
-            preview = self.supervisor.request_nowait(
-                "delete_jobs", {"older_than_days": h.prune_days, "dry_run": True}
-            )
-            self._expect(preview, self._on_prune_preview)
+        preview = h.prune_preview()
+        if preview is not None and not self.remote:  # a gateway keeps its own store tidy
+            pending = self.supervisor.request_nowait("delete_jobs", preview)
+            self._expect(pending, lambda p: self.history.on_prune_preview(p))
 
     def _on_history(self, pending: Pending) -> None:
-        h = self.history
-        h.request = None
-        if not pending.ok:
-            h.error = one_line(pending.error.message)
+        if not self.history.on_listing(pending):
             return
-        reply = pending.reply
-        h.total = int(reply.get("total") or 0)
-        if not reply.get("jobs") and h.page > 0 and h.total:  # the page emptied (deletes)
-            h.page = h.pages - 1
-            h.stale = True
-            return
-        h.entries = [history_entry(j) for j in reply.get("jobs") or []]
-        h.warnings = [one_line(w) for w in reply.get("warnings") or []]
-        h.error = ""
-        h.loaded = True
-        if reply.get("total") is None and not reply.get("offset"):  # a gateway: one page
-            h.total = len(h.entries)
-        for entry in h.entries:
+        for entry in self.history.entries:
             self._fetch_thumbnail(entry)
         if self.on_history is not None:
-            self.on_history(h.entries)
+            self.on_history(self.history.entries)
 
     def _fetch_thumbnail(self, entry: dict[str, Any]) -> None:
         """The entry's thumbnail, fetched into the cache; `thumbnail_file` once it is here."""
@@ -941,29 +847,20 @@ class Controller:
 
         self.files.get(entry["job_id"], name, arrived)
 
-    def _on_prune_preview(self, pending: Pending) -> None:
-        self.history.prune = pending.reply if pending.ok else None
-
     def refresh_history(self) -> None:
-        self.history.stale = True
+        self.history.refresh()
 
     def history_page(self, page: int) -> None:
-        self.history.page = max(0, min(page, self.history.pages - 1))
-        self.history.stale = True
+        self.history.turn_to(page)
 
     def history_search(self, query: str) -> None:
-        query = query.strip()
-        if query != self.history.query:
-            self.history.query, self.history.page = query, 0
-            self.history.stale = True
+        self.history.search(query)
 
     def history_prune_days(self, days: int) -> None:
-        if days != self.history.prune_days:
-            self.history.prune_days, self.history.prune = max(0, int(days)), None
-            self.history.stale = True
+        self.history.set_prune_days(days)
 
     def history_entry(self, job_id: str) -> dict[str, Any] | None:
-        return next((e for e in self.history.entries if e["job_id"] == job_id), None)
+        return self.history.entry(job_id)
 
     def delete_jobs(self, job_id: str | None = None, older_than_days: int | None = None) -> None:
         """Remove one finished job, or those older than N days; returns at once."""
@@ -979,20 +876,9 @@ class Controller:
                 "the history is kept by the backend, which is not running",
                 "Start the backend first.",
             )
-        content: dict[str, Any] = {"job_id": job_id} if job_id else {}
-        if older_than_days is not None:
-            content = {"older_than_days": int(older_than_days)}
-        self._expect(self.supervisor.request_nowait("delete_jobs", content), self._on_deleted)
-
-    def _on_deleted(self, pending: Pending) -> None:
-        h = self.history
-        h.prune = None
-        if pending.ok:
-            count, size = pending.reply.get("count", 0), pending.reply.get("bytes", 0)
-            h.notice = f"Deleted {count} job(s), {format_bytes(size)} freed"
-        else:
-            h.notice = f"Delete failed: {one_line(pending.error.message)}"
-        h.stale = True
+        content = delete_request(job_id, older_than_days)
+        pending = self.supervisor.request_nowait("delete_jobs", content)
+        self._expect(pending, lambda p: self.history.on_deleted(p))
 
     # -- status and doctor ---------------------------------------------------------------
 
@@ -1021,25 +907,7 @@ class Controller:
     def run_doctor(self) -> None:
         """Run `python -m backend doctor` with the backend's interpreter, in the background
         (it imports torch); the tick collects the report."""
-        if self._doctor is not None:
-            return
-        if self.config.remote:
-            self.doctor_text = (
-                "Doctor checks this computer's backend; the studio server's admin runs it there"
-            )
-            return
-        self._doctor = DoctorRun(self.config)
-        self.doctor_text, self.doctor_report = "Running...", None
-
-    def _poll_doctor(self) -> bool:
-        run = self._doctor
-        if run is None or not run.poll():
-            return False
-        self._doctor = None
-        self.doctor_report, self.doctor_text = run.report, run.text
-        if run.report is None:
-            log.warning("doctor printed no report:\n%s", run.output)
-        return True
+        self.doctor.start(self.config)
 
     # -- blocking mode (blender -b scripts, tests) ---------------------------------------
 
@@ -1103,8 +971,8 @@ class Controller:
 
     def history_blocking(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """The current history page, fetched now (starts nothing). Scripts and tests."""
-        self.history.stale = True
-        self._wait_until(lambda: not self.history.stale and self.history.request is None, timeout)
+        self.history.refresh()
+        self._wait_until(lambda: self.history.settled, timeout)
         return self.history.entries
 
     def job_entry_blocking(self, job_id: str, timeout: float = 30.0) -> dict[str, Any] | None:
@@ -1115,34 +983,16 @@ class Controller:
         self._wait_until(lambda: pending.done, timeout)
         if not pending.ok:
             return None
-        record, folder = pending.reply["job"], str(pending.reply["folder"])
-        names = pending.reply.get("files") or {}
-        inputs = sorted(n for n in names if n.startswith("input."))
-        result = record.get("result") or {}
-        return history_entry(
-            {
-                "job_id": record["id"],
-                "kind": record.get("kind"),
-                "state": record.get("state"),
-                "filename": record.get("filename"),
-                "preset": (record.get("params") or {}).get("preset"),
-                "glb_path": result.get("glb_path"),
-                "parent": record.get("parent"),
-                "folder": folder,
-                "input": inputs[0] if inputs else None,  # a name: fetched, never opened
-            }
-        )
+        return job_entry(pending.reply)
 
     def wait_doctor(self, timeout: float = 120.0) -> dict[str, Any] | None:
-        self._wait_until(lambda: self._doctor is None, timeout)
-        return self.doctor_report
+        self._wait_until(lambda: not self.doctor.running, timeout)
+        return self.doctor.report
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Everything off (unregister, Blender quitting): no orphan processes. This one waits
         (bounded by the shutdown ladder)."""
-        if self._doctor is not None:
-            self._doctor.kill()
-            self._doctor = None
+        self.doctor.kill()
         self._start_wanted = False
         for sup in [*self._retired, self.supervisor]:
             if sup is not None:

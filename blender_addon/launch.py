@@ -1,12 +1,11 @@
-"""How the add-on starts processes: the backend (through a supervisor) with the preferences'
-settings, and `doctor` with the same interpreter. Plain Python (no bpy)."""
+"""How the add-on starts the backend: the preferences' settings as a configuration, the supervisor
+(or studio link) made from them, the run folder of this Blender session and the download
+cache's root. Plain Python (no bpy)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -15,7 +14,6 @@ from typing import Any
 
 from ..backend.files import default_output_dir
 from ..backend.procutil import pid_alive
-from .views import one_line
 
 ADDON_ROOT = Path(__file__).resolve().parent.parent  # holds backend/, so `-m backend` works
 RUN_DIR_PREFIX = "trellis2-blender-"
@@ -142,78 +140,3 @@ def make_supervisor(config: BackendConfig) -> Any:
         start_timeout=config.start_timeout,
     )
     return Supervisor(spec, policy)
-
-
-def doctor_command(config: BackendConfig) -> tuple[list[str], dict[str, str]]:
-    """`python -m backend doctor` for these settings: (arguments, environment)."""
-    env = dict(os.environ)
-    paths = [str(ADDON_ROOT)]
-    if config.own_python:
-        paths += bundled_site_dirs()
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    args = [config.interpreter, "-m", "backend", "doctor", "--json", "--for-blender"]
-    args += ["--output-dir", str(config.output_dir), "--engine", config.engine]
-    for key in ("weights_dir", "trellis_checkout"):
-        if config.engine_options.get(key):
-            args += [f"--{key.replace('_', '-')}", config.engine_options[key]]
-    return args, env
-
-
-class DoctorRun:
-    """One `doctor` in a child process, collected by the tick (`poll()`). Never a traceback:
-    a doctor that printed no report is summed up in one line (`output` has all of it)."""
-
-    def __init__(self, config: BackendConfig):
-        self.interpreter = config.interpreter
-        args, env = doctor_command(config)
-        self.report: dict[str, Any] | None = None
-        self.text = "Running..."
-        self.output = ""
-        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - closed by poll() or kill()
-        self._proc: subprocess.Popen | None = None
-        try:
-            self._proc = subprocess.Popen(
-                args,
-                cwd=str(ADDON_ROOT),
-                env=env,
-                stdout=self._out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        except OSError as exc:
-            self.text = one_line(f"cannot run {self.interpreter}: {exc}")
-
-    def poll(self) -> bool:
-        """True once it has finished (then `report` or `text` says how it went)."""
-        if self._proc is None:
-            self._out.close()
-            return True
-        if self._proc.poll() is None:
-            return False
-        self._out.seek(0)
-        self.output = self._out.read().decode("utf-8", "replace")
-        self._out.close()
-        start = self.output.find("{")
-        try:
-            report = json.loads(self.output[start:]) if start >= 0 else None
-        except ValueError:
-            report = None
-        if not isinstance(report, dict):
-            why = one_line(self.output) or f"it exited with code {self._proc.returncode}"
-            self.text = one_line(f"Doctor could not run with {self.interpreter}: {why}")
-            return True
-        for check in report.get("checks") or []:
-            if isinstance(check, dict):
-                for key in ("detail", "hint", "message"):
-                    if key in check:
-                        check[key] = one_line(check[key], 300)
-        self.report = report
-        self.text = "OK" if report.get("ok") else "Problems found"
-        return True
-
-    def kill(self) -> None:
-        """Stop it now (unregister, quitting): waits for the process to go."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._out.close()

@@ -27,7 +27,7 @@ from .importer import (
 )
 from .preferences import backend_config, get_prefs
 from .properties import TEXTURE_RESULTS, import_options, params_from
-from .views import engine_label, format_bytes, one_line
+from .wording import engine_label, format_bytes, one_line
 
 MODES = (
     ("AUTO", "Auto", "Wait only in background mode (blender -b), where no timer runs"),

@@ -9,7 +9,7 @@ import bpy
 
 from . import groups, runtime, selection
 from .preferences import draw_doctor, draw_error, draw_status, get_prefs
-from .views import PREVIEW_IGNORES, format_bytes, one_line
+from .wording import PREVIEW_IGNORES, format_bytes, one_line
 
 
 def _fmt_count(n) -> str:

@@ -9,7 +9,7 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from ..backend.paths import expand
 from .launch import BackendConfig, default_output_dir
-from .views import ENGINES, engine_label, one_line
+from .wording import ENGINES, engine_label, one_line
 
 WHERE = (
     ("LOCAL", "This Computer", "A backend on this computer, started and watched by the add-on"),
@@ -225,11 +225,11 @@ def draw_error(layout, message: str, hint: str = "") -> None:
 
 
 def draw_doctor(layout, ctrl) -> None:
-    if ctrl is None or not ctrl.doctor_text:
+    if ctrl is None or not ctrl.doctor.text:
         return
     col = layout.column(align=True)
-    col.label(text=f"Doctor: {one_line(ctrl.doctor_text, 120)}")
-    report = ctrl.doctor_report or {}
+    col.label(text=f"Doctor: {one_line(ctrl.doctor.text, 120)}")
+    report = ctrl.doctor.report or {}
     checks = [c for c in report.get("checks", []) if isinstance(c, dict)]
     optional = [c for c in checks if c.get("optional")]
     for check in [c for c in checks if not c.get("optional")][:30]:

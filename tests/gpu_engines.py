@@ -263,11 +263,12 @@ class FaultEngine(_CachingEngine):
 
 # -- CudaLoadEngine (real CUDA) ------------------------------------------------------------------
 #
-# A memory model shaped like TRELLIS.2's (reference/trellis2.md §1.4, §2, §6): the 1536 cascade
-# lowers its resolution in 128 steps until the shape tokens fit max_num_tokens (never below
-# 1024); sampling memory grows with the token count and doubles-ish with classifier-free
-# guidance; the remesh's dual contouring spikes with resolution³; the texture bake grows with
-# texture_size². Peaks land near 30 GiB (1536 cascade), 18 GiB (1024) and 8 GiB (512).
+# A memory model shaped like TRELLIS.2's (docs/GPU.md compares it with the real code): the
+# 1536 cascade lowers its resolution in 128 steps until the shape tokens fit max_num_tokens
+# (never below 1024); sampling memory grows with the token count and doubles-ish with
+# classifier-free guidance; the remesh's dual contouring spikes with resolution³; the texture
+# bake grows with texture_size². Peaks land near 30 GiB (1536 cascade), 18 GiB (1024) and
+# 8 GiB (512).
 
 TOKENS_AT_1024 = 24_576
 

@@ -52,6 +52,23 @@ def test_doctor_command_names_the_engine_folders():
     assert args.weights_dir == "/w" and Path(args.output_dir) == Path("/o")
 
 
+def test_the_add_ons_doctor_command_is_what_doctor_parses():
+    command = commands.doctor_command(
+        "py",
+        output_dir=Path("/o"),
+        engine="preview",
+        engine_options={"weights_dir": "/w", "trellis_checkout": "/c"},
+        for_blender=True,
+    )
+    assert command[:3] == ["py", "-m", "backend"]
+    args = build_parser().parse_args(command[3:])
+    assert args.command == "doctor" and args.json is True and args.for_blender is True
+    assert args.engine == "preview" and Path(args.output_dir) == Path("/o")
+    assert args.weights_dir == "/w" and args.trellis_checkout == "/c"
+    plain = build_parser().parse_args(commands.doctor_command("py")[3:])
+    assert plain.for_blender is False and plain.engine is None and plain.output_dir is None
+
+
 def test_a_backend_runs_this_copy_of_the_package(tmp_path):
     spec = BackendSpec(
         output_dir=tmp_path, connection_file=tmp_path / "c.json", extra_pythonpath=["/wheels"]

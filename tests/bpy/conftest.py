@@ -86,7 +86,7 @@ def ctrl(addon, prefs):
 
     runtime = import_module(f"{MODULE}.blender_addon.runtime")
     preferences = import_module(f"{MODULE}.blender_addon.preferences")
-    views = import_module(f"{MODULE}.blender_addon.views")
+    history = import_module(f"{MODULE}.blender_addon.history")
     controller = runtime.get()
     # tests/conftest.py points TRELLIS2_OUTPUT_DIR at a fresh folder per test: follow it.
     controller.configure(preferences.backend_config(preferences.get_prefs()))
@@ -101,12 +101,12 @@ def ctrl(addon, prefs):
     controller._downloading.clear()
     controller.supervisor_factory = import_module(f"{MODULE}.blender_addon.launch").make_supervisor
     controller.files.active.clear()
-    controller.history = views.HistoryView()
+    controller.history = history.HistoryView()
     controller.last_error = controller.last_hint = ""
     controller.last_outcome = None
     controller.tick_errors.clear()
     controller._reported.clear()
-    controller.doctor_report, controller.doctor_text = None, ""
+    controller.doctor.forget()
 
 
 @pytest.fixture

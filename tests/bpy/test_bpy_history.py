@@ -63,7 +63,7 @@ def test_delete_a_job_and_clear_old_ones_seeing_the_space_they_use(scene, ctrl):
     entries = ctrl.history_blocking()
     sizes = {e["job_id"]: e["bytes"] for e in entries}
     assert all(size > 0 for size in sizes.values())
-    fmt = submodule("views").format_bytes
+    fmt = submodule("wording").format_bytes
     log = draw(bpy.types.TRELLIS2_PT_history, bpy.context)
     assert f"{fmt(entries[0]['bytes'])} on disk" in texts(log)
     assert "trellis2.delete_job" in operators_in(log)
@@ -131,3 +131,49 @@ def test_a_script_drives_cancel_the_queue_reexport_and_new_seed(scene, ctrl, mon
     assert bpy.ops.trellis2.wait() == {"FINISHED"}
     again = list(ctrl.jobs.values())[-1]
     assert again.state == "done" and again.seed == props.last_seed and again.name == "duck_on_grey"
+
+
+# -- the history's rules, without a backend (blender_addon/history.py) -------------------------
+
+
+class Reply:
+    def __init__(self, reply=None, error=None):
+        self.ok, self.reply, self.error = error is None, reply or {}, error
+
+
+def test_a_job_reply_is_an_entry_named_by_its_job_id(addon):
+    history = submodule("history")
+    record = {"job_id": "j7", "kind": "generate", "state": "done", "filename": "duck.png"}
+    record["result"] = {"glb_path": "/store/j7/result.glb"}
+    entry = history.job_entry(
+        {"job": record, "folder": "/store/j7", "files": {"input.png": 10, "result.glb": 20}}
+    )
+    assert entry["job_id"] == "j7" and entry["name"] == "duck" and entry["input"] == "input.png"
+
+
+def test_the_page_search_and_clean_up_rules(addon):
+    h = submodule("history").HistoryView(total=20, page_size=8)
+    assert h.pages == 3
+    h.stale = False
+    h.turn_to(9)
+    assert h.page == 2 and h.stale
+    assert h.listing() == {"limit": 8, "offset": 16} and not h.stale
+    h.search("  duck ")
+    assert (h.query, h.page, h.stale) == ("duck", 0, True)
+    assert h.listing()["query"] == "duck"
+    assert h.prune_preview() == {"older_than_days": 30, "dry_run": True}
+    h.on_prune_preview(Reply({"count": 2, "bytes": 5}))
+    assert h.prune_preview() is None
+    h.set_prune_days(7)
+    assert h.prune is None and h.prune_preview()["older_than_days"] == 7
+    assert submodule("history").delete_request("j1") == {"job_id": "j1"}
+    assert submodule("history").delete_request(older_than_days=3) == {"older_than_days": 3}
+
+
+def test_a_gateway_listing_is_one_page_and_an_emptied_page_steps_back(addon):
+    h = submodule("history").HistoryView()
+    assert h.on_listing(Reply({"jobs": [{"job_id": "a", "filename": "a.png"}]}))
+    assert h.total == 1 and h.loaded and h.entries[0]["name"] == "a"
+    h.page, h.stale = 2, False
+    assert not h.on_listing(Reply({"jobs": [], "total": 9, "offset": 16}))
+    assert h.page == 1 and h.stale  # deletes emptied the page: the last one is asked for

@@ -282,7 +282,7 @@ def test_reexport_starts_the_backend_like_generate(scene, ctrl):
 
 def test_doctor_on_the_preview_engine_is_healthy_with_trellis2_items_optional(scene, ctrl):
     assert bpy.ops.trellis2.doctor() == {"FINISHED"}  # waits in background mode
-    report = ctrl.doctor_report
+    report = ctrl.doctor.report
     checks = {c["name"]: c for c in report["checks"]}
     assert report["ok"] and checks["preview engine"]["ok"]
     assert checks["weights"]["optional"] and checks["output folder"]["ok"]
@@ -302,7 +302,7 @@ def test_no_traceback_reaches_the_panel(scene, ctrl, prefs, tmp_path):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     prefs.python = str(fake)
     bpy.ops.trellis2.doctor()
-    assert ctrl.doctor_text.endswith("ModuleNotFoundError: No module named 'zmq'")
+    assert ctrl.doctor.text.endswith("ModuleNotFoundError: No module named 'zmq'")
     found = texts(draw(bpy.types.TRELLIS2_PT_backend, bpy.context))
     assert found and not any("Traceback" in t or "File " in t for t in found)
 
