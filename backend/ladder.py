@@ -5,11 +5,14 @@ ever lowers quality, so a request that already asks for less is left alone. Stru
 quality go first (0-6), then the input image (7-9), and texture size and decimation last
 (10-12), so a user keeps the texture detail they asked for as long as possible.
 
-Each level's knob was chosen by what it saves on the real TRELLIS.2 (GPU run 7, docs/GPU.md
-"Memory model"): memory grows with the cascade's high-resolution tokens (decode and export
-about 0.4 and 1.1 GiB per 1,000 tokens), so the shape levels lower the tokens (a token budget
-the 1536 cascade honours, then lower cascade resolutions, 768 being one upstream's own loop
-never reaches) and the export's remesh (a narrower band: -36 %; no remesh: -45 %). Steps and
+Each level's knob was chosen by what it saves on the real TRELLIS.2 (GPU runs 7 and 8,
+docs/GPU.md "Memory model"): memory grows with the cascade's high-resolution tokens (decode and
+export about 0.4 and 0.8 GiB per 1,000 tokens), so the shape levels lower the tokens (a token
+budget the 1536 cascade honours, then the 1024 cascade) and the export's remesh (a narrower
+band: -36 %; no remesh: -45 %) before the resolution drops further. The 768 cascade (one
+upstream's own loop never reaches) comes after "remesh off": on the GPU it gave 1.46x the
+tokens of the 1024 cascade for the same structure, so the memory model passes it over until a
+card learns that it has fewer (memmodel.DEFAULT_TOKENS_PER_VOXEL). Steps and
 guidance were levels once; they cannot lower a peak (each sampler step frees what it took, and
 guidance runs its two passes one after the other), so they are no longer on the ladder. The
 input-image levels help engines that read the image at that size (the preview); TRELLIS.2
@@ -43,8 +46,8 @@ LEVELS: tuple[Level, ...] = (
     _level(1, "token budget 32k", max_num_tokens=32_768),
     _level(2, "remesh band 0.5", remesh_band=0.5),
     _level(3, "resolution 1024", resolution=1024),
-    _level(4, "resolution 768", resolution=768),
-    _level(5, "remesh off", remesh=False),
+    _level(4, "remesh off", remesh=False),
+    _level(5, "resolution 768", resolution=768),
     _level(6, "resolution 512", resolution=512),
     _level(7, "input 768 px", image_size=768),
     _level(8, "input 512 px", image_size=512),

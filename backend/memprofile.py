@@ -278,6 +278,7 @@ class MemoryProfile:
                 and oom["free"] >= free_bytes
                 and oom["ts"] > decided_at
                 and all(values.get(k) == v for k, v in oom["knobs"].items())
+                and not self._passed_since(oom)
             ):
                 verdict, decided_at = "fails", oom["ts"]
                 why = (
@@ -287,6 +288,25 @@ class MemoryProfile:
         if verdict == "unknown" and peaks and max(peaks) > budget:
             verdict, why = "fails", f"peaks at {_gib(max(peaks))}"
         return verdict, why
+
+    def _passed_since(self, oom: dict[str, Any]) -> bool:
+        """A complete run after a stage OOM, with the same knobs that stage reads and no more
+        memory: the stage fits now, for every level that shares those knobs (not only the
+        parameters that ran)."""
+        for entry in self._entries.values():
+            if entry.get("engine") != oom["engine"]:
+                continue
+            if not all(entry["params"].get(k) == v for k, v in oom["knobs"].items()):
+                continue
+            if any(
+                ob["ok"]
+                and not ob.get("partial")
+                and ob["ts"] > oom["ts"]
+                and ob["free"] <= oom["free"]
+                for ob in entry["obs"]
+            ):
+                return True
+        return False
 
     def choose_start_level(
         self,

@@ -103,7 +103,7 @@ def test_exact_tokens_move_to_another_tier_by_its_ratio_not_by_the_resolution_sq
     """GPU run 8, 16 GB card: the same structure (5,622 voxels) gave 22,581 tokens at 1024 and
     33,052 at 768. The squared rescale predicted 12,700 at 768 and sent the job there."""
     request = parse_params({"preset": "balanced"})
-    at_768 = ladder.params_at(request, 4)
+    at_768 = ladder.params_at(request, 5)
     assert at_768.resolution == 768
     facts = memmodel.Facts(voxels=5_622, tokens=22_581, resolution=1024)
     ratios = {1024: 22_581 / 5_622}
@@ -121,3 +121,16 @@ def test_learned_ratios_replace_the_default_estimate():
     default = memmodel.tokens_for(params, facts, {})
     learned = memmodel.tokens_for(params, facts, {1024: 2.0})
     assert default == 3_900 and learned == 2_000
+
+
+def test_a_large_object_on_16_gb_keeps_its_resolution_and_drops_the_remesh():
+    """GPU run 8, 16 GB card (14.2 GiB available), balanced, 5,622 voxels: 22,581 tokens at
+    1024 after the shape at level 2. Before "remesh off" came ahead of the 768 cascade, the
+    job was sent to 768 (more tokens there) and ended at 512; now it stays at 1024."""
+    request = parse_params({"preset": "balanced"})
+    facts = memmodel.Facts(voxels=5_622, tokens=22_581, resolution=1024)
+    ratios = {1024: 22_581 / 5_622}
+    plan = memmodel.plan(request, 2, SHAPE, STAGES, CAPS, facts, int(14.2 * GIB), ratios)
+    assert plan is not None and plan.level == 4
+    assert plan.params.resolution == 1024 and plan.params.remesh is False
+    assert STAGES[plan.resume_stage].name == "texture"  # the shape is kept

@@ -159,7 +159,7 @@ def test_only_useful_levels_are_chosen(tmp_path):
     caps = frozenset({"resolution", "texture_size"})  # an engine with two knobs
     _record(profile, BALANCED, 0, 15 * GIB, 16 * GIB, ok=False)
     level, _ = profile.choose_start_level("trellis2", BALANCED, caps, 16 * GIB)
-    assert level == 4  # levels 1-3 change nothing this engine reads for a 1024 request
+    assert level == 5  # levels 1-4 change nothing this engine reads for a 1024 request
 
 
 STRUCTURE_INPUTS = {"image_size", "resolution", "max_num_tokens", "steps_scale", "guidance"}
@@ -169,10 +169,10 @@ def test_a_stage_oom_rules_out_levels_that_do_not_change_that_stage(tmp_path):
     profile = _profile(tmp_path)
     params = ladder.params_at(BALANCED, 0)
     profile.record("trellis2", 0, params, 15 * GIB, 16 * GIB, ok=False, depends_on=STRUCTURE_INPUTS)
-    # level 2 only narrows the remesh band, which the failed structure stage never reads
-    # (and levels 1 and 3 change nothing at 1024): level 4, the 768 cascade, is the first
+    # levels 2 and 4 only change the remesh, which the failed structure stage never reads
+    # (and levels 1 and 3 change nothing at 1024): level 5, the 768 cascade, is the first
     level, reason = profile.choose_start_level("trellis2", BALANCED, CAPS, 16 * GIB)
-    assert level == 4
+    assert level == 5
     assert "ran out of memory" in reason
     # without the stage's inputs, only the exact parameters are known to fail
     plain = _profile(tmp_path, "other-gpu")

@@ -75,8 +75,8 @@ def test_ladder_has_13_levels_in_the_documented_order():
     assert at[0] == request
     # structure first, then the input image, texture and decimation last
     assert at[1].max_num_tokens == 32_768 and at[2].remesh_band == 0.5
-    assert [at[i].resolution for i in (2, 3, 4, 5, 6)] == [1536, 1024, 768, 768, 512]
-    assert at[4].remesh is True and at[5].remesh is False
+    assert [at[i].resolution for i in (2, 3, 4, 5, 6)] == [1536, 1024, 1024, 768, 512]
+    assert at[3].remesh is True and at[4].remesh is False  # remesh off before 768 (run 8)
     # steps and guidance cannot lower a peak of the real code: no level touches them
     assert all(at[i].steps_scale == 1.0 and at[i].guidance for i in range(13))
     assert [at[i].image_size for i in (6, 7, 8, 9)] == [1024, 768, 512, 384]
@@ -101,9 +101,10 @@ def test_caps_never_raise_quality():
 def test_no_op_levels_are_skipped_for_the_request_and_engine():
     request = parse_params({"preset": "balanced"})  # 1024: token caps change nothing
     step = ladder.next_step(request, 0, failed_stage=2, stages=STAGES, capabilities=KNOBS)
-    # token budgets only matter at 1536, the remesh band (level 2) is read only by export,
-    # after the failed stage, and resolution is already 1024 at level 3: next is level 4.
-    assert step.level == 4 and step.skipped == (1, 2, 3)
+    # token budgets only matter at 1536, the remesh band and remesh (levels 2 and 4) are read
+    # only by export, after the failed stage, and resolution is already 1024 at level 3:
+    # next is level 5.
+    assert step.level == 5 and step.skipped == (1, 2, 3, 4)
     assert step.params.resolution == 768 and step.resume_stage == 1
 
 

@@ -705,9 +705,10 @@ def test_safetensors_header_reader_detects_truncation(fake, tmp_path):
 
 RESUME_AFTER_OOM = {
     # failed stage: (the level the ladder picks for "balanced", the stage it resumes from)
-    "shape": (4, "shape"),  # resolution 768 (the 1024 cascade's tokens, a third fewer)
-    "texture": (4, "shape"),
-    "decode": (4, "shape"),
+    # resolution 768 (levels 2 and 4 change only the export's remesh)
+    "shape": (5, "shape"),
+    "texture": (5, "shape"),
+    "decode": (5, "shape"),
     "export": (2, "export"),  # remesh band 0.5
 }
 # Nothing the ladder holds lowers these stages' memory in the real code (the input size,
