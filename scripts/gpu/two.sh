@@ -27,7 +27,7 @@ done
 wait
 mkdir -p "$OUT/glb"
 for i in 0 1; do
-  for f in "$OUT"/gpu$i/glb/*.glb; do [ -f "$f" ] && mv "$f" "$OUT/glb/gpu${i}_$(basename "$f")"; done
+  for f in "$OUT"/gpu$i/glb/*.glb*; do [ -f "$f" ] && mv "$f" "$OUT/glb/gpu${i}_$(basename "$f")"; done
 done
 tail -25 "$OUT/gpu0.log"; echo ----; tail -25 "$OUT/gpu1.log"
 (cd "$OUT" && tar --exclude=glb --exclude=results.tar.xz -cJf results.tar.xz setup.log gpu0.log gpu1.log gpu0 gpu1 \
