@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,11 @@ class PreviewEngine(Engine):
     def __init__(self, **options: Any):
         # The server passes engine options generically; none of them concern this engine.
         self.options = dict(options)
+
+    def load(self, progress: Callable[[float, str], None] | None = None) -> None:
+        # trimesh (with networkx, ~27,000 objects) imported at start-up, which heap.settle()
+        # freezes: else the full collection after every job walks it (~12 ms, GIL held).
+        import trimesh  # noqa: F401
 
     def stages_for(self, kind: str) -> tuple[Stage, ...]:
         if kind == "generate":
