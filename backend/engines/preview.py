@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable
@@ -666,9 +667,22 @@ def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return normals / np.where(length > 0, length, 1.0)
 
 
+@functools.cache
+def _one_material() -> type:
+    """trimesh's PBRMaterial, hashed by identity. trimesh hashes a material to share it among a
+    scene's meshes, by copying every texture's pixels into one bytes object: for a 2048²
+    texture three 16 MiB copies and a hash(), 10-20 ms with the GIL held, a preview job's
+    longest hold. A preview GLB has one mesh and one material: nothing to share."""
+    from trimesh.visual.material import PBRMaterial
+
+    class OneMaterial(PBRMaterial):
+        __hash__ = object.__hash__
+
+    return OneMaterial
+
+
 def _export_stage(state: dict[str, Any], params: GenerationParams, ctx: StageContext) -> None:
     import trimesh
-    from trimesh.visual.material import PBRMaterial
     from trimesh.visual.texture import TextureVisuals
 
     ctx.progress(0, 3, "building the mesh")
@@ -678,7 +692,7 @@ def _export_stage(state: dict[str, Any], params: GenerationParams, ctx: StageCon
     # TRELLIS.2's layout, so one import path serves both engines:
     # roughness in G and metallic in B of a linear texture, factors 1.
     packed = (0, round(ROUGHNESS * 255), round(METALLIC * 255))
-    material = PBRMaterial(
+    material = _one_material()(
         name="preview",
         baseColorTexture=texture,
         metallicRoughnessTexture=Image.new("RGB", (MR_TEXTURE_SIZE,) * 2, packed),
