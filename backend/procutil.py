@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 
 def pid_alive(pid: int) -> bool:
@@ -38,19 +37,6 @@ def _proc_state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return ""
-
-
-def lower_thread_priority(nice: int) -> bool:
-    """Add `nice` to the calling thread's niceness (never the process's). Linux only, where
-    niceness is per thread; elsewhere, or when refused, False and nothing changes."""
-    if not sys.platform.startswith("linux"):
-        return False
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-    except OSError:
-        return False
-    return True
 
 
 def _win_pid_alive(pid: int) -> bool:

@@ -74,6 +74,3 @@ ACTIVATE_TIMEOUT = 10.0  # a warm standby's answer to `activate`
 DOCTOR_TIMEOUT = 180.0  # `doctor` run as a child process for the protocol's request
 GIL_SWITCH_INTERVAL = 0.0005  # `serve`: how long a busy thread may keep the loop waiting
 PNG_ENCODE_CHUNK = 16_384  # `serve`: bytes Pillow encodes per GIL hold (its default 65,536)
-# Niceness added to the threads that run CPU jobs (Linux): batch work that shares the cores
-# with the control loop, which keeps its own, so the loop runs as soon as a request wakes it.
-CPU_JOB_NICE = 10

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from . import gpu, heap, procutil, settings
+from . import gpu, heap, settings
 from .engines import create as create_engine
 from .errors import BackendError, ErrorCode, JobCancelled
 from .jobs import JobRecord, JobState, JobStore
@@ -299,11 +299,6 @@ class Backend:
             self.emit("job_failed", {"job_id": job_id, **error.to_dict()})
 
     def _worker(self) -> None:
-        if not self.engine.uses_gpu:
-            # A CPU job computes on the cores the control loop needs to answer at once: lower
-            # priority lets the OS run the loop (and zmq's I/O) first (bench_loop, 4 jobs: p99
-            # 14 -> 9 ms).
-            procutil.lower_thread_priority(settings.CPU_JOB_NICE)
         while not self.stopping.is_set():
             if not (self.ready.wait(timeout=0.2) and self.active.wait(timeout=0.2)):
                 continue

@@ -4,14 +4,12 @@ cancel, bad input, forged messages, stop and recovery."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 
 import pytest
 import zmq
 
-from backend import protocol, settings
+from backend import protocol
 from backend.errors import BackendError, ErrorCode
 from tests.conftest import png_bytes
 
@@ -249,16 +247,3 @@ def test_doctor_request_reports_without_blocking_the_loop(make_server):
     checks = {c["name"]: c for c in reply["report"]["checks"]}
     assert "python" in checks and checks["python"]["ok"] is True
     assert "trellis2" in checks and all("hint" in c for c in checks.values())
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness: Linux")
-def test_cpu_job_threads_yield_the_cores_to_the_control_loop(make_server):
-    server = make_server()  # a CPU engine
-    job = server.client.generate(png_bytes(), {"preset": "fast"})
-    assert server.client.wait_for_job(job, 30)["event"] == "job_done"
-    loop = server.thread.native_id
-    workers = [t.native_id for t in server.server.backend._threads if t.name.startswith("worker")]
-    assert workers
-    base = os.getpriority(os.PRIO_PROCESS, loop)
-    for tid in workers:
-        assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, base + settings.CPU_JOB_NICE)
