@@ -100,6 +100,45 @@ def test_settle_freezes_start_up_objects_and_later_cycles_are_still_freed():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+def test_a_preview_job_imports_nothing_the_collector_must_walk_after_settle(tmp_path):
+    # The full collection after each job holds the GIL for as long as it walks the objects
+    # settle() left unfrozen: trimesh (and networkx) imported by a job's export were ~27,000
+    # of them. A child interpreter, as above.
+    script = textwrap.dedent(
+        """
+        import gc, sys
+        from pathlib import Path
+        from backend import heap
+        from backend.engines import create
+        from backend.jobs import JobStore
+        from backend.params import parse_params
+        from backend.runner import Runner, RunnerConfig
+        from backend.stats import StatsLog
+        from tests.conftest import png_bytes
+
+        out = Path(sys.argv[1])
+        engine = create("preview")
+        engine.load()
+        store = JobStore(out / "out")
+        runner = Runner(engine, store, StatsLog(out / "stats.jsonl"), config=RunnerConfig(0))
+        heap.settle()
+        params = parse_params({"preset": "fast"}).to_dict()
+        record = store.create("generate", "preview", params, image=png_bytes())
+        assert runner.run(record).outcome == "done"
+        print(len(gc.get_objects()))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) < 10_000  # ~3,000; ~30,000 with trimesh unfrozen
+
+
 def test_a_backend_process_freezes_its_start_up_objects_once_ready(tmp_path):
     from tests.reliability.support import BackendProcess
 

@@ -11,6 +11,7 @@ import trimesh
 from PIL import Image, ImageDraw
 
 from backend import engines
+from backend.engines import preview
 from backend.engines.base import StageContext
 from backend.engines.preview import PreviewEngine
 from backend.errors import BackendError, ErrorCode, InputError, JobCancelled
@@ -248,6 +249,19 @@ def test_same_input_gives_the_same_bytes(tmp_path):
     a = generate(tmp_path, tall_subject(), "a.glb", seed=1)
     b = generate(tmp_path, tall_subject(), "b.glb", seed=2)  # the preview ignores the seed
     assert a["glb_path"].read_bytes() == b["glb_path"].read_bytes()
+
+
+def test_the_material_is_hashed_without_copying_its_texture(monkeypatch):
+    # trimesh hashes a material before exporting it; hashing the pixels held the GIL for
+    # 10-20 ms per job (scripts/bench_loop.py).
+    material = preview._one_material()(baseColorTexture=Image.new("RGBA", (64, 64)))
+
+    def copied(*args, **kwargs):
+        raise AssertionError("the texture's pixels were copied to hash the material")
+
+    monkeypatch.setattr(Image.Image, "tobytes", copied)
+    assert hash(material) == hash(material)
+    assert isinstance(material, trimesh.visual.material.PBRMaterial)
 
 
 def test_texture_job_keeps_the_mesh_and_projects_the_image(tmp_path):

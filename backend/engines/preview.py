@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,11 @@ class PreviewEngine(Engine):
     def __init__(self, **options: Any):
         # The server passes engine options generically; none of them concern this engine.
         self.options = dict(options)
+
+    def load(self, progress: Callable[[float, str], None] | None = None) -> None:
+        # trimesh (with networkx, ~27,000 objects) imported at start-up, which heap.settle()
+        # freezes: else the full collection after every job walks it (~12 ms, GIL held).
+        import trimesh  # noqa: F401
 
     def stages_for(self, kind: str) -> tuple[Stage, ...]:
         if kind == "generate":
@@ -660,9 +667,22 @@ def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return normals / np.where(length > 0, length, 1.0)
 
 
+@functools.cache
+def _one_material() -> type:
+    """trimesh's PBRMaterial, hashed by identity. trimesh hashes a material to share it among a
+    scene's meshes, by copying every texture's pixels into one bytes object: for a 2048²
+    texture three 16 MiB copies and a hash(), 10-20 ms with the GIL held, a preview job's
+    longest hold. A preview GLB has one mesh and one material: nothing to share."""
+    from trimesh.visual.material import PBRMaterial
+
+    class OneMaterial(PBRMaterial):
+        __hash__ = object.__hash__
+
+    return OneMaterial
+
+
 def _export_stage(state: dict[str, Any], params: GenerationParams, ctx: StageContext) -> None:
     import trimesh
-    from trimesh.visual.material import PBRMaterial
     from trimesh.visual.texture import TextureVisuals
 
     ctx.progress(0, 3, "building the mesh")
@@ -672,7 +692,7 @@ def _export_stage(state: dict[str, Any], params: GenerationParams, ctx: StageCon
     # TRELLIS.2's layout, so one import path serves both engines:
     # roughness in G and metallic in B of a linear texture, factors 1.
     packed = (0, round(ROUGHNESS * 255), round(METALLIC * 255))
-    material = PBRMaterial(
+    material = _one_material()(
         name="preview",
         baseColorTexture=texture,
         metallicRoughnessTexture=Image.new("RGB", (MR_TEXTURE_SIZE,) * 2, packed),
