@@ -16,7 +16,15 @@ from .coord import Coordinator
 from .dispatch import TASK_NAME, can_serve, need_tier, queue_name, worker_queue
 from .errors import BackendError, ErrorCode
 from .fetch import fetch
-from .handlers import JOBS_REPLY_BUDGET, clean_filename, folder_facts, matches, newest, summary
+from .handlers import (
+    JOBS_REPLY_BUDGET,
+    clean_filename,
+    folder_facts,
+    matches,
+    newest,
+    page_before,
+    summary,
+)
 from .jobs import JobRecord, JobStore
 from .params import parse_params, reexport_params
 from .runner import check_disk
@@ -304,8 +312,11 @@ class JobDesk:
             raise BackendError(ErrorCode.BAD_PARAMS, "offset must be 0..1000000")
         if len(query) > 200:
             raise BackendError(ErrorCode.BAD_PARAMS, "query is longer than 200 characters")
+        more_follow = None
         if content.get("before") is not None:
-            records, warnings, _ = self.store.page(limit, content["before"])
+            records, warnings, more_follow = page_before(
+                self.store, limit, content["before"], _remote_summary
+            )
             offset, total = 0, None
         elif query:
             records, warnings, _ = newest(self.store, None)
@@ -323,7 +334,9 @@ class JobDesk:
                 break
             jobs.append(entry)
         more = len(jobs) < len(page) or (
-            len(page) == limit if total is None else offset + len(page) < total
+            more_follow
+            if more_follow is not None
+            else (len(page) == limit if total is None else offset + len(page) < total)
         )
         return protocol.ok_reply(
             jobs=jobs,

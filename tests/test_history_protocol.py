@@ -110,3 +110,57 @@ def test_bad_delete_requests_are_refused(make_server, content):
     with pytest.raises(BackendError) as err:
         s.client.request("delete_jobs", content)
     assert err.value.code in (ErrorCode.BAD_PARAMS, ErrorCode.NOT_FOUND)
+
+
+def _list_by_next(store, monkeypatch) -> tuple[list[str], int, int]:
+    """A whole listing as a client makes it: the first page, then `before: next` until the
+    end (8 KiB replies: ~12 jobs a page). Returns (job ids, pages, records read after page 1)."""
+    from types import SimpleNamespace
+
+    from backend import handlers
+
+    monkeypatch.setattr(handlers, "JOBS_REPLY_BUDGET", 8 << 10)
+    backend = SimpleNamespace(store=store)
+    first = handlers.on_jobs(backend, SimpleNamespace(content={"limit": 5000}))
+    seen = [j["job_id"] for j in first["jobs"]]
+    reads: list[str] = []
+    real_get = JobStore.get
+    monkeypatch.setattr(
+        JobStore, "get", lambda self, name: reads.append(name) or real_get(self, name)
+    )
+    before, pages = first["next"], 1
+    while before is not None:
+        reply = handlers.on_jobs(
+            backend, SimpleNamespace(content={"limit": 5000, "before": before})
+        )
+        assert reply["jobs"]
+        seen += [j["job_id"] for j in reply["jobs"]]
+        before, pages = reply["next"], pages + 1
+    monkeypatch.setattr(JobStore, "get", real_get)
+    return seen, pages, len(reads)
+
+
+def test_following_next_lists_a_batch_once_each_in_the_first_pages_order(tmp_path, monkeypatch):
+    """120 jobs made within a second or two (a batch): pages cut inside a second by the reply
+    budget. The page's last job is the cursor, so the listing order must hold across pages:
+    jobs were skipped and repeated when a page was cut by id but ordered by creation."""
+    from backend import handlers
+
+    store = JobStore(tmp_path)
+    made = [store.create("generate", "preview", {}, filename=f"o{i:03}.png").id for i in range(120)]
+    seen, pages, _ = _list_by_next(store, monkeypatch)
+    assert sorted(seen) == sorted(made)  # each job once
+    assert seen == [r.id for r in handlers.newest(store, None)[0]]  # in the listing order
+    assert pages >= 8  # the budget cut the pages, not the limit of 5,000
+
+
+def test_a_page_by_next_reads_only_as_far_as_the_reply_reaches(tmp_path, monkeypatch):
+    """300 jobs, three a second. A page read `limit` records (here 5,000: every job below the
+    cursor) to send a dozen: a whole listing read ~N^2 / 24 records. Now each job once, plus
+    per page the cursor and the rest of the second the page stopped in."""
+    now = iter(1_790_000_000 + 0.3 * i for i in range(10_000))
+    store = JobStore(tmp_path, clock=lambda: next(now))
+    made = [store.create("generate", "preview", {}, filename=f"o{i:03}.png").id for i in range(300)]
+    seen, pages, reads = _list_by_next(store, monkeypatch)
+    assert sorted(seen) == sorted(made) and pages >= 20
+    assert reads <= len(made) + 4 * pages
