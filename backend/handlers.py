@@ -288,25 +288,34 @@ def _submit(
 
 
 def on_jobs(b: Backend, message) -> dict:
-    limit = message.content.get("limit", 50)
-    offset = message.content.get("offset", 0)
-    query = message.content.get("query", "").strip().lower()
+    return list_jobs(b.store, message.content, summary)
+
+
+def list_jobs(
+    store: JobStore, content: dict[str, Any], summarize: Callable[[JobRecord], dict]
+) -> dict:
+    """A `jobs` reply (docs/protocol.md, paging): by position (`offset`, `query`, with
+    `total`) or after `before`. The local backend and the studio gateway (its summaries name
+    the artist and the worker) both answer with it."""
+    limit = content.get("limit", 50)
+    offset = content.get("offset", 0)
+    query = content.get("query", "").strip().lower()
     if not 1 <= limit <= JOBS_LIMIT:
         raise BackendError(ErrorCode.BAD_PARAMS, f"limit must be 1..{JOBS_LIMIT}")
     if not 0 <= offset <= JOBS_OFFSET:
         raise BackendError(ErrorCode.BAD_PARAMS, f"offset must be 0..{JOBS_OFFSET}")
     if len(query) > QUERY_CHARS:
         raise BackendError(ErrorCode.BAD_PARAMS, f"query is longer than {QUERY_CHARS} characters")
-    before = message.content.get("before")
+    before = content.get("before")
     if before is not None:  # paging by id: stable while jobs are being added
-        records, warnings, more = page_before(b.store, limit, before, summary)
-        return _listing(b.store, records, warnings, 0, limit, None, more)
+        records, warnings, more = page_before(store, limit, before, summarize)
+        return _listing(store, summarize, records, warnings, 0, limit, None, more)
     if query:  # reads every record: about 3 ms per 100 jobs on the 2-core CI machine
-        records, warnings, _ = newest(b.store, None)
+        records, warnings, _ = newest(store, None)
         found = [r for r in records if matches(r, query.split())]
-        return _listing(b.store, found, warnings, offset, limit, len(found))
-    records, warnings, total = newest(b.store, offset + limit)
-    return _listing(b.store, records, warnings, offset, limit, total)
+        return _listing(store, summarize, found, warnings, offset, limit, len(found))
+    records, warnings, total = newest(store, offset + limit)
+    return _listing(store, summarize, records, warnings, offset, limit, total)
 
 
 def on_job(b: Backend, message) -> dict:
@@ -563,7 +572,7 @@ def page_before(
 
 
 def _listing(
-    store: JobStore, records, warnings, offset: int, limit: int, total, more_follow=None
+    store: JobStore, summarize, records, warnings, offset: int, limit: int, total, more_follow=None
 ) -> dict:
     """One page, cut short where it would pass the reply limit. `next` is the id to give as
     `before` for the following page (None after the last). `more_follow`: whether jobs follow
@@ -572,7 +581,7 @@ def _listing(
     jobs: list[dict] = []
     used = 0
     for record in page:
-        entry = dict(summary(record), **folder_facts(store.folder(record.id)))
+        entry = dict(summarize(record), **folder_facts(store.folder(record.id)))
         used += len(json.dumps(entry, default=str))
         if jobs and used > JOBS_REPLY_BUDGET:
             break

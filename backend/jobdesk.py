@@ -6,7 +6,6 @@ replies. A handler returns the reply's content and may add binary buffers to `bu
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -16,15 +15,7 @@ from .coord import Coordinator
 from .dispatch import TASK_NAME, can_serve, need_tier, queue_name, worker_queue
 from .errors import BackendError, ErrorCode
 from .fetch import fetch
-from .handlers import (
-    JOBS_REPLY_BUDGET,
-    clean_filename,
-    folder_facts,
-    matches,
-    newest,
-    page_before,
-    summary,
-)
+from .handlers import clean_filename, list_jobs, summary
 from .jobs import JobRecord, JobStore
 from .params import parse_params, reexport_params
 from .runner import check_disk
@@ -301,50 +292,8 @@ class JobDesk:
         return protocol.ok_reply(job_id=job_id, state=state)
 
     def on_jobs(self, message, user, buffers) -> dict:
-        """A page of the shared history: by position (`offset`, `query`, with `total`, as the
-        add-on pages it) or after `before`, like a local backend's (docs/protocol.md)."""
-        content = message.content
-        limit, offset = content.get("limit", 50), content.get("offset", 0)
-        query = content.get("query", "").strip().lower()
-        if not 1 <= limit <= 10_000:
-            raise BackendError(ErrorCode.BAD_PARAMS, "limit must be 1..10000")
-        if not 0 <= offset <= 1_000_000:
-            raise BackendError(ErrorCode.BAD_PARAMS, "offset must be 0..1000000")
-        if len(query) > 200:
-            raise BackendError(ErrorCode.BAD_PARAMS, "query is longer than 200 characters")
-        more_follow = None
-        if content.get("before") is not None:
-            records, warnings, more_follow = page_before(
-                self.store, limit, content["before"], _remote_summary
-            )
-            offset, total = 0, None
-        elif query:
-            records, warnings, _ = newest(self.store, None)
-            records = [r for r in records if matches(r, query.split())]
-            total = len(records)
-        else:
-            records, warnings, total = newest(self.store, offset + limit)
-        page = records[offset : offset + limit] if content.get("before") is None else records
-        jobs: list[dict] = []
-        used = 0
-        for record in page:  # cut short below the frame limit, as a local backend does
-            entry = dict(_remote_summary(record), **folder_facts(self.store.folder(record.id)))
-            used += len(json.dumps(entry, default=str))
-            if jobs and used > JOBS_REPLY_BUDGET:
-                break
-            jobs.append(entry)
-        more = len(jobs) < len(page) or (
-            more_follow
-            if more_follow is not None
-            else (len(page) == limit if total is None else offset + len(page) < total)
-        )
-        return protocol.ok_reply(
-            jobs=jobs,
-            warnings=[w[:300] for w in warnings[:50]],
-            total=total,
-            offset=offset,
-            next=jobs[-1]["job_id"] if jobs and more else None,
-        )
+        """A page of the shared history, paged as a local backend's (docs/protocol.md)."""
+        return list_jobs(self.store, message.content, _remote_summary)
 
     def on_job(self, message, user, buffers) -> dict:
         record = self.store.get(message.content["job_id"])
