@@ -46,17 +46,11 @@ if os.path.isfile(khronos):
 json.dump(reports, open(os.path.join(out, "reports.json"), "w"), indent=1)
 PY
 step "bring back"
-# The device returns at most 8 files of 16 MiB: GLBs that fit go back whole, the rest as
-# Khronos reports only. A Triton cache makes the next call skip FlexGEMM's kernel compiles.
-for f in "$OUT"/glb/*.glb; do
-  [ -f "$f" ] || continue
-  if [ "$(stat -c %s "$f")" -gt 16000000 ]; then
-    xz -6 -T16 "$f"
-    if [ "$(stat -c %s "$f.xz")" -gt 16000000 ]; then rm "$f.xz"; echo "$(basename "$f") too large to return"; fi
-  fi
-done
+# A Triton cache makes the next call skip FlexGEMM's kernel compiles. GLBs go back in pieces
+# (the device returns 8 files, 64 MiB a call); what does not fit waits for the next warm call.
 if [ -d ~/.triton/cache ] && [ ! -f "$K/triton-cache.tar.xz" ]; then tar -C ~/.triton -cf - cache | xz -3 -T8 > "$OUT/triton-cache.tar.xz"; fi
 [ "$(stat -c %s "$OUT/triton-cache.tar.xz" 2>/dev/null || echo 0)" -lt 16000000 ] || rm -f "$OUT/triton-cache.tar.xz"
+[ "${BRING_BACK:-1}" = 0 ] || python3 scripts/gpu/bring_back.py "$OUT" "$W/pending"
 ls -la "$OUT" "$OUT/glb" 2>/dev/null
 step "end"
 } 2>&1 | tee "$OUT/run.log"

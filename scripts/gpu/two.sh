@@ -2,7 +2,7 @@
 # Two jobs on a machine with two GPUs in one device call: the kit is unpacked and the weights
 # made once, then command A runs on GPU 0 and command B on GPU 1, each with the time left.
 # Logs and small results come back packed in one file (the device returns at most 8 files);
-# GLBs under $OUT/glb come back as they are.
+# GLBs under $OUT/glb come back in pieces (scripts/gpu/bring_back.py; join_pieces.py here).
 # usage (repository root, .gpukit carried):
 #   bash scripts/gpu/two.sh BUDGET_SECONDS 'COMMAND A' 'COMMAND B'
 # COMMAND sees $LEFT (seconds it may take) and $OUT; e.g.
@@ -18,7 +18,7 @@ NOISE="it/s\]|s/it\]|TOO BIG|xFormers|XFORMERS|Python  3|PyTorch 2|Please re|Mem
 for i in 0 1; do
   CMD=$A; [ $i = 1 ] && CMD=$B
   (
-    export CUDA_VISIBLE_DEVICES=$i OUT=$OUT/gpu$i
+    export CUDA_VISIBLE_DEVICES=$i OUT=$OUT/gpu$i BRING_BACK=0
     mkdir -p "$OUT"
     LEFT=$(( T0 + BUDGET - 25 - $(date +%s) )); export LEFT
     timeout "$LEFT" bash -c "$CMD" 2>&1 | grep -v -E "$NOISE" > "$OUT/../gpu$i.log"
@@ -32,4 +32,5 @@ done
 tail -25 "$OUT/gpu0.log"; echo ----; tail -25 "$OUT/gpu1.log"
 (cd "$OUT" && tar --exclude=glb --exclude=results.tar.xz -cJf results.tar.xz setup.log gpu0.log gpu1.log gpu0 gpu1 \
   && rm -rf setup.log gpu0.log gpu1.log gpu0 gpu1)
+python3 scripts/gpu/bring_back.py "$OUT" "$W/pending"
 ls -la "$OUT" "$OUT/glb"
