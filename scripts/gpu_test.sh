@@ -8,6 +8,7 @@
 # so run it in stages, one call each (tests that would not finish in time skip themselves):
 #   bash scripts/gpu_test.sh 585 tests/test_gpu_trellis2.py -k "not high and not game"
 #   bash scripts/gpu_test.sh 585 tests/test_gpu_trellis2.py -k "serves or high or game"
+#   bash scripts/gpu_test.sh 585 tests/test_gpu_trellis2.py -k "voxelisation or low_vram"
 set -uo pipefail
 T0=$(date +%s)
 BUDGET=${1:-570}; shift || true
