@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, gpu, settings
+from . import __version__, settings
 from .errors import BackendError
 from .files import default_output_dir
+from .pipeline import gpu
 
 DESCRIPTION = """\
 TRELLIS.2 for Blender - the backend.
@@ -77,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # A crash inside a CUDA extension (segfault, abort) then leaves the Python stack in the
     # backend's log, which the supervisor shows with the failed job.
     faulthandler.enable()
-    from .server import Server, ServerConfig
+    from .server.loop import Server, ServerConfig
 
     config = ServerConfig(
         connection_file=Path(args.connection_file),
@@ -95,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         recover=not args.no_recover,
     )
     server = Server(config)
-    from .ownerlock import OutputLocked
+    from .store.ownerlock import OutputLocked
 
     try:
         server.claim()  # before the connection file: a refused backend never looks alive
@@ -131,12 +132,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     gpu.configure_allocator()
+    from .checks.images import load_image
     from .engines import create as create_engine
-    from .images import load_image
-    from .jobs import JobStore
     from .params import parse_params
-    from .runner import Runner, RunnerConfig
-    from .stats import StatsLog
+    from .pipeline.runner import Runner, RunnerConfig
+    from .store.jobs import JobStore
+    from .store.stats import StatsLog
 
     image_path = Path(args.image)
     try:
@@ -145,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise BackendError("bad_image", f"cannot read {image_path}: {exc.strerror}") from None
     load_image(data)
     params = parse_params(_params_from_args(args)).to_dict()
-    from .ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
+    from .store.ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
 
     output_dir = Path(args.output_dir or default_output_dir())
     engine = create_engine(args.engine, **_engine_options(args.engine_opt))
@@ -196,7 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from .jobs import JobStore
+    from .store.jobs import JobStore
 
     store = JobStore(Path(args.output_dir or default_output_dir()))
     records, warnings = store.list(args.limit)
@@ -215,7 +216,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import aggregate, read_lines
+    from .store.stats import aggregate, read_lines
 
     output_dir = Path(args.output_dir or default_output_dir())
     path = Path(args.file) if args.file else output_dir / "state" / "stats.jsonl"
@@ -255,8 +256,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_supervise(args: argparse.Namespace) -> int:
     """Keep a backend alive for scripts and batch use, until SIGTERM or Ctrl-C."""
-    from .backend_process import BackendSpec
-    from .supervisor import JOB_EVENTS, RespawnPolicy, Supervisor, SupervisorEvent, SupervisorState
+    from .supervision.backend_process import BackendSpec
+    from .supervision.supervisor import (
+        JOB_EVENTS,
+        RespawnPolicy,
+        Supervisor,
+        SupervisorEvent,
+        SupervisorState,
+    )
 
     spec = BackendSpec(
         python=args.python or sys.executable,
@@ -274,7 +281,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(policy, name, value)
     supervisor = Supervisor(spec, policy)
-    log = logging.getLogger("backend.supervisor")
+    log = logging.getLogger("backend.supervision.supervisor")
     with _stop_signals((signal.SIGTERM,)) as stopping:
         try:
             supervisor.start()
@@ -320,13 +327,13 @@ def _stop_signals(signals: tuple[int, ...], on_stop=None):
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .worker import main as worker_main
+    from .studio.worker import main as worker_main
 
     return worker_main(args)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from . import curvekeys
+    from .wire import curvekeys
 
     if not getattr(args, "home", None):
         raise SystemExit("gateway needs --home FOLDER (its keys)")
@@ -353,13 +360,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     missing = [flag for flag in ("listen", "broker", "store") if not getattr(args, flag)]
     if missing:
         raise SystemExit(f"gateway needs --{', --'.join(missing)}")
-    from .gateway import main as gateway_main
+    from .studio.gateway import main as gateway_main
 
     return gateway_main(args)
 
 
 def _add_worker_parser(sub) -> None:
-    from .dispatch import Timing
+    from .studio.dispatch import Timing
 
     p = sub.add_parser("worker", help="studio server: a Celery worker that owns one GPU")
     p.add_argument("--broker", required=True, help="the Redis broker, redis://HOST:PORT/DB")

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import attention, settings
-from . import gpu as gpu_hygiene
-from .engines import upstream
+from . import settings
+from .engines import attention, upstream
 from .engines import weights as layout
 from .errors import BackendError
 from .paths import output_dir_problem
+from .pipeline import gpu as gpu_hygiene
 
 MIN_FREE_DISK = settings.DOCTOR_FREE_DISK
 MIN_PYTHON = (3, 10)

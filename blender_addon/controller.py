@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..backend.client import ClientTimeout, Pending
 from ..backend.errors import BackendError, ErrorCode
 from ..backend.paths import output_dir_problem
+from ..backend.wire.client import ClientTimeout, Pending
 from . import groups as grouping
 from . import views
 from .doctor import Doctor

@@ -1,6 +1,7 @@
 """The add-on's Doctor button: `python -m backend doctor` run with the backend's interpreter in
 a child process (it may import torch), collected by the tick, and what the last run found.
-Plain Python (no bpy); the command line and its environment come from `backend.commands`."""
+Plain Python (no bpy); the command line and its environment come from
+`backend.supervision.commands`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import subprocess
 import tempfile
 from typing import Any
 
-from ..backend import commands, settings
+from ..backend import settings
+from ..backend.supervision import commands
 from .launch import BackendConfig, bundled_site_dirs
 from .wording import one_line
 

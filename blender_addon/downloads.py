@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backend.client import MAX_DOWNLOAD, Pending, check_chunk
 from ..backend.errors import BackendError, ErrorCode
-from ..backend.fetch import FILE_NAME
-from ..backend.jobs import JOB_ID
-from ..backend.protocol import FETCH_DEFAULT
 from ..backend.safefs import Folder
+from ..backend.store.fetch import FILE_NAME
+from ..backend.store.jobs import JOB_ID
+from ..backend.wire.client import MAX_DOWNLOAD, Pending, check_chunk
+from ..backend.wire.protocol import FETCH_DEFAULT
 
 log = logging.getLogger("trellis2_blender")
 

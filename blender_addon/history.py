@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backend.client import Pending
+from ..backend.wire.client import Pending
 from .wording import format_bytes, one_line
 
 HISTORY_PAGE = 8  # jobs per history page

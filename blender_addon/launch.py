@@ -44,7 +44,7 @@ class BackendConfig:
         and key (never the artist's secret)."""
         if self.remote:
             try:
-                from ..backend.curvekeys import decode_connection
+                from ..backend.wire.curvekeys import decode_connection
 
                 conn = decode_connection(self.connection)
                 ident = f"remote:{conn.shell}:{conn.server_key}"
@@ -116,7 +116,7 @@ def make_supervisor(config: BackendConfig) -> Any:
         from .remotelink import RemoteLink
 
         return RemoteLink(config.connection)
-    from ..backend.supervisor import BackendSpec, RespawnPolicy, Supervisor
+    from ..backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor
 
     extra = [str(ADDON_ROOT)]
     if config.own_python:

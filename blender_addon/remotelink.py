@@ -1,5 +1,5 @@
 """A studio gateway as the controller sees it: the supervisor's face (state, tick, requests
-as `Pending`s) over `backend.remote.RemoteBackend`, with no process to start. Plain Python.
+as `Pending`s) over `backend.wire.remote.RemoteBackend`, with no process to start. Plain Python.
 
 Nothing here waits. Start opens the CURVE sockets (ZeroMQ connects in the background) and
 sends `hello`; the tick polls the sockets, reads the socket monitor (a key the gateway
@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..backend.client import Pending
 from ..backend.errors import BackendError, ErrorCode
+from ..backend.wire.client import Pending
 
 log = logging.getLogger("trellis2_blender")
 
@@ -31,7 +31,7 @@ LOCAL_ONLY = ("doctor", "shutdown", "activate", "delete_jobs")  # the gateway re
 
 def describe(connection: str) -> str:
     """`user@host:port` of a connection string, for labels (never the keys); "" if unreadable."""
-    from ..backend.curvekeys import decode_connection
+    from ..backend.wire.curvekeys import decode_connection
 
     try:
         conn = decode_connection(connection)
@@ -52,7 +52,7 @@ class RemoteLink:
         self.stopping = False
         self.session: str | None = None
         self.where = describe(connection) or "the studio server"
-        self.remote: Any = None  # backend.remote.RemoteBackend while started
+        self.remote: Any = None  # backend.wire.remote.RemoteBackend while started
         self._monitor: Any = None
         self._hello: Pending | None = None
         self._status: Pending | None = None
@@ -70,7 +70,7 @@ class RemoteLink:
         self._close()
         self.last_error, self._answered = None, False
         try:
-            from ..backend.remote import RemoteBackend
+            from ..backend.wire.remote import RemoteBackend
 
             self.remote = RemoteBackend(self._connection)
         except BackendError as exc:

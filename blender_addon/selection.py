@@ -1,5 +1,5 @@
 """The active mesh object as a texture request sends it: modifiers applied, in world space,
-converted to glTF's Y-up, with its UV map when it has one (backend.meshes reads it), and why
+converted to glTF's Y-up, with its UV map when it has one (backend.checks.meshes reads it), and why
 it cannot be sent (the Texture button's poll message)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import bpy
 import numpy as np
 
-from ..backend.meshes import write_glb
+from ..backend.checks.meshes import write_glb
 from ..backend.params import TEXTURE_MAX_FACES
 
 

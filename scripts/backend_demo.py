@@ -16,9 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend import commands  # noqa: E402
-from backend.client import Client  # noqa: E402
-from backend.glbcheck import validate_glb_file  # noqa: E402
+from backend.checks.glbcheck import validate_glb_file  # noqa: E402
+from backend.supervision import commands  # noqa: E402
+from backend.wire.client import Client  # noqa: E402
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> None:

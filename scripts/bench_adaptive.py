@@ -22,17 +22,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend import gpu  # noqa: E402
+from backend.pipeline import gpu  # noqa: E402
 
 gpu.configure_allocator()
 
 from PIL import Image, ImageDraw  # noqa: E402
 
-from backend.jobs import JobStore  # noqa: E402
-from backend.memprofile import MemoryProfile  # noqa: E402
 from backend.params import parse_params  # noqa: E402
-from backend.runner import Runner, RunnerConfig  # noqa: E402
-from backend.stats import StatsLog  # noqa: E402
+from backend.pipeline.memprofile import MemoryProfile  # noqa: E402
+from backend.pipeline.runner import Runner, RunnerConfig  # noqa: E402
+from backend.store.jobs import JobStore  # noqa: E402
+from backend.store.stats import StatsLog  # noqa: E402
 from tests.gpu_engines import CudaLoadEngine  # noqa: E402
 
 PRESETS = ["high", "balanced", "game-asset", "fast"]

@@ -24,12 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-from backend import commands  # noqa: E402
-from backend.client import Client  # noqa: E402
+from backend.checks.images import load_image  # noqa: E402
 from backend.engines.base import StageContext  # noqa: E402
 from backend.engines.preview import PreviewEngine  # noqa: E402
-from backend.images import load_image  # noqa: E402
 from backend.params import parse_params  # noqa: E402
+from backend.supervision import commands  # noqa: E402
+from backend.wire.client import Client  # noqa: E402
 
 
 def example_1024() -> bytes:
@@ -52,7 +52,7 @@ def in_process(engine: PreviewEngine, data: bytes, params, out: Path) -> tuple[f
 
 def in_process_runner(runner, store, data: bytes) -> float:
     """`python -m backend generate` does this: same validation and job files, no server."""
-    from backend.images import load_image as validate_image
+    from backend.checks.images import load_image as validate_image
 
     began = time.perf_counter()
     image = validate_image(data)
@@ -110,10 +110,10 @@ def main() -> int:
     through_server(client, data)  # warm-up both paths
     in_process(engine, data, params, tmp / "warm.glb")
 
-    from backend import heap
-    from backend.jobs import JobStore
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.server import heap
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
 
     store = JobStore(tmp / "inproc")
     runner = Runner(

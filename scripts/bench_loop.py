@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-from backend import commands  # noqa: E402
-from backend.client import Client  # noqa: E402
-from backend.jobs import JobStore  # noqa: E402
+from backend.store.jobs import JobStore  # noqa: E402
+from backend.supervision import commands  # noqa: E402
+from backend.wire.client import Client  # noqa: E402
 
 
 def image_bytes(side: int) -> bytes:

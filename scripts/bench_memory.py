@@ -36,12 +36,12 @@ def rss_mb() -> float:
 
 
 def one_mode(mode: str, jobs: int) -> dict:
-    from backend import heap
     from backend.engines.preview import PreviewEngine
-    from backend.jobs import JobStore
     from backend.params import parse_params
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.server import heap
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
 
     spent: list[float] = []
     release = heap.release_after_job

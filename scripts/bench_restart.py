@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.supervisor import (  # noqa: E402
+from backend.supervision.supervisor import (  # noqa: E402
     BackendSpec,
     RespawnPolicy,
     Supervisor,

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis  # noqa: E402
 
-from backend.remote import RemoteBackend  # noqa: E402
-from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor  # noqa: E402
+from backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor  # noqa: E402
+from backend.wire.remote import RemoteBackend  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 from tests.conftest import png_bytes  # noqa: E402
 

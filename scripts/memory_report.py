@@ -5,7 +5,7 @@ usage: python scripts/memory_report.py [--runs docs/gpu_runs/run7] [--plot docs/
 Prints the Markdown tables docs/GPU.md shows ("Memory model"): per case, each stage's peak
 (the card's used memory above the idle process, and torch's allocated and reserved peaks),
 each `to_glb` step, and the knob comparisons; draws stage peaks against tokens with the fit
-backend/memmodel.py uses. Needs matplotlib (a test dependency) for the plot.
+backend/pipeline/memmodel.py uses. Needs matplotlib (a test dependency) for the plot.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def export_table(cases: dict[str, dict]) -> str:
 def fit(cases: dict[str, dict]) -> dict[str, tuple[float, float]]:
     """Least-squares (intercept GiB, slope GiB per 1,000 tokens) per stage, from the cases
     that ran every stage (the export only from cases with the cache released before CuMesh,
-    i.e. not run 7's first call): what backend/memmodel.py's STAGE_FIT holds."""
+    i.e. not run 7's first call): what backend/pipeline/memmodel.py's STAGE_FIT holds."""
     out = {}
     for stage in ("shape", "texture", "decode", "export"):
         points = [
@@ -126,8 +126,8 @@ def plot(cases: dict[str, dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from backend import memmodel
     from backend.params import parse_params
+    from backend.pipeline import memmodel
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     colours = {"shape": "tab:blue", "decode": "tab:orange", "export": "tab:red"}

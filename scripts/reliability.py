@@ -69,18 +69,18 @@ below are measured, not estimated. CI runs the same tests with smaller counts
    empty alpha, 16-bit, CMYK, palette, EXIF, animations...) through a live backend's `generate`:
    each refused case gets its expected typed error with a hint and leaves no job folder; each
    readable one becomes a job that ends (a GLB, or a typed failure with a hint).
-6. **Faults** (`test_faults.py`), with the supervisor (`backend/supervisor.py`) where it applies:
-   `kill -9` of the backend while a job is in each stage (prepare, shape, export), timed from
-   the job's own progress events → respawn, the job retried once and finished on the new
-   backend, its files complete (`input.png`, `request.json`, `result.glb` valid), exactly one
-   record per job. A full disk (an 8 MiB tmpfs filled past the threshold) → `disk_full` before
-   anything is queued. A disk that fills *during* export (the engine writes 64 MiB into the
-   8 MiB tmpfs) → the job fails with `disk_full`, no `result.glb`, no temp file left, and the next
-   job runs. A hung job → the supervisor's job watchdog respawns the backend and the job runs
-   again. Corrupt job folders (truncated, binary, wrong types, a directory as `job.json`, a
-   foreign id) → skipped with a warning, and a backend still starts over them. The host process
-   (a stand-in for Blender running the supervisor) SIGKILLed mid-job → the backend exits by
-   itself (it watches `--parent-pid`), and the next backend finishes the job.
+6. **Faults** (`test_faults.py`), with the supervisor (`backend/supervision/supervisor.py`) where it
+   applies: `kill -9` of the backend while a job is in each stage (prepare, shape, export), timed
+   from the job's own progress events → respawn, the job retried once and finished on the new
+   backend, its files complete (`input.png`, `request.json`, `result.glb` valid), exactly one record
+   per job. A full disk (an 8 MiB tmpfs filled past the threshold) → `disk_full` before anything is
+   queued. A disk that fills *during* export (the engine writes 64 MiB into the 8 MiB tmpfs) → the
+   job fails with `disk_full`, no `result.glb`, no temp file left, and the next job runs. A hung job
+   → the supervisor's job watchdog respawns the backend and the job runs again. Corrupt job folders
+   (truncated, binary, wrong types, a directory as `job.json`, a foreign id) → skipped with a
+   warning, and a backend still starts over them. The host process (a stand-in for Blender running
+   the supervisor) SIGKILLed mid-job → the backend exits by itself (it watches `--parent-pid`), and
+   the next backend finishes the job.
 7. **Load and soak** (`test_load_soak.py`): 4 client threads, each keeping 3 jobs in flight
    against a queue of 4, with the preview engine (fast preset, 64–128 px images). Clients retry
    after `busy`. Every accepted job must end exactly once (no duplicate terminal event, one
@@ -373,7 +373,7 @@ def _summary(f: dict) -> list[str]:
             "export), each holding the job's large arrays: only a full collection frees them, "
             "and CPython runs one rarely, less often still when every request adds objects. "
             "The runner now runs a full collection after each job, and the backend freezes "
-            "its start-up objects once the engine is loaded (`backend/heap.py`), so that "
+            "its start-up objects once the engine is loaded (`backend/server/heap.py`), so that "
             "the step after each job (collection and malloc_trim) costs about 1.5 ms instead "
             "of 19-23 ms "
             "(`scripts/bench_memory.py`, `docs/PERFORMANCE.md`). What remains is bounded: the "

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backend.stats import aggregate, percentile, read_lines  # noqa: E402
+from backend.store.stats import aggregate, percentile, read_lines  # noqa: E402
 
 GIB = 2**30
 OUTCOME_COLORS = {
@@ -43,7 +43,7 @@ def _num(value: Any) -> float | None:
 
 
 def summarize(records: list[dict[str, Any]], malformed: int) -> dict[str, Any]:
-    """The numbers the dashboard shows, built on backend.stats.aggregate."""
+    """The numbers the dashboard shows, built on backend.store.stats.aggregate."""
     agg = aggregate(records)
     jobs = [r for r in records if r.get("kind") == "job"]
     outcomes = Counter(str(j.get("outcome")) for j in jobs)

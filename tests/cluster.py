@@ -243,13 +243,13 @@ class Cluster:
         return proc
 
     def add_user(self, name: str, listen: str | None = None) -> str:
-        from backend import curvekeys
+        from backend.wire import curvekeys
 
         return curvekeys.add_user(self.home, name, listen or self.listen)
 
     def wait_workers(self, names, timeout: float = 60.0) -> list[dict]:
         """Until every named worker has announced itself in Redis (its backend is ready)."""
-        from backend.coord import Coordinator
+        from backend.studio.coord import Coordinator
 
         coord = Coordinator(self.redis.url)
         try:

@@ -39,8 +39,8 @@ class RunningServer:
     """A Server in a background thread of this process, plus a connected client."""
 
     def __init__(self, tmp_path: Path, engine: str, **config):
-        from backend.client import Client
-        from backend.server import Server, ServerConfig
+        from backend.server.loop import Server, ServerConfig
+        from backend.wire.client import Client
 
         config.setdefault("min_free_disk", 1 << 20)
         config.setdefault("heartbeat_interval", 0.2)

@@ -85,7 +85,7 @@ def _oom_class() -> type[BaseException]:
         import torch
 
         return torch.cuda.OutOfMemoryError
-    except ImportError:  # the name is what backend.gpu.classify_error matches without torch
+    except ImportError:  # the name backend.pipeline.gpu.classify_error matches without torch
         return type("OutOfMemoryError", (RuntimeError,), {})
 
 

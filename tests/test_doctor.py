@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from backend import attention, doctor
+from backend import doctor
+from backend.engines import attention, upstream
 from backend.engines import trellis2 as adapter
-from backend.engines import upstream
 from backend.engines import weights as layout
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""`fetch` on the local backend (the same implementation as the gateway's, backend/fetch.py):
+"""`fetch` on the local backend (the same implementation as the gateway's, backend/store/fetch.py):
 a job's result and thumbnail come back as bytes in bounded chunks, and nothing outside the
 job folder (or through a link) can be read."""
 
@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from backend import protocol
 from backend.errors import BackendError
+from backend.wire import protocol
 from tests.test_server import collect_until
 
 

@@ -12,18 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from backend import gpu
+from backend.pipeline import gpu
 
 ALLOCATOR_CONFIGURED = gpu.configure_allocator()  # before torch is imported
 
 torch = pytest.importorskip("torch")
 
-from backend import glbcheck, ladder  # noqa: E402
-from backend.jobs import JobStore  # noqa: E402
-from backend.memprofile import MemoryProfile  # noqa: E402
+from backend.checks import glbcheck  # noqa: E402
 from backend.params import parse_params  # noqa: E402
-from backend.runner import Runner, RunnerConfig  # noqa: E402
-from backend.stats import StatsLog  # noqa: E402
+from backend.pipeline import ladder  # noqa: E402
+from backend.pipeline.memprofile import MemoryProfile  # noqa: E402
+from backend.pipeline.runner import Runner, RunnerConfig  # noqa: E402
+from backend.store.jobs import JobStore  # noqa: E402
+from backend.store.stats import StatsLog  # noqa: E402
 from tests.conftest import png_bytes  # noqa: E402
 from tests.gpu_engines import STAGES, CudaLoadEngine, predicted_peaks  # noqa: E402
 
@@ -105,7 +106,7 @@ def _check_degraded_run(result, at_retry, baseline, request, cap):
 
 def test_allocator_uses_expandable_segments():
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    assert ALLOCATOR_CONFIGURED, "torch was imported before backend.gpu could configure it"
+    assert ALLOCATOR_CONFIGURED, "torch was imported before backend.pipeline.gpu could configure it"
     assert "expandable_segments:True" in conf
 
 
@@ -156,11 +157,11 @@ def test_adaptive_start_learns_from_the_first_job(engine, tmp_path):
 POISON_CHILD = r"""
 import json, sys
 from pathlib import Path
-from backend import gpu
+from backend.pipeline import gpu
 gpu.configure_allocator()
-from backend.jobs import JobStore
-from backend.runner import Runner, RunnerConfig
-from backend.stats import StatsLog
+from backend.store.jobs import JobStore
+from backend.pipeline.runner import Runner, RunnerConfig
+from backend.store.stats import StatsLog
 from tests.gpu_engines import CudaLoadEngine
 
 root, job_id = Path(sys.argv[1]), sys.argv[2]

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("zmq")
 
 from backend.procutil import pid_alive  # noqa: E402
-from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor  # noqa: E402
+from backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor  # noqa: E402
 from tests.conftest import png_bytes  # noqa: E402
 
 pytestmark = [

@@ -23,8 +23,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("zmq")
 
-from backend import glbcheck, meshcheck  # noqa: E402
-from backend.supervisor import (  # noqa: E402
+from backend.checks import glbcheck, meshcheck  # noqa: E402
+from backend.supervision.supervisor import (  # noqa: E402
     BackendSpec,
     RespawnPolicy,
     Supervisor,
@@ -378,7 +378,7 @@ def test_texturing_bakes_into_the_uvs_the_mesh_has(sup):
     import numpy as np
     import trimesh
 
-    from backend import meshes
+    from backend.checks import meshes
 
     if PROBES.get("dual_grid") not in (None, 0):
         pytest.skip("upstream's voxelisation crashes on its own (see dual_grid_probe)")

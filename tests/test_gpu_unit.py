@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import gpu
+from backend.pipeline import gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def _fresh(code: str, env: dict[str, str]) -> str:
 
 
 CONFIGURE = (
-    "import os, sys; from backend import gpu; r = gpu.configure_allocator(); "
+    "import os, sys; from backend.pipeline import gpu; r = gpu.configure_allocator(); "
     "print(r, 'torch' in sys.modules, os.environ.get('PYTORCH_CUDA_ALLOC_CONF'), "
     "os.environ.get('PYTORCH_ALLOC_CONF'))"
 )
@@ -146,7 +146,7 @@ def test_configure_allocator_is_a_no_op_after_torch_import():
 
 def test_importing_gpu_does_not_import_torch():
     code = (
-        "import sys; from backend import gpu; gpu.vram(); gpu.cleanup(); "
+        "import sys; from backend.pipeline import gpu; gpu.vram(); gpu.cleanup(); "
         "print('torch' in sys.modules)"
     )
     assert _fresh(code, {}) == "False"
@@ -154,7 +154,7 @@ def test_importing_gpu_does_not_import_torch():
 
 def test_without_torch_loaded_figures_are_none_and_probe_says_no_gpu():
     code = (
-        "from backend import gpu; print(gpu.vram(), gpu.loaded_torch(), gpu.cuda_ready(), "
+        "from backend.pipeline import gpu; print(gpu.vram(), gpu.loaded_torch(), gpu.cuda_ready(), "
         "gpu.probe_health(0.5))"
     )
     assert _fresh(code, {}) == "None None False {'ok': True, 'gpu': False}"
@@ -268,6 +268,6 @@ def test_probe_reports_errors_with_their_kind(monkeypatch):
 
 
 def test_poisoned_exit_code_is_distinct():
-    code = "from backend import gpu; gpu.exit_poisoned('test')"
+    code = "from backend.pipeline import gpu; gpu.exit_poisoned('test')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60)
     assert proc.returncode == gpu.POISONED_EXIT_CODE == 75

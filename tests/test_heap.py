@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.jobs import JobStore
 from backend.params import parse_params
-from backend.runner import Runner, RunnerConfig
-from backend.stats import StatsLog
+from backend.pipeline.runner import Runner, RunnerConfig
+from backend.store.jobs import JobStore
+from backend.store.stats import StatsLog
 from tests.conftest import png_bytes
 from tests.cpu_engines import SlowEngine
 
@@ -76,7 +76,7 @@ def test_settle_freezes_start_up_objects_and_later_cycles_are_still_freed():
     script = textwrap.dedent(
         """
         import gc, weakref
-        from backend import heap
+        from backend.server import heap
 
         class Cyclic:
             def __init__(self):
@@ -108,12 +108,12 @@ def test_a_preview_job_imports_nothing_the_collector_must_walk_after_settle(tmp_
         """
         import gc, sys
         from pathlib import Path
-        from backend import heap
+        from backend.server import heap
         from backend.engines import create
-        from backend.jobs import JobStore
+        from backend.store.jobs import JobStore
         from backend.params import parse_params
-        from backend.runner import Runner, RunnerConfig
-        from backend.stats import StatsLog
+        from backend.pipeline.runner import Runner, RunnerConfig
+        from backend.store.stats import StatsLog
         from tests.conftest import png_bytes
 
         out = Path(sys.argv[1])

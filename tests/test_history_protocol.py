@@ -8,7 +8,7 @@ import time
 import pytest
 
 from backend.errors import BackendError, ErrorCode
-from backend.jobs import JobStore
+from backend.store.jobs import JobStore
 from tests.conftest import png_bytes
 
 WAIT = 30.0
@@ -117,7 +117,7 @@ def _list_by_next(store, monkeypatch) -> tuple[list[str], int, int]:
     end (8 KiB replies: ~12 jobs a page). Returns (job ids, pages, records read after page 1)."""
     from types import SimpleNamespace
 
-    from backend import handlers
+    from backend.server import handlers
 
     monkeypatch.setattr(handlers, "JOBS_REPLY_BUDGET", 8 << 10)
     backend = SimpleNamespace(store=store)
@@ -144,7 +144,7 @@ def test_following_next_lists_a_batch_once_each_in_the_first_pages_order(tmp_pat
     """120 jobs made within a second or two (a batch): pages cut inside a second by the reply
     budget. The page's last job is the cursor, so the listing order must hold across pages:
     jobs were skipped and repeated when a page was cut by id but ordered by creation."""
-    from backend import handlers
+    from backend.server import handlers
 
     store = JobStore(tmp_path)
     made = [store.create("generate", "preview", {}, filename=f"o{i:03}.png").id for i in range(120)]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from backend.errors import BackendError, ErrorCode
-from backend.jobs import JobState, JobStore
+from backend.store.jobs import JobState, JobStore
 
 
 def test_job_folder_holds_inputs_and_request(tmp_path):
@@ -83,7 +83,7 @@ def test_ids_cannot_escape_the_store(tmp_path, job_id):
 
 
 def test_log_excerpt_is_bounded(tmp_path):
-    from backend.jobs import LOG_EXCERPT_BYTES
+    from backend.store.jobs import LOG_EXCERPT_BYTES
 
     store = JobStore(tmp_path)
     job = store.create("generate", "preview", {})
@@ -238,7 +238,7 @@ def test_a_cancel_request_is_written_for_a_running_job_only(tmp_path):
 def test_one_rule_for_running_a_job_again_and_one_shape_for_its_final_event(tmp_path):
     """A job whose backend died runs once more, then fails; and every finished job's event
     is built from its record in one place (the runner and the studio workers send it)."""
-    from backend.jobs import JobRecord, JobState, outcome_event
+    from backend.store.jobs import JobRecord, JobState, outcome_event
 
     record = JobRecord(
         id="20260101-000000-abcdef",
@@ -267,8 +267,8 @@ def test_one_rule_for_running_a_job_again_and_one_shape_for_its_final_event(tmp_
 
 
 def test_the_clients_rebuilt_event_has_the_fields_of_the_one_sent():
-    from backend.client import _event_from_record
-    from backend.jobs import JobRecord, JobState, outcome_event
+    from backend.store.jobs import JobRecord, JobState, outcome_event
+    from backend.wire.client import _event_from_record
 
     record = JobRecord(
         id="20260101-000000-abcdef",

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from backend.lifecycle import (
+from backend.supervision.lifecycle import (
     CAUSES,
     TRANSITIONS,
     Cause,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from backend import ladder, memmodel
 from backend.engines.trellis2 import Trellis2Engine
 from backend.params import parse_params
+from backend.pipeline import ladder, memmodel
 
 GIB = 2**30
 STAGES = Trellis2Engine.stages

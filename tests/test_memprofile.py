@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from backend import ladder
-from backend.memprofile import MAX_OBSERVATIONS, MemoryProfile
 from backend.params import parse_params
+from backend.pipeline import ladder
+from backend.pipeline.memprofile import MAX_OBSERVATIONS, MemoryProfile
 
 GIB = 2**30
 CAPS = frozenset(

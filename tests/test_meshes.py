@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from backend import meshes, params
+from backend import params
+from backend.checks import meshes
 from backend.errors import ErrorCode, InputError
 
 from .khronos import SKIP_REASON, khronos_available, khronos_reports
@@ -76,7 +77,7 @@ def test_too_many_triangles_is_refused_with_the_limit(monkeypatch):
 
 
 def test_texture_uploads_are_checked_the_same_for_the_backend_and_the_gateway():
-    from backend import meshes
+    from backend.checks import meshes
     from backend.errors import ErrorCode, InputError
 
     assert meshes.checked_upload("GLB", b"x") == "glb"

@@ -13,12 +13,12 @@ import time
 import pytest
 import zmq
 
-from backend import protocol
-from backend.client import Client, ClientTimeout, Pending
 from backend.errors import BackendError, ErrorCode
-from backend.lifecycle import CLEAN_FAILURES, Cause, after_job
 from backend.procutil import pid_alive
-from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor, SupervisorState
+from backend.supervision.lifecycle import CLEAN_FAILURES, Cause, after_job
+from backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor, SupervisorState
+from backend.wire import protocol
+from backend.wire.client import Client, ClientTimeout, Pending
 from tests.addon_engines import LOAD_HINT, LOAD_MESSAGE
 from tests.conftest import png_bytes
 

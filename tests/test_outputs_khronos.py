@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backend.jobs import JobStore
 from backend.params import PRESETS, parse_params
-from backend.runner import Runner, RunnerConfig
-from backend.stats import StatsLog
+from backend.pipeline.runner import Runner, RunnerConfig
+from backend.store.jobs import JobStore
+from backend.store.stats import StatsLog
 from tests.gpu_engines import FaultEngine
 from tests.khronos import error_codes, khronos_reports, requires_khronos
 

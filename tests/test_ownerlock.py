@@ -11,14 +11,14 @@ import sys
 import pytest
 
 from backend.errors import BackendError, ErrorCode
-from backend.jobs import JobStore
-from backend.ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock, OutputLocked
+from backend.store.jobs import JobStore
+from backend.store.ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock, OutputLocked
 from tests.conftest import ROOT
 
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from backend.ownerlock import OutputLock
+from backend.store.ownerlock import OutputLock
 lock = OutputLock({folder!r}, "owner.lock", "supervisor", "/run/x/backend.json")
 lock.acquire()
 print("held", flush=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backend import ladder
 from backend.engines.base import KNOBS, Stage
 from backend.errors import ErrorCode, InputError
 from backend.params import PRESETS, parse_params
+from backend.pipeline import ladder
 
 STAGES = (
     Stage("cond", "Conditioning", frozenset({"image_size"})),

@@ -288,7 +288,7 @@ def _plane(uv):
 
 
 def _texture_plane(tmp_path, image, uv):
-    from backend import meshes
+    from backend.checks import meshes
 
     plane, uv = _plane(uv)
     state = {

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from backend import protocol
 from backend.errors import ErrorCode, ProtocolError
+from backend.wire import protocol
 
 
 class FakeClock:

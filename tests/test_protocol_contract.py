@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import zmq
 
-from backend import handlers, protocol, settings
-from backend.client import Client
+from backend import settings
+from backend.checks.images import ImageLimits
 from backend.errors import ErrorCode
-from backend.images import ImageLimits
+from backend.server import handlers
+from backend.wire import protocol
+from backend.wire.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")

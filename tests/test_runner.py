@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from backend import gpu, ladder
-from backend.jobs import JobStore
-from backend.memprofile import MemoryProfile
 from backend.params import parse_params
-from backend.runner import Runner, RunnerConfig
-from backend.stats import StatsLog, aggregate
+from backend.pipeline import gpu, ladder
+from backend.pipeline.memprofile import MemoryProfile
+from backend.pipeline.runner import Runner, RunnerConfig
+from backend.store.jobs import JobStore
+from backend.store.stats import StatsLog, aggregate
 from tests.conftest import png_bytes
 from tests.gpu_engines import FaultEngine
 
@@ -224,7 +224,7 @@ def test_stats_lines_and_aggregates(tmp_path):
 
 
 def test_poisoned_backend_exits_with_the_documented_code_and_a_fresh_one_finishes(tmp_path):
-    from backend.client import Client
+    from backend.wire.client import Client
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     conn = tmp_path / "conn.json"

@@ -9,8 +9,8 @@ import time
 import pytest
 import zmq
 
-from backend import protocol
 from backend.errors import BackendError, ErrorCode
+from backend.wire import protocol
 from tests.conftest import png_bytes
 
 SLOW = "tests.cpu_engines:SlowEngine"
@@ -31,7 +31,7 @@ def collect_until(
 
 
 def test_generate_end_to_end_emits_events_and_writes_a_valid_glb(make_server, image_png):
-    from backend.glbcheck import validate_glb_file
+    from backend.checks.glbcheck import validate_glb_file
 
     s = make_server(SLOW, engine_options={"steps": "3", "step_seconds": "0.01"})
     job_id = s.client.generate(image_png, {"preset": "fast", "seed": 5}, filename="disc.png")

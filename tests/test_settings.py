@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from backend import commands, gpu, lifecycle, settings
+from backend import settings
 from backend.__main__ import build_parser
-from backend.backend_process import BackendSpec, backend_command, backend_environment
+from backend.pipeline import gpu
+from backend.supervision import commands, lifecycle
+from backend.supervision.backend_process import BackendSpec, backend_command, backend_environment
 
 
 def test_the_supervisors_serve_command_is_what_serve_parses(tmp_path):

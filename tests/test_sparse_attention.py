@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from backend import sparse_attention as sa  # noqa: E402
+from backend.engines import sparse_attention as sa  # noqa: E402
 
 
 def reference(q, k, v, lq, lk):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from backend.stats import StatsLog, aggregate
+from backend.store.stats import StatsLog, aggregate
 
 
 def test_a_job_with_two_lines_counts_once_with_its_last_outcome(tmp_path):

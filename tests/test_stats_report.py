@@ -18,7 +18,7 @@ SCRIPT = ROOT / "scripts" / "stats_report.py"
 
 
 def _synthetic(path: Path, seed: int = 7) -> dict:
-    """Write a stats file like backend/stats.py does, and return what it should summarise."""
+    """Write a stats file like backend/store/stats.py does, and return what it should summarise."""
     rng = random.Random(seed)
     lines: list[str] = []
     expected = {

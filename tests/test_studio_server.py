@@ -1,6 +1,6 @@
 """The studio server end to end with real components: a real redis-server, a gateway process
 and two GPU-worker processes (CPU engines stand in for two GPUs), artists' sessions through
-`backend.remote`. Loopback only; every wait is bounded.
+`backend.wire.remote`. Loopback only; every wait is bounded.
 
 Without redis-server these tests fail (CI installs it); TRELLIS2_SKIP_REDIS=1 skips them.
 """
@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import zmq
 
-from backend import curvekeys, glbcheck
-from backend.client import ClientTimeout
+from backend.checks import glbcheck
 from backend.errors import BackendError
-from backend.jobs import JobStore
 from backend.params import parse_params
 from backend.procutil import pid_alive
-from backend.protocol import ConnectionInfo, read_connection_file
-from backend.remote import RemoteBackend
+from backend.store.jobs import JobStore
+from backend.wire import curvekeys
+from backend.wire.client import ClientTimeout
+from backend.wire.protocol import ConnectionInfo, read_connection_file
+from backend.wire.remote import RemoteBackend
 from tests.cluster import SKIP_ENV, Cluster, RecordingProxy, wait_for
 from tests.conftest import png_bytes
 
@@ -337,7 +338,7 @@ def test_the_wire_carries_no_plaintext(preview, make_server):
     try:
         info = read_connection_file(local.config.connection_file)
         routed_local = ConnectionInfo(**{**info.__dict__, "shell_port": proxy.port})
-        from backend.client import Client
+        from backend.wire.client import Client
 
         with Client(routed_local, subscribe=False) as client:
             client.hello()

@@ -9,10 +9,11 @@ import stat
 import pytest
 import zmq
 
-from backend import curvekeys, dispatch, protocol
 from backend.errors import BackendError, ProtocolError
-from backend.jobdesk import REQUESTS
-from backend.jobs import JobRecord, JobState, outcome_event
+from backend.store.jobs import JobRecord, JobState, outcome_event
+from backend.studio import dispatch
+from backend.studio.jobdesk import REQUESTS
+from backend.wire import curvekeys, protocol
 
 # -- queues by card size ----------------------------------------------------------------------
 
@@ -178,12 +179,12 @@ def test_outcome_events_match_the_local_backend_shapes():
 
 
 def test_the_remote_connection_needs_no_server_packages():
-    """The add-on imports backend.remote with Blender's Python: pyzmq, never Celery or Redis."""
+    """The add-on imports backend.wire.remote with Blender's Python: pyzmq, no Celery or Redis."""
     import subprocess
     import sys
 
     code = (
-        "import sys, backend.remote; "
+        "import sys, backend.wire.remote; "
         "print(sorted(m for m in ('celery', 'kombu', 'redis', 'numpy', 'PIL', 'torch') "
         "if m in sys.modules))"
     )

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from backend import protocol
-from backend.client import Client
 from backend.errors import BackendError
-from backend.jobs import JobStore
 from backend.procutil import pid_alive
-from backend.supervisor import (
+from backend.store.jobs import JobStore
+from backend.supervision.supervisor import (
     BackendSpec,
     RespawnPolicy,
     StartError,
@@ -27,6 +25,8 @@ from backend.supervisor import (
     SupervisorState,
     rotate_logs,
 )
+from backend.wire import protocol
+from backend.wire.client import Client
 from tests.conftest import ROOT, png_bytes
 
 SLOW = "tests.cpu_engines:SlowEngine"

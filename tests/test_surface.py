@@ -1,4 +1,4 @@
-"""UV rasterisation and the alpha mode a base colour calls for (backend/surface.py)."""
+"""UV rasterisation and the alpha mode a base colour calls for (backend/engines/surface.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from trimesh.visual.material import PBRMaterial
 from trimesh.visual.texture import TextureVisuals
 
-from backend import surface
+from backend.engines import surface
 
 SQUARE_UV = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
 SQUARE_FACES = np.array([[0, 1, 2], [0, 2, 3]])

@@ -13,7 +13,8 @@ import pytest
 import trimesh
 from PIL import Image, ImageDraw
 
-from backend import attention, meshes, sparse_attention
+from backend.checks import meshes
+from backend.engines import attention, sparse_attention
 from backend.engines.base import KNOBS, StageContext
 from backend.errors import BackendError, ErrorCode, JobCancelled
 from backend.params import GenerationParams, parse_params
@@ -718,9 +719,9 @@ NO_USEFUL_LEVEL = ("conditioning", "sparse_structure")
 
 @pytest.mark.parametrize("stage", NO_USEFUL_LEVEL)
 def test_an_oom_no_level_can_help_fails_without_lowering_quality(engine, fake, tmp_path, stage):
-    from backend.jobs import JobStore
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
 
     store = JobStore(tmp_path / "out")
     runner = Runner(
@@ -742,9 +743,9 @@ def test_an_oom_no_level_can_help_fails_without_lowering_quality(engine, fake, t
 
 @pytest.mark.parametrize("stage", list(RESUME_AFTER_OOM))
 def test_runner_resumes_trellis2_after_oom_at_each_stage(engine, fake, tmp_path, stage):
-    from backend.jobs import JobStore
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
 
     level, resume = RESUME_AFTER_OOM[stage]
     store = JobStore(tmp_path / "out")
@@ -793,9 +794,9 @@ def test_runner_resumes_trellis2_after_oom_at_each_stage(engine, fake, tmp_path,
 
 
 def test_runner_cancel_mid_shape_leaves_no_model_on_the_device(engine, fake, tmp_path):
-    from backend.jobs import JobStore
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
 
     store = JobStore(tmp_path / "out")
     runner = Runner(
@@ -822,10 +823,10 @@ def test_the_runner_lowers_a_job_the_memory_model_says_will_not_fit(
     """Prediction instead of retry: after the structure, a job whose later stages would not
     fit is lowered before it runs them (no OOM); after the shape, the tokens it counted are
     learned as this card's tokens per voxel."""
-    from backend import gpu, memmodel
-    from backend.jobs import JobStore
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline import gpu, memmodel
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
 
     store = JobStore(tmp_path / "out")
     runner = Runner(

@@ -205,9 +205,9 @@ def test_texturing_uses_the_resolutions_upstream_has_models_for(engine, fake, tm
 
 
 def test_runner_reports_the_resolution_really_used(engine, fake, tmp_path):
-    from backend.jobs import JobStore
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
     from tests.conftest import png_bytes
 
     store = JobStore(tmp_path / "out")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import types
 
-from backend import gpu
 from backend.engines import upstream_fixes
+from backend.pipeline import gpu
 
 
 def test_torch_cache_is_released_before_each_cumesh_step_and_cumesh_is_left_as_it_was(

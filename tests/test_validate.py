@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from backend import meshcheck
+from backend.checks import meshcheck
+from backend.checks.glbcheck import validate_glb, validate_glb_file
+from backend.checks.images import ImageLimits, has_usable_alpha, load_image
+from backend.checks.meshcheck import validate_mesh
 from backend.errors import ErrorCode, InputError, OutputError
-from backend.glbcheck import validate_glb, validate_glb_file
-from backend.images import ImageLimits, has_usable_alpha, load_image
-from backend.meshcheck import validate_mesh
 from tests.badimages import Case, bad_image_cases, encode, rgba_with_alpha
 from tests.khronos import error_codes, khronos_reports, requires_khronos
 

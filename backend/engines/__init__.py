@@ -1,4 +1,7 @@
-"""Engine registry: a registered name or an import path `package.module:Class`."""
+"""The engines and their registry (a registered name or an import path `package.module:Class`).
+`base` is the Engine interface `pipeline/` runs; `preview` is the CPU engine, `trellis2` the real
+one with what only it needs (`upstream`, `weights`, `attention`, `sparse_attention`,
+`upstream_fixes`); `surface` is the texture helpers both use before writing a GLB."""
 
 from __future__ import annotations
 

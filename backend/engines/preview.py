@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import meshes, surface
+from ..checks import meshes
 from ..errors import BackendError, ErrorCode, InputError
 from ..params import GenerationParams
 from ..safefs import Folder
+from . import surface
 from .base import Engine, Stage, StageContext
 
 # Only numpy, Pillow and trimesh: this engine also runs in Blender's own Python with the

@@ -13,10 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import attention, gpu, sparse_attention
 from ..errors import BackendError, ErrorCode, InputError
 from ..params import SAMPLER_KEYS, GenerationParams
+from ..pipeline import gpu
 from ..safefs import Folder
+from . import attention, sparse_attention
 from .base import KNOBS, Engine, Stage, StageContext
 from .upstream import missing_module_hint
 from .upstream_fixes import bake_input, cache_released_for_cumesh, quiet_voxeliser, unit_normals
@@ -146,7 +147,7 @@ def _crop_premultiply(rgba: Image.Image) -> Image.Image:
 
 
 def _parse_mesh(data: bytes, fmt: str) -> Any:
-    from .. import meshes  # numpy: imported when used, so doctor runs on a bare Python
+    from ..checks import meshes  # numpy: imported when used, so doctor runs on a bare Python
 
     return meshes.read_mesh(data, fmt)  # the reader both engines share (UVs kept)
 
@@ -843,7 +844,7 @@ class Trellis2Engine(Engine):
     def _write_glb(self, glb: Any, state: dict[str, Any], texture_size: int) -> None:
         import numpy as np
 
-        from .. import surface
+        from . import surface
 
         path = Path(state["output_path"])
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
-from .. import gpu
+from ..pipeline import gpu
 
 
 def unit_normals(mesh: Any) -> int:

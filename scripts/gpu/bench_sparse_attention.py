@@ -82,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from backend import attention, sparse_attention
+    from backend.engines import attention, sparse_attention
 
     xformers_problem = attention.usable("xformers")
     report: dict = {

@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from backend import gpu
+    from backend.pipeline import gpu
 
     gpu.configure_allocator()
     import torch
@@ -54,10 +54,10 @@ def main() -> int:
     from upstream_reference import upstream_export, upstream_run
 
     from backend.engines.trellis2 import Trellis2Engine
-    from backend.jobs import JobStore
     from backend.params import parse_params
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
 
     work = Path(tempfile.mkdtemp(prefix="bench_upstream_"))
     engine = Trellis2Engine()

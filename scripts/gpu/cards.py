@@ -92,7 +92,7 @@ def main() -> int:
     began = time.time()
     deadline = began + args.budget
 
-    from backend import gpu
+    from backend.pipeline import gpu
 
     gpu.configure_allocator()
     import torch
@@ -101,11 +101,11 @@ def main() -> int:
     from upstream_reference import upstream_export, upstream_run
 
     from backend.engines import trellis2 as t2
-    from backend.jobs import JobStore
-    from backend.memprofile import MemoryProfile
     from backend.params import SAMPLER_STAGES, parse_params
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline.memprofile import MemoryProfile
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
 
     sampler = DeviceSampler()
     engine = t2.Trellis2Engine()
@@ -331,10 +331,10 @@ def texture_job(engine, work: Path, image_bytes: bytes, steps: int) -> dict:
     o-voxel's timing output, which the engine now turns off)."""
     import trimesh
 
-    from backend.jobs import JobStore
     from backend.params import parse_params
-    from backend.runner import Runner, RunnerConfig
-    from backend.stats import StatsLog
+    from backend.pipeline.runner import Runner, RunnerConfig
+    from backend.store.jobs import JobStore
+    from backend.store.stats import StatsLog
 
     sphere = trimesh.creation.uv_sphere(radius=0.4, count=[48, 48])
     mesh_bytes = sphere.export(file_type="glb")

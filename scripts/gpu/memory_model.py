@@ -201,7 +201,7 @@ def main() -> int:
     args = parser.parse_args()
     began = time.time()
 
-    from backend import gpu
+    from backend.pipeline import gpu
 
     gpu.configure_allocator()
     import torch

@@ -75,7 +75,7 @@ def test_texture_button_says_why_it_is_disabled(scene, ctrl, monkeypatch):
 def test_the_mesh_sent_is_in_world_space_y_up_with_its_uvs_per_corner(scene, ctrl):
     import numpy as np
 
-    from backend import meshes
+    from backend.checks import meshes
 
     obj = _textured_cube()
     sent = submodule("selection").export(bpy.context, obj)

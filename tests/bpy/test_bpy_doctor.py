@@ -1,5 +1,6 @@
-"""The Doctor button runs the command `backend.commands` builds, with this copy of the backend
-first on the child's path, and refuses a studio server with a reason (no process started)."""
+"""The Doctor button runs the command `backend.supervision.commands` builds, with this copy of
+the backend first on the child's path, and refuses a studio server with a reason (no process
+started)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.bpy
 
 
 def test_the_doctor_command_is_the_one_backend_commands_builds(addon):
-    commands = sys.modules[f"{MODULE}.backend.commands"]
+    commands = sys.modules[f"{MODULE}.backend.supervision.commands"]
     config = submodule("launch").BackendConfig(
         python="/opt/py",
         engine="trellis2",

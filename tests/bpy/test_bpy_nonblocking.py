@@ -54,8 +54,8 @@ def fast_supervisors(ctrl) -> None:
 
 
 def install_traps(mp, waits: list[str]) -> None:
-    client = sys.modules[f"{MODULE}.backend.client"].Client
-    supervisor = sys.modules[f"{MODULE}.backend.supervisor"].Supervisor
+    client = sys.modules[f"{MODULE}.backend.wire.client"].Client
+    supervisor = sys.modules[f"{MODULE}.backend.supervision.supervisor"].Supervisor
     controller = submodule("controller").Controller
     import subprocess
 

@@ -197,7 +197,7 @@ def test_connection_errors_are_clear_and_never_block(
 ):
     import zmq
 
-    from backend import curvekeys
+    from backend.wire import curvekeys
 
     known = curvekeys.decode_connection(studio.string)
     if fault == "bad string":

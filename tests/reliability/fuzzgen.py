@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from backend import protocol
+from backend.wire import protocol
 
 OK = "ok"  # the expected "code" of a successful reply
 # Rejected before any handler runs: counted in status/stats `rejected`.

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backend import protocol
-from backend.client import Client
 from backend.procutil import pid_alive
+from backend.wire import protocol
+from backend.wire.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE = os.environ.get("RELIABILITY_PROFILE", "short")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from backend.client import Client
+from backend.checks.glbcheck import validate_glb_file
 from backend.errors import BackendError, ErrorCode
-from backend.glbcheck import validate_glb_file
-from backend.jobs import JobStore
 from backend.procutil import pid_alive
-from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor, SupervisorEvent
+from backend.store.jobs import JobStore
+from backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor, SupervisorEvent
+from backend.wire.client import Client
 from tests.conftest import png_bytes
 from tests.reliability.support import ROOT, WAIT, record, scale
 
@@ -303,7 +303,7 @@ HOST = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor
+    from backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor
     from tests.conftest import png_bytes
     tmp = Path({tmp!r})
     spec = BackendSpec(output_dir=tmp / "out", connection_file=tmp / "run" / "b.json",
@@ -366,7 +366,7 @@ def test_the_backend_exits_by_itself_when_its_host_is_killed_mid_job(tmp_path, b
 
 def test_client_without_backend_gets_a_typed_timeout(tmp_path):
     """A client whose backend vanished gets a typed error, never a hang."""
-    from backend import protocol
+    from backend.wire import protocol
 
     info = protocol.ConnectionInfo(
         shell_port=1, iopub_port=2, key=protocol.new_key(), session="s", pid=0

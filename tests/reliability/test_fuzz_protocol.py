@@ -16,8 +16,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend import protocol
 from backend.errors import ErrorCode
+from backend.wire import protocol
 from tests.conftest import png_bytes
 from tests.reliability import fuzzgen
 from tests.reliability.support import (

@@ -8,8 +8,8 @@ import threading
 import time
 from collections import Counter
 
-from backend.client import TERMINAL_EVENTS, Client
 from backend.errors import BackendError, ErrorCode
+from backend.wire.client import TERMINAL_EVENTS, Client
 from tests.conftest import png_bytes
 from tests.reliability.support import WAIT, record, rss_bytes, scale
 

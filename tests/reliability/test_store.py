@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from backend import protocol
-from backend.client import TERMINAL_EVENTS, Client
 from backend.errors import BackendError, ErrorCode
-from backend.jobs import JobStore
+from backend.store.jobs import JobStore
+from backend.wire import protocol
+from backend.wire.client import TERMINAL_EVENTS, Client
 from tests.conftest import png_bytes
 from tests.reliability.support import ROOT, WAIT, record, scale
 
@@ -169,7 +169,7 @@ def test_planted_links_are_refused_and_nothing_outside_changes(backend_proc, tmp
 
 
 def test_a_logs_folder_that_is_a_link_is_never_written_or_pruned(tmp_path):
-    from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor
+    from backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor
 
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
@@ -340,7 +340,7 @@ def test_a_full_disk_while_writing_job_records_ends_every_job_and_recovers(backe
 
 def test_a_disk_that_fills_under_running_jobs_then_stays_full(backend_proc, small_disk, tmp_path):
     """A real 8 MiB tmpfs, filled to the last byte while a job runs and two wait."""
-    from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor
+    from backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor
 
     out = small_disk / "out"
     b = backend_proc(
@@ -440,7 +440,7 @@ def test_a_read_only_output_folder(backend_proc, read_only, tmp_path):
 
 
 def test_a_supervisor_starts_on_a_read_only_folder_and_recovers(read_only, tmp_path):
-    from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor
+    from backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor
 
     out = tmp_path / "out"
     out.mkdir()

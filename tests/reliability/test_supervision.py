@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from backend import protocol
-from backend.client import Client
 from backend.errors import BackendError, ErrorCode
-from backend.jobs import JobStore
-from backend.ownerlock import LOCKED_EXIT_CODE, OutputLocked
 from backend.procutil import pid_alive
-from backend.supervisor import BackendSpec, RespawnPolicy, Supervisor, SupervisorEvent
+from backend.store.jobs import JobStore
+from backend.store.ownerlock import LOCKED_EXIT_CODE, OutputLocked
+from backend.supervision.supervisor import BackendSpec, RespawnPolicy, Supervisor, SupervisorEvent
+from backend.wire import protocol
+from backend.wire.client import Client
 from tests.conftest import png_bytes
 from tests.reliability.support import ROOT, WAIT, record
 

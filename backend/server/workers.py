@@ -1,0 +1,408 @@
+"""The backend's state and the threads that change it: the engine loader, the job workers, the
+GPU health prober, queue recovery, and the lanes that run slow requests off the control loop.
+No socket is touched here: events and late replies leave through the `emit` callable the
+server gives (`loop.py` is the I/O shell; `handlers.py` answers requests over this state)."""
+
+from __future__ import annotations
+
+import logging
+import queue as queue_mod
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+from .. import settings
+from ..engines import create as create_engine
+from ..errors import BackendError, ErrorCode, JobCancelled
+from ..pipeline import gpu
+from ..pipeline.runner import Runner, RunnerConfig
+from ..store.jobs import JobRecord, JobState, JobStore
+from ..store.ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
+from ..store.stats import StatsLog
+from . import heap
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[..., None]  # emit(msg_type, content, parent=None)
+
+
+class BackendState(str, Enum):
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+    POISONED = "poisoned"
+    STOPPING = "stopping"
+    FAILED = "failed"  # the engine could not load; requests still answered
+
+
+class ThreadLane:
+    """Daemon threads that run submitted work in order (one thread: strictly FIFO). Daemon,
+    so a slow `doctor` never holds up the process's exit."""
+
+    def __init__(self, name: str, threads: int = 1):
+        self._work: queue_mod.SimpleQueue[Callable[[], None]] = queue_mod.SimpleQueue()
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._work.put(fn)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._work.get()
+            try:
+                fn()
+            except Exception:  # the work reports its own errors; the lane must outlive them
+                log.exception("lane work failed")
+
+
+class Backend:
+    """Everything a request handler reads or changes, and the threads that run jobs."""
+
+    def __init__(
+        self,
+        config,
+        emit: Emit,
+        session_id: str,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.session_id = session_id  # new per process: clients see a restart
+        self.clock = clock
+        self.emit = emit
+        self.started_at = time.monotonic()
+        # The backend that runs jobs holds backend.lock; one run without a supervisor (no
+        # parent) owns the folder itself too (owner.lock). Taken by claim(), at activation.
+        locks = [OutputLock(config.output_dir, BACKEND_LOCK, "backend", config.connection_file)]
+        if not config.parent_pid:
+            locks.insert(
+                0, OutputLock(config.output_dir, OWNER_LOCK, "backend", config.connection_file)
+            )
+        self.store = JobStore(config.output_dir, locks=locks)
+        self.keys: dict[str, str] = {}  # idempotency key -> job id
+        self.stats = StatsLog(config.state_dir / "stats.jsonl")
+        self.state = BackendState.STARTING
+        self.state_reason = "starting"
+        self.engine = create_engine(config.engine, **config.engine_options)
+        self.engine_error: dict[str, Any] | None = None
+        self.profile = self._open_profile()
+        self.runner = Runner(
+            self.engine,
+            self.store,
+            self.stats,
+            self.profile,
+            RunnerConfig(min_free_disk=config.min_free_disk),
+        )
+        # What `status` shows of the GPU, refreshed off the loop (prober, loader, workers):
+        # a status request must never wait on CUDA.
+        self.health: dict[str, Any] = {"ok": True, "gpu": False}
+        self.vram: dict[str, Any] | None = None
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.counts_lock = threading.Lock()  # counters are read by the reader lane
+        self.queue: deque[str] = deque()
+        self.queue_cv = threading.Condition()
+        self.running: dict[str, threading.Event] = {}
+        self.decoded: dict[str, Any] = {}  # job id -> input decoded at submit (saves a decode)
+        self.ready = threading.Event()
+        self.active = threading.Event()
+        self.stopping = threading.Event()
+        self.exit_code = 0
+        self.stop_deadline = 0.0
+        n = max(1, int(config.max_concurrent))
+        if n > 1 and self.engine.uses_gpu:
+            log.warning("GPU engines are not thread-safe; running one job at a time")
+            n = 1
+        self.max_concurrent = n
+        self._threads: list[threading.Thread] = []
+
+    # -- state -------------------------------------------------------------------------
+
+    def _open_profile(self):
+        """The adaptive-start memory profile of this GPU (None for CPU engines)."""
+        key = gpu.device_key() if self.engine.uses_gpu else None
+        if key is None:
+            return None
+        from ..pipeline.memprofile import MemoryProfile
+
+        return MemoryProfile(self.config.state_dir / "memory_profile.json", gpu_key=key)
+
+    def current_state(self) -> BackendState:
+        if self.state is BackendState.READY and self.running:
+            return BackendState.BUSY
+        return self.state
+
+    def set_state(self, state: BackendState, reason: str) -> None:
+        self.state = state
+        self.state_reason = reason
+        self.emit("backend_state", {"state": state.value, "reason": reason})
+
+    def count(self, counter: Counter[str], name: str) -> None:
+        with self.counts_lock:
+            counter[name] += 1
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        with self.counts_lock:
+            return dict(self.counters), dict(self.rejected)
+
+    def queue_snapshot(self) -> list[str]:
+        with self.queue_cv:
+            return list(self.queue)
+
+    def output_health(self) -> dict[str, Any]:
+        problem = self.store.problem
+        return {
+            "ok": problem is None,
+            "error": problem.to_dict() if problem else None,
+            "unrecorded": self.store.pending(),  # outcomes kept in memory until writable
+        }
+
+    def _refresh_vram(self) -> None:
+        if self.engine.uses_gpu:
+            self.vram = gpu.vram(init=False)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def claim(self) -> None:
+        """Take the output folder (its locks); raises OutputLocked when another process owns
+        it. A standby claims it when activated."""
+        if not self.config.standby:
+            self.store.claim()
+
+    def start(self) -> None:
+        if not self.config.standby:
+            self.activate()
+        self._spawn(self._load_engine, "engine-loader")
+        for i in range(self.max_concurrent):
+            self._spawn(self._worker, f"worker-{i}")
+        if self.engine.uses_gpu:
+            self._spawn(self._watch_gpu, "gpu-health")
+
+    def activate(self) -> None:
+        with self.queue_cv:
+            if self.active.is_set():
+                return
+            self.store.claim()  # raises OutputLocked: the standby must not run anything
+            records, _ = self.store.list()
+            self.keys = {r.idempotency_key: r.id for r in records if r.idempotency_key}
+            if self.config.recover:
+                self._recover_jobs(records)
+            self.active.set()
+            self.queue_cv.notify_all()
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def request_stop(
+        self,
+        reason: str,
+        exit_code: int = settings.EXIT_OK,
+        *,
+        grace: float | None = None,
+        escalate: bool = False,
+    ) -> None:
+        """Stop taking work; running jobs get `grace` seconds (the config's shutdown grace)
+        to reach a checkpoint and requeue themselves. `escalate` (a signal after a
+        `shutdown` request, or a second signal: the supervisor's next rung) stops waiting for
+        them. A job that did not requeue is found `running` by the next backend, which runs
+        it once more as a job whose backend died."""
+        if self.stopping.is_set():
+            if escalate:
+                self.stop_deadline = time.monotonic()
+            return
+        self.exit_code = exit_code
+        wait = self.config.shutdown_grace if grace is None else grace
+        self.stop_deadline = time.monotonic() + wait
+        if self.state is not BackendState.POISONED:
+            self.set_state(BackendState.STOPPING, reason)
+        self.stopping.set()
+        with self.queue_cv:
+            self.queue_cv.notify_all()
+
+    def jobs_still_running(self) -> bool:
+        """A stopping backend waits for its running jobs to reach a checkpoint (and requeue
+        themselves), up to the shutdown grace."""
+        return bool(self.running) and time.monotonic() < self.stop_deadline
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def queued_event(self, record: JobRecord, position: int, **extra: Any) -> dict[str, Any]:
+        """The one shape of `job_queued`, first queued or queued again."""
+        return {
+            "job_id": record.id,
+            "kind": record.kind,
+            "position": position,
+            "filename": record.filename,
+            **extra,
+        }
+
+    def _job_emit(self, msg_type: str, content: dict[str, Any], parent=None) -> None:
+        """The runner's events; a job it puts back in the queue (the backend is stopping) is
+        announced with the same fields as when it was first queued."""
+        if msg_type == "job_queued" and "kind" not in content:
+            try:
+                record = self.store.get(content["job_id"])
+            except BackendError:
+                pass
+            else:
+                ahead = len(self.queue) + sum(1 for j in self.running if j != record.id)
+                content = self.queued_event(record, 1 + ahead, **content)
+        self.emit(msg_type, content, parent)
+
+    def _load_engine(self) -> None:
+        began = time.monotonic()
+        self.set_state(BackendState.LOADING, f"loading {self.engine.label or self.engine.name}")
+
+        def progress(fraction: float, text: str = "") -> None:
+            self.emit("backend_state", {"state": "loading", "fraction": fraction, "reason": text})
+
+        try:
+            if self.config.vram_cap_bytes:
+                import torch  # noqa: F401  (the allocator was configured before this import)
+
+                gpu.set_memory_cap(self.config.vram_cap_bytes)
+            self.engine.load(progress)
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, BackendError)
+                else BackendError(ErrorCode.ENGINE_UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+            )
+            self.engine_error = error.to_dict()
+            log.error("engine failed to load: %s", error.message)
+            self.set_state(BackendState.FAILED, error.message)
+            self._fail_queue(error)
+            return
+        seconds = time.monotonic() - began
+        self.runner.profile = self._open_profile()
+        self._refresh_vram()
+        if self.config.settle_heap:
+            heap.settle()  # what start-up built lives as long as the process
+        self.stats.append("ready", engine=self.engine.name, seconds=round(seconds, 4))
+        self.set_state(BackendState.READY, f"ready in {seconds:.2f} s")
+        self.ready.set()
+
+    def _fail_queue(self, error: BackendError) -> None:
+        with self.queue_cv:
+            pending = list(self.queue)
+            self.queue.clear()
+        for job_id in pending:
+            try:
+                self.store.transition(job_id, "fail", error=error.to_dict())
+            except BackendError as exc:
+                self.end_unrecorded(job_id, exc)
+                continue
+            self.emit("job_failed", {"job_id": job_id, **error.to_dict()})
+
+    def _worker(self) -> None:
+        while not self.stopping.is_set():
+            if not (self.ready.wait(timeout=0.2) and self.active.wait(timeout=0.2)):
+                continue
+            with self.queue_cv:
+                while not self.queue and not self.stopping.is_set():
+                    self.queue_cv.wait(timeout=0.5)
+                if self.stopping.is_set():
+                    return
+                job_id = self.queue.popleft()
+                image = self.decoded.pop(job_id, None)
+                cancel = threading.Event()
+                self.running[job_id] = cancel
+            result = None
+            try:
+                problem = self.store.problem
+                if problem is not None:  # the folder cannot record it: it ends typed, now
+                    reason = f"not run: the output folder cannot be used ({problem.message})"
+                    self.end_unrecorded(job_id, BackendError(problem.code, reason, problem.hint))
+                    continue
+                record = self.store.get(job_id)
+                result = self.runner.run(
+                    record,
+                    emit=self._job_emit,
+                    cancelled=cancel.is_set,
+                    interrupted=self.stopping.is_set,
+                    image=image,
+                )
+            except BackendError as exc:  # the store could not write the job's record
+                self.end_unrecorded(job_id, exc)
+            except Exception as exc:
+                log.exception("worker failed on job %s", job_id)
+                self.end_unrecorded(job_id, BackendError(ErrorCode.INTERNAL, repr(exc)))
+            finally:
+                self.running.pop(job_id, None)
+                self._refresh_vram()  # `status` right after a job shows what it left
+            if result is not None and result.poisoned:
+                self.set_state(BackendState.POISONED, f"CUDA context broken during job {job_id}")
+                self.request_stop("gpu poisoned", exit_code=settings.EXIT_POISONED)
+                return
+
+    def _watch_gpu(self, interval: float = settings.GPU_HEALTH_INTERVAL) -> None:
+        """Probe the GPU off the control loop, so `status` reports a hung GPU without hanging."""
+        while not self.stopping.wait(interval):
+            if self.ready.is_set():
+                self.health = dict(gpu.probe_health(2.0), checked=self.clock())
+                self._refresh_vram()
+
+    def _recover_jobs(self, records: list[JobRecord]) -> None:
+        """Every job a dead backend left queued or running runs again (running ones only
+        once); one the user cancelled while it ran stays cancelled. A job whose record cannot
+        be written ends failed with the store's typed error."""
+        for record in sorted((r for r in records if not r.terminal), key=lambda r: r.created):
+            try:
+                if record.state is JobState.RUNNING and record.cancel_requested:
+                    self.store.transition(record.id, "cancel", error=JobCancelled().to_dict())
+                    self.store.append_log(record.id, "cancelled (its backend stopped first)")
+                    self.emit("job_cancelled", {"job_id": record.id})
+                    continue
+                if record.state is JobState.RUNNING and not record.may_run_again:
+                    error = BackendError(
+                        ErrorCode.BACKEND_DIED, "the backend died twice while running this job"
+                    )
+                    self.store.transition(record.id, "fail", error=error.to_dict())
+                    self.store.append_log(record.id, "failed: backend died again")
+                    self._job_stats(record, error)
+                    continue
+                if record.state is JobState.RUNNING:
+                    self.store.transition(record.id, "requeue", recoveries=record.recoveries + 1)
+                    self.store.append_log(
+                        record.id, "backend died during this job; running it again"
+                    )
+            except BackendError as exc:
+                self.end_unrecorded(record.id, exc)
+                continue
+            self.queue.append(record.id)
+
+    def end_unrecorded(self, job_id: str, error: BackendError) -> None:
+        """A job the store could not record (disk full, read-only or deleted folder) still
+        ends: failed with that typed error, kept in memory until the folder is writable."""
+        if error.code is ErrorCode.NOT_FOUND:
+            error = BackendError(
+                ErrorCode.OUTPUT_UNWRITABLE, f"the folder of job {job_id} is gone: {error.message}"
+            )
+        if not self.store.settle(job_id, error):
+            return  # it had ended already
+        log.warning("job %s failed: %s", job_id, error.message)
+        self.store.discard_output(job_id)
+        try:
+            self._job_stats(self.store.get(job_id), error)
+        except BackendError:
+            pass  # its folder is gone
+        self.emit("job_failed", {"job_id": job_id, **error.to_dict()})
+
+    def _job_stats(self, record: JobRecord, error: BackendError) -> None:
+        """The stats line of a job that ended without running to its end."""
+        self.stats.append(
+            "job",
+            job_id=record.id,
+            engine=record.engine,
+            job_kind=record.kind,
+            params=record.params,
+            attempts=record.attempts,
+            outcome="failed",
+            error_code=error.code.value,
+        )

@@ -1,0 +1,100 @@
+"""Every `python -m backend ...` command line this project starts, and the environment it
+runs in. The signing key never appears here: it travels in the connection file only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .. import settings
+
+
+def backend_args(python: str, *args: str) -> list[str]:
+    return [python, "-m", "backend", *args]
+
+
+def serve_command(
+    python: str,
+    *,
+    connection_file: Path,
+    output_dir: Path,
+    engine: str = "preview",
+    engine_options: Mapping[str, str] = {},
+    parent_pid: int | None = None,
+    heartbeat: float | None = None,
+    queue_depth: int | None = None,
+    state_dir: Path | None = None,
+    min_free_disk_mb: float | None = None,
+    standby: bool = False,
+    extra: Iterable[str] = (),
+) -> list[str]:
+    """`python -m backend serve ...` for one backend."""
+    command = backend_args(
+        python,
+        "serve",
+        "--connection-file",
+        str(connection_file),
+        "--output-dir",
+        str(output_dir),
+        "--engine",
+        engine,
+    )
+    if parent_pid is not None:
+        command += ["--parent-pid", str(parent_pid)]
+    if heartbeat is not None:
+        command += ["--heartbeat", f"{heartbeat:g}"]
+    if queue_depth is not None:
+        command += ["--queue-depth", str(queue_depth)]
+    for key, value in engine_options.items():
+        command += ["--engine-opt", f"{key}={value}"]
+    if state_dir:
+        command += ["--state-dir", str(state_dir)]
+    if min_free_disk_mb is not None:
+        command += ["--min-free-disk-mb", f"{min_free_disk_mb:g}"]
+    if standby:
+        command.append("--standby")
+    return command + list(extra)
+
+
+def doctor_command(
+    python: str,
+    *,
+    output_dir: Path | None = None,
+    engine: str | None = None,
+    engine_options: Mapping[str, str] = {},
+    for_blender: bool = False,
+) -> list[str]:
+    """`python -m backend doctor --json ...` with the engine's folders as flags; `for_blender`
+    words the hints for the add-on's preferences (the add-on's Doctor button)."""
+    command = backend_args(python, "doctor", "--json")
+    if for_blender:
+        command.append("--for-blender")
+    if output_dir is not None:
+        command += ["--output-dir", str(output_dir)]
+    if engine:
+        command += ["--engine", engine]
+    for key in settings.ENGINE_ENV:
+        if engine_options.get(key):
+            command += [f"--{key.replace('_', '-')}", engine_options[key]]
+    return command
+
+
+def backend_environment(
+    extra_pythonpath: Iterable[str] = (),
+    overrides: Mapping[str, str] = {},
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a backend child: this extension first on PYTHONPATH (so `-m backend`
+    is this copy, whatever the working directory), then extra folders (bundled wheels), then
+    what the parent had."""
+    env = dict(os.environ if base is None else base)
+    paths = [str(settings.EXTENSION_ROOT), *extra_pythonpath]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"  # the log shows the last words of a crash
+    if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    env.update(overrides)
+    return env
