@@ -110,8 +110,8 @@ def main() -> int:
     through_server(client, data)  # warm-up both paths
     in_process(engine, data, params, tmp / "warm.glb")
 
+    from backend.pipeline import heap
     from backend.pipeline.runner import Runner, RunnerConfig
-    from backend.server import heap
     from backend.store.jobs import JobStore
     from backend.store.stats import StatsLog
 

@@ -38,8 +38,8 @@ def rss_mb() -> float:
 def one_mode(mode: str, jobs: int) -> dict:
     from backend.engines.preview import PreviewEngine
     from backend.params import parse_params
+    from backend.pipeline import heap
     from backend.pipeline.runner import Runner, RunnerConfig
-    from backend.server import heap
     from backend.store.jobs import JobStore
     from backend.store.stats import StatsLog
 

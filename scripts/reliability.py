@@ -373,7 +373,7 @@ def _summary(f: dict) -> list[str]:
             "export), each holding the job's large arrays: only a full collection frees them, "
             "and CPython runs one rarely, less often still when every request adds objects. "
             "The runner now runs a full collection after each job, and the backend freezes "
-            "its start-up objects once the engine is loaded (`backend/server/heap.py`), so that "
+            "its start-up objects once the engine is loaded (`backend/pipeline/heap.py`), so that "
             "the step after each job (collection and malloc_trim) costs about 1.5 ms instead "
             "of 19-23 ms "
             "(`scripts/bench_memory.py`, `docs/PERFORMANCE.md`). What remains is bounded: the "

@@ -76,7 +76,7 @@ def test_settle_freezes_start_up_objects_and_later_cycles_are_still_freed():
     script = textwrap.dedent(
         """
         import gc, weakref
-        from backend.server import heap
+        from backend.pipeline import heap
 
         class Cyclic:
             def __init__(self):
@@ -108,7 +108,7 @@ def test_a_preview_job_imports_nothing_the_collector_must_walk_after_settle(tmp_
         """
         import gc, sys
         from pathlib import Path
-        from backend.server import heap
+        from backend.pipeline import heap
         from backend.engines import create
         from backend.store.jobs import JobStore
         from backend.params import parse_params

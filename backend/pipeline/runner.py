@@ -18,10 +18,9 @@ from ..checks import glbcheck, images, meshcheck
 from ..engines.base import Engine, Stage, StageContext
 from ..errors import BackendError, ErrorCode, JobCancelled, OutputError
 from ..params import GenerationParams, parse_params
-from ..server import heap
 from ..store.jobs import JobRecord, JobStore, outcome_event
 from ..store.stats import StatsLog
-from . import gpu, ladder, memmodel
+from . import gpu, heap, ladder, memmodel
 
 log = logging.getLogger(__name__)
 

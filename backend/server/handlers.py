@@ -1,6 +1,6 @@
 """Request handlers: a request in, a reply's content out, over the backend's state
 (`workers.Backend`). No socket here; `ROUTES` says which thread runs each request, so the
-control loop (`server.py`) answers from memory and hands anything that reads the job store,
+control loop (`loop.py`) answers from memory and hands anything that reads the job store,
 decodes an image or waits on a child process to a lane. A new request is one `ROUTES` entry
 (plus its schema in `protocol.REQUESTS`). A handler returns the reply's content, or
 (content, buffers) for a reply that carries binary frames (`fetch`)."""
@@ -26,12 +26,12 @@ from .. import __version__, settings
 from ..checks import images, meshes
 from ..errors import BackendError, ErrorCode
 from ..params import parse_params, reexport_params
+from ..pipeline import heap
 from ..pipeline.runner import check_disk
 from ..store.fetch import fetch
 from ..store.jobs import INPUT_STEM, JOB_ID, THUMBNAIL, JobRecord, JobStore
 from ..supervision import commands
 from ..wire import protocol
-from . import heap
 from .workers import Backend, BackendState
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ def on_job(b: Backend, message) -> dict:
 
 
 def on_fetch(b: Backend, message) -> tuple[dict, list[bytes]]:
-    # A file of a job as bytes (backend/fetch.py, shared with the studio gateway): a bounded
+    # A file of a job as bytes (backend/store/fetch.py, shared with the studio gateway): a bounded
     # read (at most protocol.FETCH_MAX) of the job store, so a reader's work.
     content, chunk = fetch(b.store, message.content)
     return content, [chunk]

@@ -17,12 +17,11 @@ from typing import Any
 from .. import settings
 from ..engines import create as create_engine
 from ..errors import BackendError, ErrorCode, JobCancelled
-from ..pipeline import gpu
+from ..pipeline import gpu, heap
 from ..pipeline.runner import Runner, RunnerConfig
 from ..store.jobs import JobRecord, JobState, JobStore
 from ..store.ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
 from ..store.stats import StatsLog
-from . import heap
 
 log = logging.getLogger(__name__)
 
