@@ -247,3 +247,32 @@ def test_doctor_request_reports_without_blocking_the_loop(make_server):
     checks = {c["name"]: c for c in reply["report"]["checks"]}
     assert "python" in checks and checks["python"]["ok"] is True
     assert "trellis2" in checks and all("hint" in c for c in checks.values())
+
+
+def test_jobs_a_dead_backend_left_running_are_settled_by_the_next_one(
+    make_server, tmp_path, image_png
+):
+    """The one recovery rule (`jobs.after_backend_died`), applied by a backend that finds jobs
+    `running` on start: the first run again and finish, one that already ran again fails with
+    backend_died, one the user cancelled stays cancelled."""
+    from backend.store.jobs import JobStore
+
+    output_dir = tmp_path / "left"
+    store = JobStore(output_dir)
+    again, twice, cancelled = (
+        store.create("generate", "tests.cpu_engines:SlowEngine", {}, image=image_png).id
+        for _ in range(3)
+    )
+    for job_id in (again, twice, cancelled):
+        store.transition(job_id, "start")
+    store.update(twice, recoveries=1)
+    store.request_cancel(cancelled)
+    s = make_server(
+        SLOW, output_dir=output_dir, engine_options={"steps": "2", "step_seconds": "0.01"}
+    )
+    assert s.client.wait_for_job(again, timeout=20)["event"] == "job_done"
+    records = {j: s.client.job(j)["job"] for j in (again, twice, cancelled)}
+    assert records[again]["recoveries"] == 1
+    assert records[twice]["state"] == "failed"
+    assert records[twice]["error"]["code"] == "backend_died"
+    assert records[cancelled]["state"] == "cancelled"

@@ -16,10 +16,10 @@ from typing import Any
 
 from .. import settings
 from ..engines import create as create_engine
-from ..errors import BackendError, ErrorCode, JobCancelled
+from ..errors import BackendError, ErrorCode
 from ..pipeline import gpu, heap
 from ..pipeline.runner import Runner, RunnerConfig
-from ..store.jobs import JobRecord, JobState, JobStore
+from ..store.jobs import JobRecord, JobState, JobStore, after_backend_died
 from ..store.ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
 from ..store.stats import StatsLog
 
@@ -353,21 +353,17 @@ class Backend:
         be written ends failed with the store's typed error."""
         for record in sorted((r for r in records if not r.terminal), key=lambda r: r.created):
             try:
-                if record.state is JobState.RUNNING and record.cancel_requested:
-                    self.store.transition(record.id, "cancel", error=JobCancelled().to_dict())
-                    self.store.append_log(record.id, "cancelled (its backend stopped first)")
-                    self.emit("job_cancelled", {"job_id": record.id})
-                    continue
-                if record.state is JobState.RUNNING and not record.may_run_again:
-                    error = BackendError(
-                        ErrorCode.BACKEND_DIED, "the backend died twice while running this job"
-                    )
-                    self.store.transition(record.id, "fail", error=error.to_dict())
-                    self.store.append_log(record.id, "failed: backend died again")
-                    self._job_stats(record, error)
-                    continue
                 if record.state is JobState.RUNNING:
-                    self.store.transition(record.id, "requeue", recoveries=record.recoveries + 1)
+                    event, fields = after_backend_died(record, "its backend stopped")
+                    self.store.transition(record.id, event, **fields)
+                    if event == "cancel":
+                        self.store.append_log(record.id, "cancelled (its backend stopped first)")
+                        self.emit("job_cancelled", {"job_id": record.id})
+                        continue
+                    if event == "fail":
+                        self.store.append_log(record.id, "failed: backend died again")
+                        self._job_stats(record, BackendError.from_dict(fields["error"]))
+                        continue
                     self.store.append_log(
                         record.id, "backend died during this job; running it again"
                     )

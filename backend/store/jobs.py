@@ -118,6 +118,23 @@ class JobRecord:
         return self.recoveries < settings.MAX_RECOVERIES
 
 
+def after_backend_died(
+    record: JobRecord, why: str, hint: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The transition (event, fields) of a job its backend left running when it died: the
+    user's cancel stands; a job that already ran once more fails with `backend_died`; any
+    other runs once more. The one place that rule branches (the supervisor applies it when
+    no backend comes next, a new backend when it recovers the queue)."""
+    if record.cancel_requested:
+        return "cancel", {"error": JobCancelled().to_dict()}
+    if not record.may_run_again:
+        died = BackendError(
+            ErrorCode.BACKEND_DIED, f"the backend died twice while running this job ({why})", hint
+        )
+        return "fail", {"error": died.to_dict()}
+    return "requeue", {"recoveries": record.recoveries + 1}
+
+
 def outcome_event(record: JobRecord) -> tuple[str, dict[str, Any]]:
     """A finished job's final event (`job_done`, `job_failed` or `job_cancelled`), built from
     its record: the one shape the local backend and the studio workers send

@@ -24,9 +24,9 @@ from typing import Any
 import zmq
 
 from .. import settings
-from ..errors import BackendError, ErrorCode, JobCancelled
+from ..errors import BackendError, ErrorCode
 from ..procutil import is_stopped
-from ..store.jobs import JobState, JobStore
+from ..store.jobs import JobState, JobStore, after_backend_died
 from ..store.ownerlock import BACKEND_LOCK, LOCKED_EXIT_CODE, OWNER_LOCK, OutputLock, OutputLocked
 from ..store.stats import StatsLog
 from ..wire import protocol
@@ -946,18 +946,15 @@ class Supervisor:
                 f"backend pid {b.pid} went away during this job: {why}\n"
                 f"--- last lines of {b.log_path.name} ---\n{tail}\n---",
             )
+            hint = f"See the backend log {b.log_path}; its last lines are in the job log."
+            event, fields = after_backend_died(record, why, hint)
             try:
-                if record.cancel_requested:  # the user cancelled it: it stays cancelled
-                    store.transition(record.id, "cancel", error=JobCancelled().to_dict())
+                if event == "cancel":  # the user cancelled it: it stays cancelled
+                    store.transition(record.id, "cancel", **fields)
                     self._emit("job_cancelled", why, job_id=record.id, pid=b.pid)
                     continue
-                if not record.may_run_again:
-                    error = BackendError(
-                        ErrorCode.BACKEND_DIED,
-                        f"the backend died twice while running this job ({why})",
-                        f"See the backend log {b.log_path}; its last lines are in the job log.",
-                    ).to_dict()
-                    error["log_tail"] = tail
+                if event == "fail":
+                    error = {**fields["error"], "log_tail": tail}
                     store.transition(record.id, "fail", error=error)
                     self._stats().append(
                         "job",
@@ -971,7 +968,7 @@ class Supervisor:
                     self._emit("job_failed", why, job_id=record.id, pid=b.pid, data=error)
                     continue
                 if no_successor:
-                    store.transition(record.id, "requeue", recoveries=record.recoveries + 1)
+                    store.transition(record.id, "requeue", **fields)
                 self._emit("job_retried", why, job_id=record.id, pid=b.pid)
             except BackendError as exc:  # changed under us, or the folder cannot be written
                 log.warning("cannot settle job %s: %s", record.id, exc.message)
