@@ -208,20 +208,12 @@ def test_a_job_folder_that_is_a_link_is_not_a_job(tmp_path):
     assert store.unfinished() == [store.get(good.id)]
 
 
-def test_pages_cover_every_job_once_within_a_budget(tmp_path):
+def test_a_listing_is_newest_first_and_stops_at_its_limit(tmp_path):
     store = JobStore(tmp_path)
-    ids = {store.create("generate", "preview", {"seed": i}).id for i in range(25)}
-    seen, before, pages = [], None, 0
-    while True:
-        records, warnings, before = store.page(
-            limit=7, before=before, budget=2_000, size=lambda r: 500
-        )
-        assert len(records) <= 4 and warnings == []  # 4 x 500 bytes fit the budget
-        seen += [r.id for r in records]
-        pages += 1
-        if before is None:
-            break
-    assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen)) and pages == 7
+    ids = [store.create("generate", "preview", {"seed": i}).id for i in range(5)]
+    records, warnings = store.list(3)
+    assert [r.id for r in records] == ids[::-1][:3] and warnings == []
+    assert [r.id for r in store.list()[0]] == ids[::-1]
 
 
 def test_a_cancel_request_is_written_for_a_running_job_only(tmp_path):

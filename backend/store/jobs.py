@@ -431,42 +431,29 @@ class JobStore:
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise BackendError(ErrorCode.NOT_FOUND, f"job {job_id} is unreadable: {exc}") from None
 
-    def page(
-        self,
-        limit: int | None = None,
-        before: str | None = None,
-        budget: int | None = None,
-        size: Callable[[JobRecord], int] | None = None,
-    ) -> tuple[list[JobRecord], list[str], str | None]:
-        """Jobs newest first by id, only ids below `before`: at most `limit` of them, and no
-        more than `budget` bytes as measured by `size`. Returns (records, warnings, next):
-        `next` is the `before` of the following page, None after the last. Corrupt folders
-        and links are skipped with a warning."""
+    def list(self, limit: int | None = None) -> tuple[list[JobRecord], list[str]]:
+        """Jobs newest first (at most `limit`). Corrupt folders and links are skipped and
+        reported as warnings. Paging for clients is `server.handlers`' (`list_jobs`)."""
         records: list[JobRecord] = []
         warnings: list[str] = []
-        used = 0
         try:
             jobs = self._jobs()
         except FileNotFoundError:
-            return [], [], None
+            return [], []
         except OSError as exc:
-            return [], [f"cannot read {self.jobs_dir}: {exc}"], None
+            return [], [f"cannot read {self.jobs_dir}: {exc}"]
         with jobs:
             try:
                 entries = jobs.entries()
             except OSError as exc:
-                return [], [f"cannot read {self.jobs_dir}: {exc}"], None
-            names = sorted(
-                (
-                    (name, st)
-                    for name, st in entries
-                    if JOB_ID.match(name) and (before is None or name < before)
-                ),
-                reverse=True,
-            )
-            for name, st in names:
-                if limit is not None and len(records) >= limit:
-                    return _ordered(records), warnings, records[-1].id
+                return [], [f"cannot read {self.jobs_dir}: {exc}"]
+            for name, st in sorted(
+                ((name, st) for name, st in entries if JOB_ID.match(name)), reverse=True
+            ):
+                # Ids order by second only (the rest is random): read the whole second the
+                # limit falls in, then keep the newest by creation time.
+                if limit is not None and len(records) >= limit and name[:15] < records[-1].id[:15]:
+                    break
                 if not stat.S_ISDIR(st.st_mode):
                     warnings.append(f"skipped {name}: not a folder (a link is never followed)")
                     continue
@@ -478,18 +465,8 @@ class JobStore:
                     warnings.append(f"skipped {name}: {exc.message}")
                     log.warning("skipping corrupt job folder %s: %s", name, exc.message)
                     continue
-                if budget is not None and size is not None:
-                    cost = size(record)
-                    if records and used + cost > budget:
-                        return _ordered(records), warnings, records[-1].id
-                    used += cost
                 records.append(record)
-        return _ordered(records), warnings, None
-
-    def list(self, limit: int | None = None) -> tuple[list[JobRecord], list[str]]:
-        """Newest first. Corrupt folders are skipped and reported as warnings."""
-        records, warnings, _ = self.page(limit)
-        return records, warnings
+        return _ordered(records)[:limit], warnings
 
     def unfinished(self) -> list[JobRecord]:
         """Jobs left queued or running (oldest first): work to recover after a restart."""
