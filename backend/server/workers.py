@@ -354,7 +354,7 @@ class Backend:
         for record in sorted((r for r in records if not r.terminal), key=lambda r: r.created):
             try:
                 if record.state is JobState.RUNNING:
-                    event, fields = after_backend_died(record, "its backend stopped")
+                    event, fields = after_backend_died(record, "found running at start-up")
                     self.store.transition(record.id, event, **fields)
                     if event == "cancel":
                         self.store.append_log(record.id, "cancelled (its backend stopped first)")
