@@ -70,9 +70,13 @@ class RemoteLink:
         self._close()
         self.last_error, self._answered = None, False
         try:
+            import zmq
+
             from ..backend.wire.remote import RemoteBackend
 
-            self.remote = RemoteBackend(self._connection)
+            # A refused key shows only in the handshake: watch it from the first connect.
+            events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            self.remote = RemoteBackend(self._connection, monitor_events=events)
         except BackendError as exc:
             self._dead(exc)
             return
@@ -85,21 +89,11 @@ class RemoteLink:
                 )
             )
             return
-        self._watch_handshake()
+        self._monitor = self.remote.client.monitor
         self.state, self.state_reason = "starting", f"connecting to {self.where}"
         self._hello = self.remote.client.request_async(
             "hello", {"client": "trellis2-blender"}, timeout=HELLO_TIMEOUT
         )
-
-    def _watch_handshake(self) -> None:
-        """A monitor on the request socket: libzmq reports a refused key there."""
-        import zmq
-
-        events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-        try:
-            self._monitor = self.remote.client.shell.get_monitor_socket(events)
-        except zmq.ZMQError:  # a libzmq without monitors: the hello timeout still tells
-            self._monitor = None
 
     def restart(self, reason: str = "user") -> None:
         self.start()  # a new connection: a fresh handshake, a new hello
@@ -113,13 +107,7 @@ class RemoteLink:
         self.state, self.state_reason = "stopped", ""
 
     def _close(self) -> None:
-        if self._monitor is not None:
-            try:
-                self.remote.client.shell.disable_monitor()
-            except Exception:  # the socket may be closed already; nothing to keep
-                pass
-            self._monitor.close(0)
-            self._monitor = None
+        self._monitor = None  # the client's: closed with it
         if self.remote is not None:
             self.remote.close()  # fails every request still waiting
             self.remote = None

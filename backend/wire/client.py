@@ -103,6 +103,7 @@ class Client:
         context: zmq.Context | None = None,
         subscribe: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        monitor_events: int = 0,
     ):
         if not isinstance(connection, protocol.ConnectionInfo):
             connection = protocol.read_connection_file(connection)
@@ -113,6 +114,14 @@ class Client:
         self.ctx = context or zmq.Context()
         self.shell = self.ctx.socket(zmq.DEALER)
         self.shell.setsockopt(zmq.LINGER, 0)
+        # A monitor of the request socket's handshake (`monitor_events`, e.g. a refused CURVE
+        # key) is attached before connecting, so the first handshake's events are not missed.
+        self.monitor: zmq.Socket | None = None
+        if monitor_events:
+            try:
+                self.monitor = self.shell.get_monitor_socket(monitor_events)
+            except zmq.ZMQError:  # a libzmq without monitors: timeouts still tell
+                pass
         self.shell.connect(connection.shell_url)
         self.iopub: zmq.Socket | None = None
         if subscribe:
@@ -412,6 +421,9 @@ class Client:
         pending, self._pending = self._pending, {}
         for request in pending.values():
             request.fail(_closed_error(request.msg_type))
+        if self.monitor is not None:
+            self.shell.disable_monitor()
+            self.monitor.close(0)
         self.shell.close(0)
         if self.iopub is not None:
             self.iopub.close(0)

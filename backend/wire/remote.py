@@ -31,7 +31,9 @@ class RemoteBackend:
     """One connection to one gateway. Every call is bounded by its timeout; `poll(0)` never
     blocks, so a Blender timer can drive it like the local client."""
 
-    def __init__(self, connection: str | RemoteConnection, *, subscribe: bool = True):
+    def __init__(
+        self, connection: str | RemoteConnection, *, subscribe: bool = True, monitor_events: int = 0
+    ):
         conn = decode_connection(connection) if isinstance(connection, str) else connection
         (host, shell_port), (events_host, events_port) = (
             _host_port(conn.shell),
@@ -54,7 +56,9 @@ class RemoteBackend:
             ip=host,
             engine="remote",
         )
-        self.client = Client(info, context=self.ctx, subscribe=subscribe)
+        self.client = Client(
+            info, context=self.ctx, subscribe=subscribe, monitor_events=monitor_events
+        )
 
     @property
     def user(self) -> str:
