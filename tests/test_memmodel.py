@@ -134,3 +134,24 @@ def test_a_large_object_on_16_gb_keeps_its_resolution_and_drops_the_remesh():
     assert plan is not None and plan.level == 4
     assert plan.params.resolution == 1024 and plan.params.remesh is False
     assert STAGES[plan.resume_stage].name == "texture"  # the shape is kept
+
+
+def test_counted_cascade_tokens_decide_where_the_cascade_settles():
+    """GPU run 9's `high:mid` object (2,627 voxels): with a 32k budget upstream's cascade
+    passed 1536 to 1152 (each above the budget) and settled at 1024 with 10,282 tokens; the
+    squared-resolution estimate put it at 1152 with ~26,600. Counts win where they exist;
+    the shape's exact tokens still rescale to a resolution that was not counted."""
+    counts = {1536: 45_100, 1408: 40_200, 1280: 36_900, 1152: 33_300, 1024: 10_282, 768: 14_000}
+    high = parse_params({"preset": "high"})
+    counted = memmodel.Facts(voxels=2_627, cascade_tokens=counts)
+    assert memmodel.tokens_for(high, counted, {}) == 45_100
+    assert memmodel.tokens_for(ladder.params_at(high, 1), counted, {}) == 10_282
+    assert memmodel.tokens_for(high.replace(resolution=768), counted, {}) == 14_000
+    estimated = memmodel.tokens_for(ladder.params_at(high, 1), memmodel.Facts(voxels=2_627), {})
+    assert 25_000 < estimated < 28_000
+    partial = memmodel.Facts(tokens=10_000, resolution=1024, cascade_tokens={1536: 45_100})
+    assert memmodel.tokens_for(high.replace(resolution=1024), partial, {}) == 10_000
+    # on a 12 GB card the counts keep level 1; the estimate lowered to level 3
+    by_counts = memmodel.plan(high, 0, SHAPE - 1, STAGES, CAPS, counted, 12 * GIB)
+    by_estimate = memmodel.plan(high, 0, SS, STAGES, CAPS, memmodel.Facts(voxels=2_627), 12 * GIB)
+    assert by_counts.level == 1 and by_estimate.level == 3

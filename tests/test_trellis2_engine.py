@@ -817,13 +817,13 @@ def test_runner_cancel_mid_shape_leaves_no_model_on_the_device(engine, fake, tmp
     assert not (store.folder(record.id) / "result.glb").exists()
 
 
-def test_the_runner_lowers_a_job_the_memory_model_says_will_not_fit(
-    engine, fake, tmp_path, monkeypatch
-):
-    """Prediction instead of retry: after the structure, a job whose later stages would not
-    fit is lowered before it runs them (no OOM); after the shape, the tokens it counted are
-    learned as this card's tokens per voxel."""
-    from backend.pipeline import gpu, memmodel
+# What upstream's cascade counted for the `high:mid` object of GPU run 9 (2,627 voxels): every
+# resolution from 1536 to 1152 above the 32k budget, 1024 far below the squared-resolution law.
+RUN9_COUNTS = {1536: 45_100, 1408: 40_200, 1280: 36_900, 1152: 33_300, 1024: 10_282, 768: 14_000}
+
+
+def _predicting_runner(engine, tmp_path, monkeypatch, available_gib, preset="high"):
+    from backend.pipeline import gpu
     from backend.pipeline.runner import Runner, RunnerConfig
     from backend.store.jobs import JobStore
     from backend.store.stats import StatsLog
@@ -835,37 +835,113 @@ def test_the_runner_lowers_a_job_the_memory_model_says_will_not_fit(
     image = io.BytesIO()
     subject_image(size=128).save(image, format="PNG")
     record = store.create(
-        "generate", "trellis2", parse_params({"preset": "high"}).to_dict(), image=image.getvalue()
+        "generate", "trellis2", parse_params({"preset": preset}).to_dict(), image=image.getvalue()
     )
+    monkeypatch.setattr(gpu, "vram", lambda init=True: {"available": available_gib * 2**30})
+    return runner, record
+
+
+def test_the_runner_lowers_a_cascade_once_the_shape_counted_its_tokens(
+    engine, fake, tmp_path, monkeypatch
+):
+    """Prediction instead of retry, from exact counts: the shape stage counts the cascade's
+    tokens at every resolution once its low-resolution pass is upsampled and, before the
+    high-resolution sampling, the runner lowers the job to the best level those counts fit.
+    On a 12 GB card that is level 1 (token budget 32k: the cascade settles at 1024 with
+    10,282 tokens); the structure's estimate (~26,600 tokens at 1152) chose level 3."""
+    from backend.engines import trellis2
+    from backend.pipeline import memmodel
+
+    runner, record = _predicting_runner(engine, tmp_path, monkeypatch, 12)
     ran: list[str] = []
     original = engine.run_stage
 
+    hr_forwards: list[int] = []
+    hr_before_shape: list[int] = []
+
     def run_stage(stage, state, params, ctx):
         ran.append(stage)
+        if stage == "shape":
+            hr_before_shape.append(len(hr_forwards))
         original(stage, state, params, ctx)
-        if stage == "sparse_structure":  # the model decides from the voxels: make them many
-            state["structure"] = {"voxels": 4_000}
+        if stage == "sparse_structure":
+            state["structure"] = {"voxels": 2_627}
 
     monkeypatch.setattr(engine, "run_stage", run_stage)
-    budget = {"available": 12 * 2**30}
-    monkeypatch.setattr(gpu, "vram", lambda init=True: dict(budget))
+    monkeypatch.setattr(trellis2, "cascade_token_counts", lambda *a: dict(RUN9_COUNTS))
+    hr_model = engine.pipeline.models["shape_slat_flow_model_1024"]
+    hr_forward = hr_model.forward
+    monkeypatch.setattr(
+        hr_model, "forward", lambda *a, **k: (hr_forwards.append(1), hr_forward(*a, **k))[1]
+    )
     events: list[tuple[str, dict]] = []
     result = runner.run(record, emit=lambda kind, content: events.append((kind, content)))
+
     assert result.outcome == "done", result.error
     assert [a["outcome"] for a in result.attempts] == ["predicted_oom", "ok"]
-    assert result.attempts[0]["stage"] == "sparse_structure"
+    first = result.attempts[0]
+    assert first["stage"] == "shape" and first["predicted_within"] is True
     retry = [c for k, c in events if k == "job_retry"]
     assert len(retry) == 1 and retry[0]["reason"] == "predicted_out_of_memory"
-    assert retry[0]["resume_stage"] == "shape"
-    # 4,000 voxels at the 1536 cascade: about 72k tokens, 57 GiB of export. With the 32k
-    # budget the cascade would settle at 1024 (15.6k tokens, export 12 GiB), and with the
-    # narrower remesh band too (8.4 GiB) it fits the 10.2 GiB budget: level 2
-    assert result.level == 2
-    assert result.params["max_num_tokens"] == 32_768 and result.params["remesh_band"] == 0.5
-    # the user is told why, in words: predicted, at which point, against how much memory
-    assert "after sparse_structure, predicted peak" in result.degraded_reason
-    assert "GiB this card has" in result.degraded_reason
-    assert ran.count("sparse_structure") == 1 and ran.count("conditioning") == 1
-    # what the shape counted is kept as this card's tokens per voxel for the next job
-    tier = memmodel.tier(result.params["resolution"])
-    assert tier in runner.tokens_per_voxel and runner.tokens_per_voxel[tier] > 0
+    assert retry[0]["failed_stage"] == retry[0]["resume_stage"] == "shape"
+    assert result.level == 1 and result.params["max_num_tokens"] == 32_768
+    assert result.params["remesh_band"] == 1.0
+    assert "during shape, once its tokens were counted" in result.degraded_reason
+    assert ran.count("sparse_structure") == 1 and ran.count("shape") == 2
+    # the first attempt stopped before the high-resolution model ran; the second ran it
+    assert hr_before_shape == [0, 0] and hr_forwards
+    # the estimate alone would have lowered further
+    estimate = memmodel.plan(
+        parse_params({"preset": "high"}),
+        0,
+        1,
+        engine.stages,
+        engine.capabilities,
+        memmodel.Facts(voxels=2_627),
+        12 * 2**30,
+    )
+    assert estimate is not None and estimate.level > result.level
+
+
+def test_a_cascade_that_fits_by_its_counts_is_not_lowered(engine, fake, tmp_path, monkeypatch):
+    """The structure's estimate no longer lowers a cascade: on a card where the counted
+    tokens fit, the job runs as requested in one attempt, and the counts are recorded."""
+    from backend.engines import trellis2
+
+    runner, record = _predicting_runner(engine, tmp_path, monkeypatch, 80, preset="balanced")
+    monkeypatch.setattr(trellis2, "cascade_token_counts", lambda *a: {1024: 9_680, 768: 12_000})
+    result = runner.run(record)
+    assert result.outcome == "done", result.error
+    assert [a["outcome"] for a in result.attempts] == ["ok"] and result.level == 0
+    assert result.mesh_stats["structure"]["cascade_tokens"] == {1024: 9_680, 768: 12_000}
+
+
+def test_the_counts_are_the_ones_upstreams_cascade_loop_chooses_from(engine, fake):
+    """`cascade_token_counts` counts as upstream's loop does (the fake copies that loop): the
+    resolution the cascade settles on for a budget, and its token count, are what the memory
+    model derives from the counts."""
+    import torch
+
+    from backend.engines.trellis2 import cascade_token_counts
+    from backend.pipeline import memmodel
+
+    pipe = engine.pipeline
+    generator = torch.Generator().manual_seed(3)
+    lr = torch.randint(0, 64, (3_000, 3), generator=generator)
+    coords = torch.cat([torch.zeros(3_000, 1, dtype=torch.int64), lr], 1).unique(dim=0).int()
+    decoder = pipe.models["shape_slat_decoder"]
+    hr_coords = decoder.upsample(type("S", (), {"coords": coords})(), upsample_times=4)
+    counts = cascade_token_counts(hr_coords, 512, 1536)
+    assert sorted(counts) == [768, 1024, 1152, 1280, 1408, 1536]
+    for budget in sorted({*counts.values(), 1 << 30}):
+        settled = memmodel.cascade_resolution(1536, counts.get, budget)
+        res = 1536
+        while True:  # upstream's loop, as the fake has it
+            quant = torch.cat(
+                [hr_coords[:, :1], ((hr_coords[:, 1:] + 0.5) / 512 * (res // 16)).int()], 1
+            )
+            n = quant.unique(dim=0).shape[0]
+            if n < budget or res == 1024:
+                break
+            res -= 128
+        assert (settled, counts[settled]) == (res, n), budget

@@ -41,17 +41,26 @@ ProgressFn = Callable[[str, int, int, str], None]  # (stage, step, total, messag
 
 
 class StageContext:
-    """Handed to each stage: progress reporting that doubles as the cancel checkpoint."""
+    """Handed to each stage: progress reporting that doubles as the cancel checkpoint, and
+    the way a stage tells the job's size before its costly part (`sized`)."""
 
     def __init__(
         self,
         stage: str,
         report: ProgressFn | None = None,
         cancelled: Callable[[], bool] | None = None,
+        sized: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.stage = stage
         self._report = report
         self._cancelled = cancelled
+        self._sized = sized
+
+    def tell_size(self, **facts: Any) -> None:
+        """What the stage has counted so far (e.g. `cascade_tokens`). The runner may stop the
+        stage here, raising out of this call, to run it again at a lower level."""
+        if self._sized is not None:
+            self._sized(facts)
 
     def check_cancelled(self) -> None:
         if self._cancelled is not None and self._cancelled():
@@ -93,6 +102,10 @@ class Engine(ABC):
     # state["effective_resolution"]) and its memory follows memmodel.py: the runner may lower
     # a job before it runs out of memory.
     predicts_memory: ClassVar[bool] = False
+    # Its shape stage counts the cascade's high-resolution tokens at every resolution it may
+    # settle on (ctx.tell_size(cascade_tokens=...)) before sampling at high resolution: the
+    # runner then plans cascades from those counts, not from the structure's estimate.
+    counts_cascade_tokens: ClassVar[bool] = False
 
     def load(self, progress: Callable[[float, str], None] | None = None) -> None:  # noqa: B027
         """Load weights. `progress(fraction, message)`. Idempotent."""

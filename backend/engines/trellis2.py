@@ -42,6 +42,31 @@ PIPELINE_TYPES = {512: "512", 1024: "1024_cascade", 1536: "1536_cascade"}
 # The ladder's own cascade resolution below 1024 (upstream's token loop never goes there):
 # the 1024 cascade's models, high resolution 768, a third fewer tokens (issue #12).
 LADDER_CASCADES = {768: "1024_cascade"}
+CASCADE_LR_RESOLUTION = 512  # the cascade's low-resolution pass (upstream's run())
+
+
+def cascade_resolutions(resolution: int) -> list[int]:
+    """Where a cascade asked for `resolution` may settle: upstream lowers above 1024 in steps
+    of 128 to 1024, and the ladder's cascades run their own resolution; 768 and 1024 are
+    counted too, for the ladder's lower levels."""
+    steps = range(resolution, 1024, -128) if resolution > 1024 else ()
+    return sorted({*steps, 1024, 768, resolution} - {512}, reverse=True)
+
+
+def cascade_token_counts(hr_coords: Any, lr_resolution: int, resolution: int) -> dict[int, int]:
+    """The tokens the cascade's high-resolution pass would have at each resolution it may
+    settle on: the upsampled coordinates of the low-resolution pass, quantised to that
+    resolution's grid of 16-voxel cells, deduplicated (as `sample_shape_slat_cascade` counts
+    them before choosing its resolution)."""
+    import torch
+
+    counts = {}
+    for r in cascade_resolutions(resolution):
+        cells = ((hr_coords[:, 1:] + 0.5) / lr_resolution * (r // 16)).int()
+        counts[r] = int(torch.cat([hr_coords[:, :1], cells], dim=1).unique(dim=0).shape[0])
+    return counts
+
+
 # Sparse-structure grid: 32 for all three types we use (only the plain "1024" type uses 64).
 SS_RESOLUTION = 32
 NVDIFFRAST_FACE_LIMIT = 16_777_216  # app.py simplifies to this before baking
@@ -179,6 +204,7 @@ class Trellis2Engine(Engine):
     # so the ladder never spends a level on them here.
     capabilities = KNOBS - {"steps_scale", "guidance", "image_size"}
     predicts_memory = True
+    counts_cascade_tokens = True
     stages = (
         Stage("conditioning", "Preparing the image", frozenset({"image_size"})),
         Stage(
@@ -644,6 +670,38 @@ class Trellis2Engine(Engine):
             else:
                 del sampler.sample_once
 
+    @contextmanager
+    def _counted_cascade(
+        self, decoder: Any, resolution: int, ctx: StageContext, counts: dict[int, int]
+    ) -> Iterator[None]:
+        """Count the cascade's high-resolution tokens at every resolution it may settle on as
+        soon as the low-resolution pass is upsampled, and tell the runner before the
+        high-resolution sampling, by wrapping the decoder instance's `upsample` (which
+        `sample_shape_slat_cascade` calls once). The runner may stop the stage there."""
+        original = decoder.upsample
+        had_own = "upsample" in vars(decoder)
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            hr_coords = original(*args, **kwargs)
+            counts.update(cascade_token_counts(hr_coords, CASCADE_LR_RESOLUTION, resolution))
+            try:
+                ctx.tell_size(cascade_tokens=dict(counts))
+            except BaseException:
+                if getattr(decoder, "low_vram", False):  # what upstream does after upsample
+                    decoder.cpu()
+                    decoder.low_vram = False
+                raise
+            return hr_coords
+
+        decoder.upsample = counting
+        try:
+            yield
+        finally:
+            if had_own:
+                decoder.upsample = original
+            else:
+                del decoder.upsample
+
     def _cond(self, pipe: Any, image: Image.Image, resolution: int) -> dict[str, Any]:
         cond = pipe.get_cond(image=[image], resolution=resolution, include_neg_cond=True)
         return _to(cond, "cpu")
@@ -763,6 +821,7 @@ class Trellis2Engine(Engine):
         )
         cond_512 = _to(state["cond_512"], device)
         coords = state["coords"].to(device)
+        counted: dict[int, int] = {}
         if pipeline_type == "512":
             torch.set_rng_state(state["rng_after_ss"])
             with self._steps(pipe.shape_slat_sampler, ctx, sp["steps"]):
@@ -776,13 +835,17 @@ class Trellis2Engine(Engine):
         else:
             state["cond_1024"] = self._cond(pipe, state["prepared_image"], 1024)
             torch.set_rng_state(state["rng_after_ss"])
-            with self._steps(pipe.shape_slat_sampler, ctx, 2 * sp["steps"]):  # LR + HR pass
+            decoder = pipe.models["shape_slat_decoder"]
+            with (
+                self._steps(pipe.shape_slat_sampler, ctx, 2 * sp["steps"]),  # LR + HR pass
+                self._counted_cascade(decoder, params.resolution, ctx, counted),
+            ):
                 slat, resolution = pipe.sample_shape_slat_cascade(
                     lr_cond=cond_512,
                     cond=_to(state["cond_1024"], device),
                     flow_model_lr=pipe.models["shape_slat_flow_model_512"],
                     flow_model=pipe.models["shape_slat_flow_model_1024"],
-                    lr_resolution=512,
+                    lr_resolution=CASCADE_LR_RESOLUTION,
                     resolution=params.resolution,
                     coords=coords,
                     sampler_params=sp,
@@ -798,6 +861,8 @@ class Trellis2Engine(Engine):
             "shape_tokens": int(state["shape_slat"].coords.shape[0]),
             "pipeline_type": pipeline_type,
         }
+        if counted:
+            state["structure"]["cascade_tokens"] = counted
         state["pipeline_type"] = pipeline_type
         state["rng_after_shape"] = torch.get_rng_state()
         self.last_effective_resolution = int(resolution)

@@ -7,11 +7,17 @@ steps, the guidance or the input image size. Each stage's peak is fitted as
 sees it: CuMesh allocates outside torch's caching allocator, so torch's own figures miss
 a third of the export. Export settings scale the export's peak by a measured factor.
 
-Tokens are known at two points of a job: after the sparse structure (its voxels; the cascade's
-high-resolution tokens are then an estimate: voxels times a ratio learned on this card), and
-after the shape (exact). At each point `plan()` picks the best ladder level whose predicted
-peaks of the stages still to run fit the memory available, so a job that would run out of
-memory is lowered before it does, instead of after.
+Tokens are known at three points of a job: after the sparse structure (its voxels; the
+cascade's high-resolution tokens are then an estimate: voxels times a ratio learned on this
+card), inside the shape stage of a cascade once its low-resolution pass is upsampled (exact
+counts at every resolution the cascade could settle on, before the high-resolution sampling
+that the memory goes to), and after the shape (exact). At each point `plan()` picks the best
+ladder level whose predicted peaks of the stages still to run fit the memory available, so a
+job that would run out of memory is lowered before it does, instead of after. The estimate is
+only used for 512 jobs (where it is exact: one token per voxel) and where no count exists:
+upstream's counts at resolutions that are not multiples of 256 are far from the squared-
+resolution law (GPU run 9: 1152 to 1408 each above 32,768 tokens where 1024 had 10,282), so a
+plan made from it chose levels lower than needed.
 
 Pure functions and tables; the runner and the engine hold the state.
 """
@@ -117,14 +123,34 @@ class Facts:
     voxels: int | None = None
     tokens: int | None = None  # exact, once the shape stage ran
     resolution: int | None = None  # the resolution the tokens were counted at
+    # Exact high-resolution tokens per cascade resolution, counted from the upsampled
+    # low-resolution pass (what upstream's cascade loop counts), before the shape finishes.
+    cascade_tokens: Mapping[int, int] | None = None
 
 
 def tokens_for(params: GenerationParams, facts: Facts, ratios: Mapping[int, float]) -> float:
-    """The high-resolution tokens the job will have at `params`, from the best fact known:
-    the exact count after the shape (rescaled to another resolution of its tier, or by the
-    ratios to another tier), else the structure's voxels times the learned ratio."""
+    """The high-resolution tokens the job will have at `params`, from the best fact known
+    at each resolution the cascade may settle on: the cascade's own count there; else the
+    exact count after the shape (rescaled to another resolution of its tier, or by the ratios
+    to another tier); else the structure's voxels times the learned ratio."""
     if params.resolution <= 512:
         return float(facts.voxels if facts.voxels is not None else facts.tokens or 0)
+    estimate = _estimated_tokens_at(facts, ratios)
+    counted = facts.cascade_tokens or {}
+    if estimate is None and not counted:
+        return 0.0
+
+    def tokens_at(r: int) -> float:
+        if r in counted:
+            return float(counted[r])
+        return estimate(r) if estimate is not None else 0.0
+
+    return tokens_at(cascade_resolution(params.resolution, tokens_at, params.max_num_tokens))
+
+
+def _estimated_tokens_at(facts: Facts, ratios: Mapping[int, float]) -> Any:
+    """tokens_at(resolution) from the shape's exact count (rescaled) or the structure's
+    voxels; None when neither is known."""
     if facts.tokens is not None and facts.resolution and facts.resolution > 512:
         known, at, voxels = facts.tokens, facts.resolution, facts.voxels
 
@@ -135,14 +161,12 @@ def tokens_for(params: GenerationParams, facts: Facts, ratios: Mapping[int, floa
             # (the tiers do not scale with the resolution squared: run 8, 768 against 1024).
             estimate_at = estimate_tokens(voxels, at, ratios)
             return estimate_tokens(voxels, r, ratios) * known / max(estimate_at, 1.0)
-    elif facts.voxels is not None:
-        voxels = facts.voxels
 
-        def tokens_at(r: int) -> float:
-            return estimate_tokens(voxels, r, ratios)
-    else:
-        return 0.0
-    return tokens_at(cascade_resolution(params.resolution, tokens_at, params.max_num_tokens))
+        return tokens_at
+    if facts.voxels is not None:
+        voxels = facts.voxels
+        return lambda r: estimate_tokens(voxels, r, ratios)
+    return None
 
 
 @dataclass(frozen=True)
@@ -170,7 +194,7 @@ def plan(
     are predicted to fit `available` bytes; None when the current level is predicted to fit
     (or nothing is known). Lowering restarts at the earliest stage that reads a changed knob,
     which may be a stage already run (a lower resolution reruns the shape)."""
-    if facts.voxels is None and facts.tokens is None:
+    if facts.voxels is None and facts.tokens is None and not facts.cascade_tokens:
         return None
     ratios = ratios or {}
     caps = frozenset(capabilities)

@@ -344,7 +344,10 @@ class Runner:
                 self.current = progress
                 emit("job_progress", progress)
 
-            ctx = StageContext(stage.name, report, cancelled)
+            def sized(facts: dict[str, Any], _i: int = index) -> None:
+                self._plan_within(stages, _i, state, request, level, facts, attempt)
+
+            ctx = StageContext(stage.name, report, cancelled, sized)
             ctx.progress(0, 1, stage.label)
             before = dict(state)
             began = self.clock()
@@ -352,7 +355,7 @@ class Runner:
             gpu.reset_peak()  # a peak per stage: the memory model of the engine (issue #12)
             try:
                 self.engine.run_stage(stage.name, state, params, ctx)
-            except (JobCancelled, BackendError):
+            except (JobCancelled, BackendError, _Replan):
                 raise
             except Exception as exc:
                 # Keep text only: the exception's traceback pins frames and GPU tensors, so
@@ -377,6 +380,42 @@ class Runner:
             }
             self._predict(stages, index, state, request, level)
 
+    def _plan_within(self, stages, index, state, request, level, told, attempt) -> None:
+        """Inside a stage that counted the cascade's tokens (before its costly part): lower
+        the job now if this stage or an earlier one must run at a lower level for the rest to
+        fit. A lowering that only changes later stages waits for the end of this stage, where
+        `_predict` makes it with the exact count."""
+        counted = told.get("cascade_tokens")
+        if not (self.engine.predicts_memory and counted):
+            return
+        figures = gpu.vram(init=False)
+        if not figures:
+            return
+        structure = state.get("structure") if isinstance(state.get("structure"), dict) else {}
+        facts = memmodel.Facts(
+            voxels=structure.get("voxels"),
+            cascade_tokens={int(r): int(n) for r, n in counted.items()},
+        )
+        caps = self.engine.capabilities
+        plan = memmodel.plan(
+            request,
+            level,
+            index - 1,
+            stages,
+            caps,
+            facts,
+            figures["available"],
+            self.tokens_per_voxel,
+        )
+        if plan is None:
+            return
+        knobs = ladder.changed_knobs(ladder.params_at(request, level), plan.params, caps)
+        first = ladder.first_affected_stage(stages, knobs)
+        if first is not None and first > index:
+            return
+        attempt["predicted_within"] = True
+        raise _Replan(plan, index)
+
     def _predict(self, stages, index, state, request, level) -> None:
         """After a stage that told the job's size, lower the job if what is still to run is
         predicted not to fit (memmodel.plan); learn the tokens per voxel from the shape."""
@@ -386,6 +425,15 @@ class Runner:
         voxels = structure.get("voxels")
         tokens = structure.get("shape_tokens")
         effective = state.get("effective_resolution")
+        counted = structure.get("cascade_tokens")
+        if (
+            tokens is None
+            and self.engine.counts_cascade_tokens
+            and ladder.params_at(request, level).resolution > 512
+        ):
+            # A cascade: the shape stage counts its tokens before they cost memory
+            # (_plan_within); the structure's estimate would choose too low a level.
+            return
         if tokens and voxels and effective and effective > 512:
             key = memmodel.tier(effective)
             ratio = tokens / voxels / (effective / key) ** 2
@@ -400,7 +448,10 @@ class Runner:
         if not figures:
             return
         facts = memmodel.Facts(
-            voxels=voxels, tokens=tokens, resolution=effective if tokens else None
+            voxels=voxels,
+            tokens=tokens,
+            resolution=effective if tokens else None,
+            cascade_tokens={int(r): int(n) for r, n in counted.items()} if counted else None,
         )
         plan = memmodel.plan(
             request,
@@ -539,6 +590,8 @@ class Runner:
                 reason = "the requested settings were predicted not to fit in free VRAM at start"
             elif last["outcome"] == "oom":
                 reason = f"the requested settings ran out of GPU memory at {last['stage']}"
+            elif last.get("predicted_within"):  # counted inside the stage, before its peak
+                reason = f"during {last['stage']}, once its tokens were counted, {last['error']}"
             else:  # lowered by the memory model once the object's size was known
                 reason = f"after {last['stage']}, {last['error']}"
             result.degraded_reason = (
