@@ -155,3 +155,28 @@ def test_counted_cascade_tokens_decide_where_the_cascade_settles():
     by_counts = memmodel.plan(high, 0, SHAPE - 1, STAGES, CAPS, counted, 12 * GIB)
     by_estimate = memmodel.plan(high, 0, SS, STAGES, CAPS, memmodel.Facts(voxels=2_627), 12 * GIB)
     assert by_counts.level == 1 and by_estimate.level == 3
+
+
+def test_a_cascade_level_with_no_fewer_counted_tokens_saves_nothing():
+    """GPU run 11's counts: the 768 cascade has more tokens than 1024, so after an OOM in
+    decode level 5 saves nothing for this object; 512 and the token budget (from 1536) do.
+    Without counts the level is not judged (it is tried)."""
+    counts = {1536: 47_335, 1408: 57_690, 1280: 43_122, 1152: 39_977, 1024: 10_282, 768: 16_059}
+    facts = memmodel.Facts(voxels=2_627, cascade_tokens=counts)
+    high = parse_params({"preset": "high"})
+    at = {n: ladder.params_at(high, n) for n in (0, 1, 4, 5, 6)}
+    assert memmodel.adds_no_saving(at[4], at[5], "decode", facts)
+    assert memmodel.adds_no_saving(at[0], at[5], "decode", facts) is False  # 47k at 1536
+    assert not memmodel.adds_no_saving(at[0], at[1], "decode", facts)
+    assert not memmodel.adds_no_saving(at[4], at[6], "decode", facts)  # 512: the voxels
+    assert not memmodel.adds_no_saving(at[4], at[5], "decode", memmodel.Facts(voxels=2_627))
+    decode = [s.name for s in STAGES].index("decode")
+    step = ladder.next_step(
+        high,
+        4,
+        decode,
+        STAGES,
+        CAPS,
+        lambda cur, cand: memmodel.adds_no_saving(cur, cand, "decode", facts),
+    )
+    assert step.level == 6 and 5 in step.skipped

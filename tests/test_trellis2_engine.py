@@ -793,6 +793,27 @@ def test_runner_resumes_trellis2_after_oom_at_each_stage(engine, fake, tmp_path,
     assert bands[-1] == 0.5 and all(band == 1.0 for band in bands[:-1])
 
 
+def test_after_an_oom_a_cascade_with_no_fewer_tokens_is_not_tried(
+    engine, fake, tmp_path, monkeypatch
+):
+    """Level 5 (the 768 cascade) lowers memory only where it has fewer tokens than 1024, which
+    no object measured on the real code had (GPU run 11: 16,059 at 768 against 10,282). With
+    the shape's counts known, an OOM in decode passes it over (reported as skipped) and goes
+    to 512, instead of retrying at a level that needs more memory."""
+    from backend.engines import trellis2
+
+    runner, record = _predicting_runner(engine, tmp_path, monkeypatch, 80, preset="balanced")
+    monkeypatch.setattr(trellis2, "cascade_token_counts", lambda *a: {1024: 10_282, 768: 16_059})
+    fake.FAIL.append({"where": "decode", "kind": "oom", "times": 1})
+    events: list[tuple[str, dict]] = []
+    result = runner.run(record, emit=lambda kind, content: events.append((kind, content)))
+    assert result.outcome == "done", result.error
+    retry = [c for k, c in events if k == "job_retry"]
+    assert len(retry) == 1 and retry[0]["failed_stage"] == "decode"
+    assert result.level == 6 and result.params["resolution"] == 512
+    assert 5 in retry[0]["skipped_levels"]
+
+
 def test_runner_cancel_mid_shape_leaves_no_model_on_the_device(engine, fake, tmp_path):
     from backend.pipeline.runner import Runner, RunnerConfig
     from backend.store.jobs import JobStore

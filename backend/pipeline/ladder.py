@@ -10,9 +10,11 @@ docs/GPU.md "Memory model"): memory grows with the cascade's high-resolution tok
 export about 0.4 and 0.8 GiB per 1,000 tokens), so the shape levels lower the tokens (a token
 budget the 1536 cascade honours, then the 1024 cascade) and the export's remesh (a narrower
 band: -36 %; no remesh: -45 %) before the resolution drops further. The 768 cascade (one
-upstream's own loop never reaches) comes after "remesh off": on the GPU it gave 1.46x the
-tokens of the 1024 cascade for the same structure, so the memory model passes it over until a
-card learns that it has fewer (memmodel.DEFAULT_TOKENS_PER_VOXEL). Steps and
+upstream's own loop never reaches) comes after "remesh off": on the GPU it gave 1.46-1.56x
+the tokens of the 1024 cascade for the same structure (runs 8 and 11). The shape stage counts
+the tokens at 768 too, so it is used only for an object where it has fewer: the prediction
+picks it only if it fits, and after an OOM `next_step` passes over a level whose counted
+tokens predict no saving for the failed stage (memmodel.adds_no_saving). Steps and
 guidance were levels once; they cannot lower a peak (each sampler step frees what it took, and
 guidance runs its two passes one after the other), so they are no longer on the ladder. The
 input-image levels help engines that read the image at that size (the preview); TRELLIS.2
@@ -22,7 +24,7 @@ resizes every image to 512 or 1024 for DINOv3 whatever it is given, so it does n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,12 +118,15 @@ def next_step(
     failed_stage: int,
     stages: Sequence[Stage],
     capabilities: Iterable[str],
+    no_saving: Callable[[GenerationParams, GenerationParams], bool] | None = None,
 ) -> Step | None:
     """The next level that changes something the failed stage depends on, or None.
 
     A level helps only if it changes a knob read by the failed stage or by a stage before it
     (an earlier stage's output feeds the failed one). Levels that change nothing for this
-    request and engine are skipped, never retried blindly.
+    request and engine are skipped, never retried blindly; so are those that `no_saving`
+    (current, candidate) knows to save nothing for this job (e.g. a cascade resolution whose
+    counted tokens are not fewer: memmodel.adds_no_saving).
     """
     caps = frozenset(capabilities)
     current = params_at(request, current_level)
@@ -131,6 +136,9 @@ def next_step(
         knobs = changed_knobs(current, candidate, caps)
         first = first_affected_stage(stages, knobs)
         if first is None or first > failed_stage:
+            skipped.append(level)
+            continue
+        if no_saving is not None and no_saving(current, candidate):
             skipped.append(level)
             continue
         return Step(level, candidate, first, tuple(skipped))

@@ -169,6 +169,25 @@ def _estimated_tokens_at(facts: Facts, ratios: Mapping[int, float]) -> Any:
     return None
 
 
+def adds_no_saving(
+    current: GenerationParams,
+    candidate: GenerationParams,
+    stage: str,
+    facts: Facts,
+    ratios: Mapping[int, float] | None = None,
+) -> bool:
+    """A level saves nothing for `stage` when, with the tokens counted for this job, its
+    predicted peak there is not below the current level's: e.g. the 768 cascade, which had
+    more tokens than 1024 in every object measured (GPU runs 8 and 11). Only counts decide:
+    without them (or for a stage the model has no figure for) the level is tried."""
+    if not facts.cascade_tokens or stage not in STAGE_FIT:
+        return False
+    ratios = ratios or {}
+    before = stage_peaks(current, tokens_for(current, facts, ratios))[stage]
+    after = stage_peaks(candidate, tokens_for(candidate, facts, ratios))[stage]
+    return after >= before
+
+
 @dataclass(frozen=True)
 class Plan:
     level: int

@@ -241,6 +241,7 @@ class Runner:
                 continue
             except _Failure as failure:
                 del state
+                known = self._known_size(outputs, attempt.get("_counted"))
                 cleanup_vram = gpu.cleanup(self.engine)
                 read_so_far = frozenset().union(
                     *(s.knobs for s in stages[: failure.stage_index + 1])
@@ -272,7 +273,14 @@ class Runner:
                     self.store.append_log(job.id, failure.trace)
                     raise BackendError(ErrorCode.ENGINE_ERROR, failure.message) from None
                 step = ladder.next_step(
-                    request, level, failure.stage_index, stages, self.engine.capabilities
+                    request,
+                    level,
+                    failure.stage_index,
+                    stages,
+                    self.engine.capabilities,
+                    self._no_saving(known, stages[failure.stage_index].name)
+                    if self.engine.predicts_memory
+                    else None,
                 )
                 if step is None:
                     raise BackendError(
@@ -380,6 +388,25 @@ class Runner:
             }
             self._predict(stages, index, state, request, level)
 
+    def _no_saving(self, known: memmodel.Facts, stage: str):
+        ratios = dict(self.tokens_per_voxel)
+        return lambda current, candidate: memmodel.adds_no_saving(
+            current, candidate, stage, known, ratios
+        )
+
+    @staticmethod
+    def _known_size(outputs, counted) -> memmodel.Facts:
+        """What the stages kept so far (and the attempt counted) say of the job's size."""
+        structure: dict[str, Any] = {}
+        for index in sorted(outputs):
+            if isinstance(outputs[index].get("structure"), dict):
+                structure = outputs[index]["structure"]
+        counted = counted or structure.get("cascade_tokens")
+        return memmodel.Facts(
+            voxels=structure.get("voxels"),
+            cascade_tokens={int(r): int(n) for r, n in counted.items()} if counted else None,
+        )
+
     def _plan_within(self, stages, index, state, request, level, told, attempt) -> None:
         """Inside a stage that counted the cascade's tokens (before its costly part): lower
         the job now if this stage or an earlier one must run at a lower level for the rest to
@@ -388,6 +415,7 @@ class Runner:
         counted = told.get("cascade_tokens")
         if not (self.engine.predicts_memory and counted):
             return
+        attempt["_counted"] = counted  # for the ladder, should this attempt still fail
         figures = gpu.vram(init=False)
         if not figures:
             return
@@ -531,6 +559,7 @@ class Runner:
     ) -> None:
         params = attempt.pop("_params")
         attempt.pop("_stage", None)
+        attempt.pop("_counted", None)
         attempt["seconds"] = round(self.clock() - attempt.pop("started"), 4)
         attempt.update(
             outcome=outcome,
