@@ -104,7 +104,8 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "doctor": {"fields": {}, "buffers": (0, 0)},
     "shutdown": {"fields": {"reason": (str, False)}, "buffers": (0, 0)},
     # A warm standby backend takes over: it recovers the job store's queue and starts work.
-    "activate": {"fields": {}, "buffers": (0, 0)},
+    # `predecessor` {pid, why, log_path}: the backend that went before it (backendlogs.py).
+    "activate": {"fields": {"predecessor": (dict, False)}, "buffers": (0, 0)},
 }
 
 EVENTS = (
