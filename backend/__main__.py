@@ -1,4 +1,4 @@
-"""Command line: `python -m backend {serve,generate,jobs,stats,doctor,supervise} --help`."""
+"""Command line: `python -m backend {serve,generate,jobs,cancel,stats,doctor,supervise} --help`."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ use these commands for scripts, batch jobs and troubleshooting.
   serve      run the backend server (the add-on talks to it over ZeroMQ on 127.0.0.1)
   generate   turn one image into a GLB right here, without a server
   jobs       list past jobs from the output folder
+  cancel     cancel a job while no backend runs on its output folder
   stats      success rate, timings and memory figures of past jobs
   doctor     check a TRELLIS.2 installation (packages, GPU, weights) and say how to fix it
   supervise  keep a backend alive for scripts: restart it when it crashes
@@ -213,6 +214,39 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         level = f"L{r.level}" if r.level is not None else "  "
         print(f"{r.id}  {r.state.value:9s} {r.kind:8s} {level:3s} {r.filename[:30]:30s} {detail}")
     return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel one job while no backend runs on the output folder: what a supervisor with no
+    backend runs, so that it never edits the job store itself. It holds backend.lock while it
+    writes, so it never races a backend (one that runs is refused: output_locked, exit 73)."""
+    from .errors import ErrorCode
+    from .store.jobs import JobStore
+    from .store.ownerlock import BACKEND_LOCK, OutputLock
+
+    output_dir = Path(args.output_dir or default_output_dir())
+    store = JobStore(output_dir, locks=[OutputLock(output_dir, BACKEND_LOCK, "cancel")])
+    try:
+        store.claim()
+        record = store.get(args.job_id)
+        if not record.terminal:
+            record = store.transition(record.id, "cancel")
+            store.append_log(record.id, "cancelled while no backend was running")
+        reply: dict[str, Any] = {"ok": True, "job_id": record.id, "state": record.state.value}
+        code = 0
+    except BackendError as exc:
+        reply = {"ok": False, "error": exc.to_dict()}
+        code = settings.EXIT_LOCKED if exc.code is ErrorCode.OUTPUT_LOCKED else 1
+    finally:
+        store.release()
+    if args.json:
+        print(json.dumps(reply))
+    elif reply["ok"]:
+        print(f"{reply['job_id']}  {reply['state']}")
+    else:
+        error = reply["error"]
+        print(f"error: {error['message']}\nhint: {error['hint']}", file=sys.stderr)
+    return code
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -519,6 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser(
+        "cancel", help="cancel a job while no backend runs (a running one takes `cancel` requests)"
+    )
+    common(p, engine=False)
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("stats", help="aggregate figures of past jobs")
     common(p, engine=False)

@@ -23,6 +23,9 @@ ENV_WEIGHTS = "TRELLIS2_WEIGHTS"  # TRELLIS.2 weights folder
 ENV_DINOV3 = "TRELLIS2_DINOV3"  # DINOv3 image encoder folder
 ENV_REMBG = "TRELLIS2_REMBG"  # background-removal model folder
 ENV_CHECKOUT = "TRELLIS2_CHECKOUT"  # a TRELLIS.2 source checkout
+# Set by a supervisor on the backend it spawns after one went: JSON {pid, why, log_path} of
+# the backend before it (backend/backendlogs.py), for the jobs that backend left running.
+ENV_PREDECESSOR = "TRELLIS2_PREDECESSOR"
 ENGINE_ENV = {  # engine option -> the environment variable that supplies it
     "weights_dir": ENV_WEIGHTS,
     "dinov3_path": ENV_DINOV3,
@@ -72,5 +75,6 @@ TERMINATE_WAIT = 10.0  # the supervisor's wait between SIGTERM and SIGKILL
 SIGNAL_GRACE = TERMINATE_WAIT / 2
 ACTIVATE_TIMEOUT = 10.0  # a warm standby's answer to `activate`
 DOCTOR_TIMEOUT = 180.0  # `doctor` run as a child process for the protocol's request
+OFFLINE_CANCEL_TIMEOUT = 30.0  # `python -m backend cancel`, run by a supervisor with no backend
 GIL_SWITCH_INTERVAL = 0.0005  # `serve`: how long a busy thread may keep the loop waiting
 PNG_ENCODE_CHUNK = 16_384  # `serve`: bytes Pillow encodes per GIL hold (its default 65,536)

@@ -25,10 +25,8 @@ from pathlib import Path
 
 from ..backend.errors import BackendError, ErrorCode
 from ..backend.safefs import Folder
-from ..backend.store.fetch import FILE_NAME
-from ..backend.store.jobs import JOB_ID
 from ..backend.wire.client import MAX_DOWNLOAD, Pending, check_chunk
-from ..backend.wire.protocol import FETCH_DEFAULT
+from ..backend.wire.protocol import FETCH_DEFAULT, FILE_NAME, JOB_ID
 
 log = logging.getLogger("trellis2_blender")
 

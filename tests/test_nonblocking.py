@@ -180,8 +180,11 @@ def test_requests_resolve_in_the_tick_and_begin_stop_is_walked_by_it(supervisors
     assert sup.state is SupervisorState.STOPPED and sup.stopping and pid_alive(pid)
     tick_until(sup, lambda: not sup.stopping)
     assert not pid_alive(pid) and sup.last_shutdown["rung"] == "request"
-    cancel = sup.cancel_nowait(job_id)  # no backend: the store is edited at once
+    cancel = sup.cancel_nowait(job_id)  # no backend: its `cancel` command runs meanwhile
+    assert not cancel.done and sup.stopping  # the add-on ticks a stopping supervisor on
+    tick_until(sup, lambda: cancel.done)
     assert cancel.ok and cancel.result()["state"] == "cancelled"
+    assert not sup.stopping
 
 
 @posix_only

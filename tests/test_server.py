@@ -276,3 +276,102 @@ def test_jobs_a_dead_backend_left_running_are_settled_by_the_next_one(
     assert records[twice]["state"] == "failed"
     assert records[twice]["error"]["code"] == "backend_died"
     assert records[cancelled]["state"] == "cancelled"
+    assert records[twice]["error"]["log_tail"] == ""  # no note: nothing known of its death
+    assert "found running at start-up" in records[twice]["error"]["message"]
+
+
+def _left_running(output_dir, image_png, recoveries: int) -> str:
+    from backend.store.jobs import JobStore
+
+    store = JobStore(output_dir)
+    job_id = store.create("generate", "tests.cpu_engines:SlowEngine", {}, image=image_png).id
+    store.transition(job_id, "start")
+    store.update(job_id, recoveries=recoveries)
+    return job_id
+
+
+def test_the_supervisors_note_names_the_death_in_the_job_log_and_error(
+    make_server, tmp_path, image_png, monkeypatch
+):
+    """What the supervisor knew of the dead backend (settings.ENV_PREDECESSOR) reaches the
+    jobs it left running: the reason and its log's last lines in each job's log, and in a
+    failed job's error (`log_tail`)."""
+    from backend import settings
+    from backend.backendlogs import Predecessor
+    from backend.store.jobs import JobStore
+
+    output_dir = tmp_path / "left"
+    again, twice = (_left_running(output_dir, image_png, n) for n in (0, 1))
+    logs = output_dir / "logs"
+    logs.mkdir(mode=0o700)
+    dead_log = logs / "backend-20260101-000000-000000-4242.log"
+    dead_log.write_text("# python -m backend serve\n" + "noise\n" * 100 + "its last words\n")
+    note = Predecessor.make(4242, "the backend was killed by SIGKILL", dead_log)
+    monkeypatch.setenv(settings.ENV_PREDECESSOR, note.to_json())
+    s = make_server(
+        SLOW, output_dir=output_dir, engine_options={"steps": "2", "step_seconds": "0.01"}
+    )
+    assert s.client.wait_for_job(again, timeout=20)["event"] == "job_done"
+    failed = s.client.job(twice)["job"]
+    assert failed["state"] == "failed" and failed["error"]["code"] == "backend_died"
+    assert "killed by SIGKILL" in failed["error"]["message"]
+    assert str(dead_log) in failed["error"]["hint"]
+    tail = failed["error"]["log_tail"]
+    assert tail.endswith("its last words") and len(tail.splitlines()) == 40
+    store = JobStore(output_dir)
+    for job_id in (again, twice):
+        text = store.log_excerpt(job_id)
+        assert "backend pid 4242 went away during this job: the backend was killed by SIGKILL" in (
+            text
+        )
+        assert f"--- last lines of {dead_log.name} ---" in text and "its last words" in text
+    assert "running it again" in store.log_excerpt(again)
+
+
+@pytest.mark.parametrize(
+    "note",
+    [
+        "{not json",
+        '{"pid": 4242, "why": "x", "log_path": null}' + " " * 5000,  # too long
+        '{"pid": "4242", "why": "x", "log_path": null}',
+        '{"pid": 4242, "why": ["x"], "log_path": null}',
+        "[1, 2]",
+    ],
+)
+def test_a_note_that_is_not_sound_is_ignored(make_server, tmp_path, image_png, monkeypatch, note):
+    from backend import settings
+
+    output_dir = tmp_path / "left"
+    twice = _left_running(output_dir, image_png, 1)
+    monkeypatch.setenv(settings.ENV_PREDECESSOR, note)
+    s = make_server(SLOW, output_dir=output_dir)
+    error = s.client.job(twice)["job"]["error"]
+    assert "found running at start-up" in error["message"] and error["log_tail"] == ""
+
+
+def test_a_note_naming_a_log_elsewhere_is_kept_without_reading_it(
+    make_server, tmp_path, image_png, monkeypatch
+):
+    """Only a backend log where supervisors write them is read: a path elsewhere, or a file
+    that is not named like a backend log, leaves the tail out (the reason still stands)."""
+    from backend import settings
+    from backend.store.jobs import JobStore
+
+    output_dir = tmp_path / "left"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    secret = elsewhere / "backend-20260101-000000-000000-4242.log"
+    secret.write_text("a secret\n")
+    (output_dir / "logs").mkdir(parents=True)
+    (output_dir / "logs" / "id_rsa").write_text("a key\n")
+    for path in (secret, output_dir / "logs" / "id_rsa"):
+        job_id = _left_running(output_dir, image_png, 1)
+        note = {"pid": 4242, "why": "the backend was killed\nby SIGKILL", "log_path": str(path)}
+        monkeypatch.setenv(settings.ENV_PREDECESSOR, json.dumps(note))
+        s = make_server(SLOW, output_dir=output_dir)
+        error = s.client.job(job_id)["job"]["error"]
+        assert "the backend was killed by SIGKILL" in error["message"]  # one line
+        assert error["log_tail"] == ""
+        text = JobStore(output_dir).log_excerpt(job_id)
+        assert "a secret" not in text and "a key" not in text
+        s.stop()

@@ -119,8 +119,14 @@ def test_kill9_mid_job_is_detected_respawned_and_the_job_retried_once(harness):
     assert [e.data["cause"] for e in respawn] == ["crash"]  # seen as a process exit
     assert "SIGKILL" in respawn[0].reason
     assert [e.job_id for e in harness.sup_events("job_retried")] == [job_id]
+    # Written by the fresh backend from the supervisor's note (the supervisor writes no job
+    # folder): who died, why, and the last lines of its log.
     log_text = JobStore(sup.spec.output_dir).log_excerpt(job_id)
-    assert f"backend pid {first} went away" in log_text
+    assert f"backend pid {first} went away during this job: the backend was killed by SIGKILL" in (
+        log_text
+    )
+    assert "--- last lines of backend-" in log_text and "serving engine slow" in log_text
+    assert "running it again" in log_text
     assert sup.last_shutdown["exit_code"] == -signal.SIGKILL
     assert not pid_alive(first)
     assert_connection_file_is_live(sup)
@@ -156,11 +162,71 @@ def test_a_job_that_kills_its_backend_twice_fails_with_the_log_tail(harness):
     assert only_job(sup)["recoveries"] == 1
     causes = [e.data["cause"] for e in harness.sup_events("respawn", sup)]
     assert causes == ["poisoned", "poisoned"]
-    assert [e.job_id for e in harness.sup_events("job_failed")] == [job_id]
-    assert harness.sup_events("job_failed")[0].msg_type == "job_failed"
-    assert "went away" in JobStore(sup.spec.output_dir).log_excerpt(job_id)
+    # The supervisor announced each death of the job from what it saw; the third backend
+    # failed it (the recovery rule lives in the backend only).
+    assert [e.job_id for e in harness.sup_events("job_retried")] == [job_id, job_id]
+    assert harness.sup_events("job_retried")[0].msg_type == "supervisor_job_retried"
+    log_text = JobStore(sup.spec.output_dir).log_excerpt(job_id)
+    assert log_text.count("went away during this job") == 2
+    assert "failed: backend died again" in log_text
     harness.tick_until(sup, lambda: sup.state is SupervisorState.READY)  # the third one idles
     assert_connection_file_is_live(sup)
+
+
+def test_with_no_backend_next_a_job_stays_as_it_was_and_a_cancel_ends_it(harness):
+    """A backend that dies with no successor (the storm guard gives up at once): the
+    supervisor announces the job it saw running and leaves its record alone (the next backend
+    recovers it). A cancel meanwhile runs the backend's own `cancel` command, answered by a
+    later tick, and the job ends cancelled at once: a later backend never runs it."""
+    sup = harness.make(options={"steps": "40", "step_seconds": "0.1"}, storm_limit=0)
+    sup.start_and_wait(WAIT)
+    victim = sup.pid
+    running = sup.submit(png_bytes())
+    queued = sup.submit(png_bytes())
+    harness.tick_until(sup, lambda: sup.status()["current_job"] == running)
+    os.kill(victim, signal.SIGKILL)
+    harness.tick_until(sup, lambda: sup.state is SupervisorState.DEAD)
+    assert "restart storm" in sup.state_reason
+    assert [e.job_id for e in harness.sup_events("job_retried", sup)] == [running]
+    store = JobStore(sup.spec.output_dir)
+    assert store.get(running).state.value == "running"  # left for the next backend
+    assert "went away" not in store.log_excerpt(running)  # the supervisor wrote nothing
+
+    pending = sup.cancel_nowait(running)
+    assert not pending.done  # the command runs; the tick answers
+    harness.tick_until(sup, lambda: pending.done)
+    assert pending.result() == {"ok": True, "job_id": running, "state": "cancelled"}
+    sup.cancel(queued)  # the blocking form, for scripts
+    for job_id in (running, queued):
+        assert store.get(job_id).state.value == "cancelled"
+        assert "cancelled while no backend was running" in store.log_excerpt(job_id)
+    gone = sup.cancel_nowait("20260101-000000-abcdef")
+    harness.tick_until(sup, lambda: gone.done)
+    assert gone.error is not None and gone.error.code.value == "not_found"
+
+    sup.start_and_wait(WAIT)  # the next backend: nothing left to run
+    assert sup.wait_for_job(running, WAIT)["state"] == "cancelled"
+    assert sup.wait_for_job(queued, WAIT)["state"] == "cancelled"
+    assert store.log_excerpt(running).count("started on") == 1
+
+
+def test_a_warm_standby_gets_the_note_on_the_backend_it_replaces(harness):
+    """A standby was spawned before the death: the note travels in its `activate`."""
+    sup = harness.make(options={"steps": "6", "step_seconds": "0.1"}, standby=True)
+    sup.start_and_wait(WAIT)
+    harness.tick_until(sup, lambda: (sup.status()["standby"] or {}).get("ready"))
+    victim, standby = sup.pid, sup.standby_pid
+    job_id = sup.submit(png_bytes())
+    harness.tick_until(sup, lambda: sup.status()["current_job"] == job_id)
+    os.kill(victim, signal.SIGKILL)
+    record = sup.wait_for_job(job_id, WAIT)
+    assert record["state"] == "done" and record["backend_pid"] == standby
+    assert record["recoveries"] == 1
+    text = JobStore(sup.spec.output_dir).log_excerpt(job_id)
+    assert f"backend pid {victim} went away during this job: the backend was killed by SIGKILL" in (
+        text
+    )
+    assert "serving engine slow" in text  # its log's last lines
 
 
 def test_a_hung_job_trips_the_watchdog_then_fails(harness):

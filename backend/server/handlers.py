@@ -192,7 +192,7 @@ def on_cancel(b: Backend, message) -> dict:
 
 
 def on_activate(b: Backend, message) -> dict:
-    b.activate()  # reads every job record: its queue comes from the store
+    b.activate(message.content.get("predecessor"))  # its queue comes from the store
     return protocol.ok_reply(state=b.current_state().value, queue=b.queue_snapshot())
 
 

@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 from .. import settings
+from ..backendlogs import Predecessor
 from ..engines import create as create_engine
 from ..errors import BackendError, ErrorCode
 from ..pipeline import gpu, heap
@@ -181,7 +182,9 @@ class Backend:
         if self.engine.uses_gpu:
             self._spawn(self._watch_gpu, "gpu-health")
 
-    def activate(self) -> None:
+    def activate(self, predecessor: dict[str, Any] | None = None) -> None:
+        """Take the folder and recover its queue. `predecessor`: what the supervisor knows of
+        the backend before this one (a standby's `activate`; otherwise the environment)."""
         with self.queue_cv:
             if self.active.is_set():
                 return
@@ -189,7 +192,12 @@ class Backend:
             records, _ = self.store.list()
             self.keys = {r.idempotency_key: r.id for r in records if r.idempotency_key}
             if self.config.recover:
-                self._recover_jobs(records)
+                note = (
+                    Predecessor.from_dict(predecessor)
+                    if predecessor is not None
+                    else Predecessor.from_env()
+                )
+                self._recover_jobs(records, note)
             self.active.set()
             self.queue_cv.notify_all()
 
@@ -347,14 +355,25 @@ class Backend:
                 self.health = dict(gpu.probe_health(2.0), checked=self.clock())
                 self._refresh_vram()
 
-    def _recover_jobs(self, records: list[JobRecord]) -> None:
+    def _recover_jobs(self, records: list[JobRecord], note: Predecessor | None = None) -> None:
         """Every job a dead backend left queued or running runs again (running ones only
         once); one the user cancelled while it ran stays cancelled. A job whose record cannot
-        be written ends failed with the store's typed error."""
+        be written ends failed with the store's typed error. `note` (from the supervisor) says
+        why that backend went: each running job's log gets the reason and its log's last
+        lines, which a failed job's error carries too (`log_tail`)."""
+        why = note.why if note is not None else "found running at start-up"
+        tail: str | None = None  # read once, for the first job found running
         for record in sorted((r for r in records if not r.terminal), key=lambda r: r.created):
             try:
                 if record.state is JobState.RUNNING:
-                    event, fields = after_backend_died(record, "found running at start-up")
+                    if tail is None:
+                        tail = note.tail(self.config.output_dir) if note is not None else ""
+                    if note is not None:
+                        self.store.append_log(record.id, note.job_note(tail))
+                    hint = note.hint if note is not None else None
+                    event, fields = after_backend_died(record, why, hint)
+                    if event == "fail":
+                        fields["error"] = {**fields["error"], "log_tail": tail}
                     self.store.transition(record.id, event, **fields)
                     if event == "cancel":
                         self.store.append_log(record.id, "cancelled (its backend stopped first)")
@@ -363,6 +382,7 @@ class Backend:
                     if event == "fail":
                         self.store.append_log(record.id, "failed: backend died again")
                         self._job_stats(record, BackendError.from_dict(fields["error"]))
+                        self.emit("job_failed", {"job_id": record.id, **fields["error"]})
                         continue
                     self.store.append_log(
                         record.id, "backend died during this job; running it again"

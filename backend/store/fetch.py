@@ -10,14 +10,12 @@ most `protocol.FETCH_MAX` bytes.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ..errors import BackendError, ErrorCode
 from ..wire import protocol
+from ..wire.protocol import FILE_NAME
 from .jobs import JobStore
-
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 
 
 def fetch(store: JobStore, content: dict[str, Any]) -> tuple[dict[str, Any], bytes]:

@@ -6,7 +6,6 @@ import errno
 import json
 import logging
 import os
-import re
 import secrets
 import stat
 import threading
@@ -21,11 +20,11 @@ from typing import Any
 from .. import settings
 from ..errors import BackendError, ErrorCode, JobCancelled
 from ..safefs import Folder, UnsafePath, is_link
+from ..wire.protocol import JOB_ID
 from .ownerlock import OutputLock, OutputLocked
 
 log = logging.getLogger(__name__)
 
-JOB_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 RECORD = "job.json"
 REQUEST = "request.json"
 RESULT = "result.glb"

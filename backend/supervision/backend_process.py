@@ -10,7 +10,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import zmq
 
 from .. import settings
+from ..backendlogs import LOG_PREFIX, Predecessor, fallback_log_dir
 from ..errors import BackendError, ErrorCode
 from ..procutil import pid_alive
 from ..safefs import Folder
@@ -28,10 +28,6 @@ from . import commands
 from .lifecycle import LadderWalk
 
 log = logging.getLogger(__name__)
-
-LOG_PREFIX = "backend-"
-TAIL_LINES = 40
-TAIL_BYTES = 16_384
 
 
 @dataclass(kw_only=True)
@@ -91,19 +87,6 @@ class StartError(BackendError):
 
 
 # -- logs ------------------------------------------------------------------------------------
-
-
-def log_tail(path: Path | None, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES) -> str:
-    """The last lines of a log file ("" if it cannot be read; never through a link)."""
-    if path is None:
-        return ""
-    try:
-        with Folder.at(path.parent) as folder:
-            data = folder.read_tail(path.name, max_bytes)
-    except OSError:
-        return ""
-    text = data.decode("utf-8", "replace")
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def rotate_logs(log_dir: Path, keep: int, protect: set[Path] = frozenset()) -> list[Path]:
@@ -169,6 +152,7 @@ class BackendProcess:
         self.activating_since: float | None = None
         self.walk: LadderWalk | None = None
         self.why_gone = ""
+        self.orphan: str | None = None  # the job it was running when it went unplanned
         self.exit_code: int | None = None
 
     @property
@@ -214,9 +198,15 @@ class BackendProcess:
 
 
 def spawn(
-    spec: BackendSpec, role: str, now: float, heartbeat: float, protect: set[Path]
+    spec: BackendSpec,
+    role: str,
+    now: float,
+    heartbeat: float,
+    protect: set[Path],
+    predecessor: Predecessor | None = None,
 ) -> BackendProcess:
-    """Launch one backend (`role` "active" or "standby") with its own log file."""
+    """Launch one backend (`role` "active" or "standby") with its own log file; `predecessor`
+    tells it of the backend that went before it (the jobs that one left running)."""
     conn_path = spec.connection_file if role == "active" else spec.standby_connection_file
     stale = read_conn(conn_path)
     if stale is not None and not pid_alive(stale.pid):
@@ -235,7 +225,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=backend_environment(spec),
+            env=backend_environment(spec, predecessor),
             cwd=str(settings.EXTENSION_ROOT),
             close_fds=True,
             **process_group_options(),
@@ -262,7 +252,7 @@ def spawn(
 def open_log(spec: BackendSpec, name: str, protect: set[Path]) -> tuple[Path, Any]:
     """A new 0600 log file in the logs folder (never a link); when that folder cannot be used
     (read-only, full, a planted link) a private folder in the temp dir, then nowhere."""
-    for log_dir in (spec.log_dir, Path(tempfile.gettempdir()) / f"trellis2-logs-{_user()}"):
+    for log_dir in (spec.log_dir, fallback_log_dir()):
         try:
             with Folder.at(log_dir, create=True) as folder:
                 rotate_logs(log_dir, max(1, spec.keep_logs) - 1, protect)
@@ -276,10 +266,6 @@ def open_log(spec: BackendSpec, name: str, protect: set[Path]) -> tuple[Path, An
 
 def _is_log(name: str) -> bool:
     return name.startswith(LOG_PREFIX) and name.endswith(".log")
-
-
-def _user() -> str:
-    return str(os.geteuid()) if hasattr(os, "geteuid") else os.environ.get("USERNAME", "user")
 
 
 def backend_command(spec: BackendSpec, conn_path: Path, role: str, heartbeat: float) -> list[str]:
@@ -300,8 +286,11 @@ def backend_command(spec: BackendSpec, conn_path: Path, role: str, heartbeat: fl
     )
 
 
-def backend_environment(spec: BackendSpec) -> dict[str, str]:
-    return commands.backend_environment(spec.extra_pythonpath, spec.env)
+def backend_environment(
+    spec: BackendSpec, predecessor: Predecessor | None = None
+) -> dict[str, str]:
+    note = predecessor.to_json() if predecessor is not None else None
+    return commands.backend_environment(spec.extra_pythonpath, spec.env, predecessor=note)
 
 
 # -- platform helpers -----------------------------------------------------------------------

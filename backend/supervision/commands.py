@@ -1,5 +1,6 @@
-"""Every `python -m backend ...` command line this project starts, and the environment it
-runs in. The signing key never appears here: it travels in the connection file only."""
+"""Every `python -m backend ...` command line this project starts (serve, doctor, the cancel
+of a supervisor with no backend), and the environment it runs in. The signing key never
+appears here: it travels in the connection file only."""
 
 from __future__ import annotations
 
@@ -80,15 +81,23 @@ def doctor_command(
     return command
 
 
+def cancel_command(python: str, *, output_dir: Path, job_id: str) -> list[str]:
+    """`python -m backend cancel --json ...`: a supervisor with no backend cancels a job."""
+    return backend_args(python, "cancel", "--json", "--output-dir", str(output_dir), "--", job_id)
+
+
 def backend_environment(
     extra_pythonpath: Iterable[str] = (),
     overrides: Mapping[str, str] = {},
     base: Mapping[str, str] | None = None,
+    predecessor: str | None = None,
 ) -> dict[str, str]:
     """The environment of a backend child: this extension first on PYTHONPATH (so `-m backend`
     is this copy, whatever the working directory), then extra folders (bundled wheels), then
-    what the parent had."""
+    what the parent had. `predecessor` (JSON, `backendlogs.Predecessor`) tells a backend of
+    the one that went before it; no other child inherits a note."""
     env = dict(os.environ if base is None else base)
+    env.pop(settings.ENV_PREDECESSOR, None)
     paths = [str(settings.EXTENSION_ROOT), *extra_pythonpath]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
@@ -97,4 +106,6 @@ def backend_environment(
     if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     env.update(overrides)
+    if predecessor is not None:
+        env[settings.ENV_PREDECESSOR] = predecessor
     return env

@@ -6,13 +6,19 @@ shutdown ladder. Every decision is made in `lifecycle.py`; this module does the 
 so do `start()`, `restart()`, `begin_stop()` (the tick walks the ladder) and `request_nowait()`
 (a `client.Pending` that the tick resolves). `start_and_wait()`, `wait_for_job()` and `stop()`
 block (bounded) for scripts and tests.
+
+It never reads or writes a job folder: jobs are the backend's. What it knows of a backend that
+went, it hands to the next one (`backendlogs.Predecessor`), which settles the jobs left
+running; a cancel with no backend runs the backend's own `cancel` command.
 """
 
 from __future__ import annotations
 
 import atexit
 import errno
+import json
 import logging
+import subprocess
 import time
 import weakref
 from collections import deque
@@ -24,19 +30,19 @@ from typing import Any
 import zmq
 
 from .. import settings
+from ..backendlogs import Predecessor, log_tail
 from ..errors import BackendError, ErrorCode
 from ..procutil import is_stopped
-from ..store.jobs import JobState, JobStore, after_backend_died
 from ..store.ownerlock import BACKEND_LOCK, LOCKED_EXIT_CODE, OWNER_LOCK, OutputLock, OutputLocked
-from ..store.stats import StatsLog
 from ..wire import protocol
 from ..wire.client import Client, Pending
+from . import commands
 from .backend_process import (
     BackendProcess,
     BackendSpec,
     StartError,
     is_ours,
-    log_tail,
+    process_group_options,
     read_conn,
     rotate_logs,
     signal_group,
@@ -81,6 +87,7 @@ ACTIVATE_TIMEOUT = settings.ACTIVATE_TIMEOUT
 STANDBY_MAX_FAILURES = 3
 CLAIM_RETRY = 2.0  # seconds between tries to lock an output folder that cannot hold a lock yet
 JOB_EVENTS = settings.TERMINAL_EVENTS
+CANCEL_OUTPUT = 65_536  # bytes read of the `cancel` command's output (one JSON line)
 
 
 @dataclass
@@ -109,10 +116,11 @@ class RespawnPolicy:
 @dataclass(frozen=True)
 class SupervisorEvent:
     """Something the supervisor did or saw. `msg_type` and `content` mirror protocol.Message,
-    so one loop can handle both; job outcomes the supervisor writes itself use the backend's
-    event names (`job_failed`)."""
+    so one loop can handle both. `job_retried` names the job the supervisor saw running on a
+    backend that died: the next backend settles it (runs it once more, fails it with
+    `backend_died` if it already ran again, or ends it cancelled if the user cancelled it)."""
 
-    kind: str  # state | respawn | takeover | standby | job_retried | job_failed | dead
+    kind: str  # state | respawn | takeover | standby | job_retried | dead
     reason: str = ""
     state: str | None = None
     job_id: str | None = None
@@ -181,7 +189,10 @@ class Supervisor:
         self._last_log: Path | None = None
         self._last_error: BackendError | None = None
         self.last_shutdown: dict[str, Any] | None = None  # {pid, rung, exit_code, reason}
-        self._store: JobStore | None = None
+        # What is known of the last backend that went, for the next one (never written here)
+        self._predecessor: Predecessor | None = None
+        self._cancels: list[_OfflineCancel] = []  # `cancel` commands run with no backend
+        self._outcomes: list[tuple[str, BackendProcess, Pending]] = []  # missed job ends asked
         self._zmq: zmq.Context | None = None  # shared by this supervisor's clients
         # One owner per output folder: this supervisor, for as long as it runs.
         self._owner = OutputLock(spec.output_dir, OWNER_LOCK, "supervisor", spec.connection_file)
@@ -279,8 +290,8 @@ class Supervisor:
 
     @property
     def stopping(self) -> bool:
-        """Some backend is still walking its shutdown ladder."""
-        return bool(self._retiring)
+        """Some backend is still walking its shutdown ladder (or a cancel command runs)."""
+        return bool(self._retiring or self._cancels)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop every backend through the shutdown ladder; blocks at most about `timeout` s
@@ -297,6 +308,13 @@ class Supervisor:
             log.error("backend pid %s did not exit", b.pid)
             b.close()
         self._retiring.clear()
+        while self._cancels and self.clock() <= deadline:  # a cancel command takes a moment
+            self._follow_cancels(self.clock())
+            if self._cancels:
+                self.sleep(0.02)
+        for cancel in list(self._cancels):
+            cancel.give_up("the supervisor stopped before the cancel command ended")
+        self._cancels.clear()
         if self._zmq is not None:  # every client is closed; destroy closes any stray socket
             self._zmq.destroy(linger=0)
             self._zmq = None
@@ -317,12 +335,18 @@ class Supervisor:
         )
 
     def cancel(self, job_id: str) -> None:
+        """Cancel a job (blocking, bounded: scripts). With no backend at all, the backend's
+        own `cancel` command does it (see cancel_nowait)."""
         client = self.client
         if client is not None:
             client.cancel(job_id, timeout=5.0)
             return
-        if self._store_is_ours():
-            self._cancel_in_store(job_id)
+        if self._no_backend():
+            pending = self._cancel_offline(job_id)
+            while not pending.done:
+                self._events.extend(self.tick())
+                self.sleep(0.02)
+            pending.result()
             return
         self._require_client()  # raises the right error
 
@@ -343,25 +367,56 @@ class Supervisor:
         return client.request_async(msg_type, content, buffers, timeout)
 
     def cancel_nowait(self, job_id: str) -> Pending:
-        """cancel() without waiting: with no backend at all the job store is edited at once."""
-        if self.client is None and self._store_is_ours():
-            try:
-                state = self._cancel_in_store(job_id)
-            except BackendError as exc:
-                return Pending.failed("cancel", exc)
-            return Pending.answered("cancel", {"ok": True, "job_id": job_id, "state": state})
+        """cancel() without waiting. With no backend at all (stopped or dead, nothing going
+        away) the backend's own `python -m backend cancel` runs as a short child process, and
+        a later tick answers the Pending with its reply: the job ends cancelled at once rather
+        than when a backend next starts, and this process never touches the job store."""
+        if self.client is None and self._no_backend():
+            return self._cancel_offline(job_id)
         return self.request_nowait("cancel", {"job_id": job_id}, timeout=5.0)
 
-    def _store_is_ours(self) -> bool:
-        """No backend runs or is going away, so nothing else writes the job store."""
+    def _no_backend(self) -> bool:
+        """No backend runs or is going away: a job can change only by a `cancel` command."""
         return self.state in (SupervisorState.STOPPED, SupervisorState.DEAD) and not self._retiring
 
-    def _cancel_in_store(self, job_id: str) -> str:
-        record = self._job_store().get(job_id)  # no backend: edit the store directly
-        if not record.terminal:
-            record = self._job_store().transition(job_id, "cancel")
-            self._job_store().append_log(job_id, "cancelled while no backend was running")
-        return record.state.value
+    def _cancel_offline(self, job_id: str) -> Pending:
+        """Start `python -m backend cancel` for one job; tick() answers the Pending."""
+        pending = Pending("cancel", sent=self.clock(), timeout=settings.OFFLINE_CANCEL_TIMEOUT)
+        spec = self.spec
+        try:
+            proc = subprocess.Popen(
+                commands.cancel_command(spec.python, output_dir=spec.output_dir, job_id=job_id),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=commands.backend_environment(spec.extra_pythonpath, spec.env),
+                cwd=str(settings.EXTENSION_ROOT),
+                close_fds=True,
+                **process_group_options(),
+            )
+        except OSError as exc:
+            pending.fail(
+                BackendError(
+                    ErrorCode.ENGINE_UNAVAILABLE,
+                    f"cannot run the backend interpreter {spec.python} to cancel: {exc}",
+                    "Check the backend's Python in the preferences.",
+                )
+            )
+            return pending
+        self._cancels.append(_OfflineCancel(proc, pending))
+        return pending
+
+    def _follow_cancels(self, now: float) -> None:
+        for cancel in list(self._cancels):
+            if cancel.proc.poll() is not None:
+                cancel.finish()
+            elif now > cancel.pending.deadline:
+                cancel.give_up(
+                    f"the cancel command did not end within {cancel.pending.timeout:g} s"
+                )
+            else:
+                continue
+            self._cancels.remove(cancel)
 
     def status(self) -> dict[str, Any]:
         b = self._active
@@ -391,21 +446,26 @@ class Supervisor:
         }
 
     def wait_for_job(self, job_id: str, timeout: float) -> dict[str, Any]:
-        """Block (ticking, so respawns happen) until the job has one outcome in the job store;
-        returns its record. For scripts and tests."""
+        """Block (ticking, so respawns happen) until the backend says the job has its outcome;
+        returns its record (the `job` reply's). With no backend answering, it keeps ticking
+        until one does or the time is up. For scripts and tests."""
         deadline = self.clock() + timeout
-        next_check = next_view = 0.0
+        next_check = 0.0
+        asked: Pending | None = None
         while True:
             self._events.extend(self.tick())
             now = self.clock()
-            if now >= next_check:
+            if asked is None and now >= next_check and self._answers():
                 next_check = now + 0.25
-                record = self._job_store().get(job_id).to_dict()
-                if record["state"] not in settings.TERMINAL_STATES and now >= next_view:
-                    next_view = now + 2.0  # the backend may hold an outcome it cannot write
-                    record = self._backend_view(job_id) or record
-                if record["state"] in settings.TERMINAL_STATES:
-                    return record
+                asked = self.request_nowait("job", {"job_id": job_id}, timeout=5.0)
+            if asked is not None and asked.done:
+                if asked.ok:
+                    record = asked.reply.get("job") or {}
+                    if record.get("state") in settings.TERMINAL_STATES:
+                        return record
+                elif asked.error.code is ErrorCode.NOT_FOUND:
+                    raise asked.error
+                asked = None
             if now > deadline:
                 raise BackendError(ErrorCode.BUSY, f"job {job_id} did not finish in {timeout} s")
             self.sleep(0.02)
@@ -443,6 +503,8 @@ class Supervisor:
             self._drain(standby, now)
             if self._standby is standby:
                 self._watch_standby(standby, now)
+        self._follow_cancels(now)
+        self._follow_outcomes(now)
         self._maybe_spawn(now)
         self._maybe_spawn_standby(now)
         out.extend(self._events)
@@ -453,7 +515,8 @@ class Supervisor:
 
     def _spawn(self, role: str, now: float) -> BackendProcess:
         beat = self.spec.heartbeat_interval or min(1.0, self.policy.heartbeat_timeout / 4)
-        return spawn(self.spec, role, now, beat, self._open_logs())
+        note = self._predecessor if role == "active" else None  # a standby's comes on activate
+        return spawn(self.spec, role, now, beat, self._open_logs(), note)
 
     def _open_logs(self) -> set[Path]:
         return {
@@ -463,8 +526,11 @@ class Supervisor:
         }
 
     def _maybe_spawn(self, now: float) -> None:
-        """Spawn (or promote the standby) once the previous active backend has gone."""
-        if not self._want_spawn or any(b.role == "active" for b in self._retiring):
+        """Spawn (or promote the standby) once the previous active backend has gone (and any
+        `cancel` command has ended: it holds the folder's backend lock while it writes)."""
+        if not self._want_spawn or self._cancels:
+            return
+        if any(b.role == "active" for b in self._retiring):
             return
         self._want_spawn = False
         sb = self._standby
@@ -507,7 +573,8 @@ class Supervisor:
         sb.activating_since = now
         self._active = sb
         self._jobs_on_backend = 0
-        if sb.send("activate", now) is None:
+        note = {"predecessor": self._predecessor.to_dict()} if self._predecessor else None
+        if sb.send("activate", now, note) is None:
             self._active = None
             self._retire(sb, Rung.TERMINATE, now, "standby unreachable")
             self._want_spawn = True
@@ -660,19 +727,42 @@ class Supervisor:
         if self._job is None or self._job[0] != job_id:
             return
         self._job = None
-        if outcome is None:  # the event was missed (PUB/SUB drops): ask the job store
-            try:
-                record = self._job_store().get(job_id)
-            except (BackendError, OSError):  # OSError: the output folder itself is gone
-                record = None
-            if record is None or not record.terminal:
-                return  # requeued by a stopping backend: no outcome yet
-            outcome = record.state.value
-            degraded = bool(record.level)
-            error_code = (record.error or {}).get("code")
+        if outcome is None:  # the event was missed (PUB/SUB drops): ask the backend
+            b = self._active
+            if b is not None and b.client is not None:
+                asked = b.client.request_async("job", {"job_id": job_id}, timeout=5.0)
+                self._outcomes.append((job_id, b, asked))
+            return
+        self._job_ended(job_id, outcome, degraded, now, error_code)
+
+    def _follow_outcomes(self, now: float) -> None:
+        """The backend's answers about jobs whose end event was missed."""
+        for item in list(self._outcomes):
+            job_id, b, asked = item
+            if not asked.done:
+                continue
+            self._outcomes.remove(item)
+            if b is not self._active or not asked.ok:
+                continue  # gone meanwhile, or no answer: no outcome to act on
+            record = asked.reply.get("job") or {}
+            if record.get("state") not in settings.TERMINAL_STATES:
+                continue  # requeued by a stopping backend: no outcome yet
+            code = (record.get("error") or {}).get("code")
+            degraded = bool(record.get("level"))
+            self._job_ended(job_id, record["state"], degraded, now, code)
+
+    def _job_ended(
+        self,
+        job_id: str,
+        outcome: str,
+        degraded: bool,
+        now: float,
+        error_code: str | None = None,
+    ) -> None:
+        """One job's outcome on the active backend: count it, then the after-job policy."""
         if outcome in ("done", "failed"):
             self._jobs_on_backend += 1
-        if self.state is SupervisorState.BUSY:
+        if self.state is SupervisorState.BUSY and self._job is None:
             self._fire(Trigger.JOB_ENDED, f"job {job_id} {outcome}")
         p = self.policy
         decision = after_job(
@@ -813,9 +903,11 @@ class Supervisor:
             self._restarts.append(now)
         self._restart_count += 1
         old = self._active or already_gone
+        if old is not None and self._job is not None and not rule.planned:
+            old.orphan = self._job[0]  # it died under the job (a planned stop requeues it)
         self._active = None
         self._job = None
-        self._fire(Trigger.RESPAWN, reason)  # before retiring: job settling reads the state
+        self._fire(Trigger.RESPAWN, reason)  # before retiring: its events carry the new state
         self._emit("respawn", reason, pid=old.pid if old else None, data={"cause": cause.value})
         if old is not None:
             self._retire(old, rule.first_rung, now, reason)
@@ -834,8 +926,11 @@ class Supervisor:
             error = StartError(reason, source.log_path if source else self._last_log, tail)
         self._last_error = error
         self._want_spawn = False
+        holder = self._active or error_from
+        if holder is not None and self._job is not None:
+            holder.orphan = self._job[0]
         self._job = None
-        if self._lc.can(Trigger.GIVE_UP):  # before retiring: job settling reads the state
+        if self._lc.can(Trigger.GIVE_UP):  # before retiring: its events carry the new state
             self._fire(Trigger.GIVE_UP, reason)
         for b in (self._active, self._standby, error_from):
             if b is not None:
@@ -923,55 +1018,24 @@ class Supervisor:
             ):
                 unlink_quietly(path)
         if b.role == "active" and not survived:
-            self._settle_jobs(b)
+            self._note_gone(b)
 
-    def _settle_jobs(self, b: BackendProcess) -> None:
-        """Jobs the gone backend left `running`: attach its log tail; a job that already ran
-        again fails with it; the rest run once more (the next backend requeues them, or this
-        does now when no backend comes next)."""
-        store = self._job_store()
-        try:
-            orphans = [r for r in store.unfinished() if r.state is JobState.RUNNING]
-        except OSError as exc:
-            log.warning("cannot read the job store: %s", exc)
-            return
-        if not orphans:
-            return
-        tail = log_tail(b.log_path)
+    def _note_gone(self, b: BackendProcess) -> None:
+        """The active backend has gone. What is known of it goes to the next backend, which
+        settles the jobs it left running (the job store is the backend's, and the rule lives
+        in one place: `store.jobs.after_backend_died`). A job this supervisor saw running on
+        it when it died is announced now (`job_retried`), from what the supervisor saw; when
+        no backend comes next, its record stays as it is until one starts."""
         why = b.why_gone or "the backend stopped"
-        no_successor = self.state in (SupervisorState.DEAD, SupervisorState.STOPPED)
-        for record in orphans:
-            store.append_log(
-                record.id,
-                f"backend pid {b.pid} went away during this job: {why}\n"
-                f"--- last lines of {b.log_path.name} ---\n{tail}\n---",
-            )
-            hint = f"See the backend log {b.log_path}; its last lines are in the job log."
-            event, fields = after_backend_died(record, why, hint)
-            try:
-                if event == "cancel":  # the user cancelled it: it stays cancelled
-                    store.transition(record.id, "cancel", **fields)
-                    self._emit("job_cancelled", why, job_id=record.id, pid=b.pid)
-                    continue
-                if event == "fail":
-                    error = {**fields["error"], "log_tail": tail}
-                    store.transition(record.id, "fail", error=error)
-                    self._stats().append(
-                        "job",
-                        job_id=record.id,
-                        engine=record.engine,
-                        job_kind=record.kind,
-                        attempts=record.attempts,
-                        outcome="failed",
-                        error_code=ErrorCode.BACKEND_DIED.value,
-                    )
-                    self._emit("job_failed", why, job_id=record.id, pid=b.pid, data=error)
-                    continue
-                if no_successor:
-                    store.transition(record.id, "requeue", **fields)
-                self._emit("job_retried", why, job_id=record.id, pid=b.pid)
-            except BackendError as exc:  # changed under us, or the folder cannot be written
-                log.warning("cannot settle job %s: %s", record.id, exc.message)
+        ran_jobs = b.loaded and b.activating_since is None
+        if ran_jobs or self._predecessor is None:
+            # One that never ran a job (not loaded yet, or a standby that died while taking
+            # over) left none running: the note on the one before it still holds.
+            self._predecessor = Predecessor.make(b.pid, why, b.log_path)
+        if b.orphan is not None:
+            data = {"log_path": str(b.log_path)}
+            self._emit("job_retried", why, job_id=b.orphan, pid=b.pid, data=data)
+            b.orphan = None
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -989,25 +1053,6 @@ class Supervisor:
         if self._zmq is None:
             self._zmq = zmq.Context()
         return self._zmq
-
-    def _job_store(self) -> JobStore:
-        if self._store is None:
-            self._store = JobStore(self.spec.output_dir)
-        return self._store
-
-    def _stats(self) -> StatsLog:
-        state_dir = self.spec.state_dir or self.spec.output_dir / "state"
-        return StatsLog(state_dir / "stats.jsonl")
-
-    def _backend_view(self, job_id: str) -> dict[str, Any] | None:
-        """The live backend's record of a job: it holds outcomes it could not write yet."""
-        client = self.client
-        if client is None:
-            return None
-        try:
-            return client.job(job_id, timeout=2.0)["job"]
-        except BackendError:
-            return None
 
     def _claim_folder(self, now: float) -> bool:
         """Own the output folder for as long as this supervisor runs. Another owner is fatal
@@ -1058,6 +1103,14 @@ class Supervisor:
     def _is_up(self) -> bool:
         return self.state in (SupervisorState.READY, SupervisorState.BUSY)
 
+    def _answers(self) -> bool:
+        """A backend that takes requests now."""
+        return self.client is not None and self.state in (
+            SupervisorState.LOADING,
+            SupervisorState.READY,
+            SupervisorState.BUSY,
+        )
+
     def _ladder_total(self) -> float:
         p = self.policy
         return p.shutdown_wait + p.terminate_wait + p.kill_wait
@@ -1080,3 +1133,49 @@ class Supervisor:
                     log_tail(b.log_path) if b else "",
                 )
             self.sleep(0.01)
+
+
+class _OfflineCancel:
+    """A `python -m backend cancel` child and the Pending its reply answers."""
+
+    def __init__(self, proc: subprocess.Popen, pending: Pending):
+        self.proc = proc
+        self.pending = pending
+
+    def finish(self) -> None:
+        """The command has exited: its last JSON line is the reply."""
+        try:
+            output = self.proc.stdout.read(CANCEL_OUTPUT) if self.proc.stdout else b""
+        except OSError:
+            output = b""
+        self._close()
+        reply = None
+        for line in reversed(output.decode("utf-8", "replace").splitlines()):
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue
+            break
+        if isinstance(reply, dict) and reply.get("ok") is True:
+            self.pending.resolve(reply)
+        elif isinstance(reply, dict) and isinstance(reply.get("error"), dict):
+            self.pending.fail(BackendError.from_dict(reply["error"]))
+        else:
+            tail = " ".join(output.decode("utf-8", "replace").split()[-40:])
+            self.give_up(f"the cancel command exited with code {self.proc.returncode}: {tail}")
+
+    def give_up(self, reason: str) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+        self._close()
+        self.pending.fail(BackendError(ErrorCode.INTERNAL, reason, "Try the cancel again."))
+
+    def _close(self) -> None:
+        if self.proc.stdout is not None:
+            try:
+                self.proc.stdout.close()
+            except OSError:
+                pass

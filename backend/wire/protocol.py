@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 import uuid
@@ -36,6 +37,10 @@ REPLAY_WINDOW = 65_536  # message ids remembered
 MAX_HEADER_FIELD = 200  # characters of msg_id, msg_type, session, date, version
 FETCH_DEFAULT = 1 << 20  # bytes per `fetch` chunk unless asked for less
 FETCH_MAX = 4 << 20  # the most one `fetch` reply carries
+# A job id, as every request, reply and event names it (the job store names folders so).
+JOB_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+# A file `fetch` may name: one plain name of the job's folder (no path, no hidden file).
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 
 REQUESTS: dict[str, dict[str, Any]] = {
     # msg_type: {"fields": {name: (types, required)}, "buffers": (min, max)}
@@ -99,7 +104,8 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "doctor": {"fields": {}, "buffers": (0, 0)},
     "shutdown": {"fields": {"reason": (str, False)}, "buffers": (0, 0)},
     # A warm standby backend takes over: it recovers the job store's queue and starts work.
-    "activate": {"fields": {}, "buffers": (0, 0)},
+    # `predecessor` {pid, why, log_path}: the backend that went before it (backendlogs.py).
+    "activate": {"fields": {"predecessor": (dict, False)}, "buffers": (0, 0)},
 }
 
 EVENTS = (

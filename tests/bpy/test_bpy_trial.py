@@ -224,6 +224,59 @@ def test_stop_during_a_job_shows_it_waiting_for_the_next_backend(scene, ctrl, en
     assert view.state == "done"  # the next backend ran it
 
 
+def test_a_job_whose_backend_dies_twice_ends_failed_though_its_events_are_missed(
+    scene, ctrl, engine, monkeypatch
+):
+    """The backend that starts after a death settles the job it finds running (here: it ran
+    once more, so it fails with backend_died) and says so in events that go out before anyone
+    listens. Every backend job event is dropped here: the add-on still learns the outcome by
+    asking `job` once a new backend answers."""
+    monkeypatch.setenv("SLOW_ENGINE_EXIT_AT", "shape")  # every backend dies in this stage
+    monkeypatch.setenv("SLOW_ENGINE_EXIT_CODE", "75")
+    engine(SLOW, steps=2, step_seconds=0.05)
+    scene.trellis2.filepath, scene.trellis2.auto_import = str(EXAMPLE), False
+    ctrl.start(wait=True, timeout=60)
+    apply, dropped, retried = ctrl.apply, [], []
+
+    def deaf(message):
+        msg_type = getattr(message, "msg_type", "")
+        if msg_type in ("job_queued", "job_failed", "job_cancelled", "job_done"):
+            dropped.append(msg_type)
+            return None
+        if msg_type == "supervisor_job_retried":
+            retried.append(message.content["job_id"])
+        return apply(message)
+
+    monkeypatch.setattr(ctrl, "apply", deaf)
+    bpy.ops.trellis2.generate(mode="ASYNC")
+    (view,) = ctrl.jobs.values()
+    tick_until(ctrl, lambda: view.terminal, timeout=90)
+    assert view.state == "failed", (view.state, view.message)
+    assert "died twice" in view.message and "poisoned" in view.message
+    assert retried == [view.job_id, view.job_id]  # the supervisor saw it die twice
+    assert len(ctrl.sessions) >= 3  # the third backend settled it
+
+
+def test_cancel_with_no_backend_ends_the_job_cancelled_at_once(scene, ctrl, engine):
+    """Stopped: the backend's own `cancel` command runs (never a write from Blender), and
+    the job shows cancelled without a backend being started for it."""
+    engine(SLOW, steps=40, step_seconds=0.05)
+    scene.trellis2.filepath, scene.trellis2.auto_import = str(EXAMPLE), False
+    ctrl.start(wait=True, timeout=60)
+    bpy.ops.trellis2.generate(mode="ASYNC")
+    (view,) = ctrl.jobs.values()
+    tick_until(ctrl, lambda: view.state == "running")
+    bpy.ops.trellis2.backend(action="STOP", mode="ASYNC")
+    tick_until(ctrl, lambda: ctrl.state == "stopped" and not ctrl.supervisor.stopping)
+    assert view.state == "waiting"
+    assert bpy.ops.trellis2.cancel(job_id=view.key) == {"FINISHED"}
+    tick_until(ctrl, lambda: view.terminal, timeout=30)
+    assert view.state == "cancelled" and ctrl.state == "stopped"
+    ctrl.start(wait=True, timeout=60)  # the next backend: it stays cancelled, never runs
+    entry = ctrl.job_entry_blocking(view.job_id)
+    assert entry is not None and entry["state"] == "cancelled"
+
+
 def test_queued_results_land_where_the_cursor_was_at_generate(scene, ctrl):
     props = scene.trellis2
     props.filepath, props.preset, props.at_cursor = str(EXAMPLE), "fast", True
