@@ -72,5 +72,13 @@ TERMINATE_WAIT = 10.0  # the supervisor's wait between SIGTERM and SIGKILL
 SIGNAL_GRACE = TERMINATE_WAIT / 2
 ACTIVATE_TIMEOUT = 10.0  # a warm standby's answer to `activate`
 DOCTOR_TIMEOUT = 180.0  # `doctor` run as a child process for the protocol's request
+# The reader process (backend/server/reader.py) answers `jobs`, `job` and `stats`.
+READER_TIMEOUT = 10.0  # an answer later than this: the reader is replaced, the request answered
+READER_MAX_INFLIGHT = 64  # requests handed to it at once; more are answered in-process
+READER_CHECK_INTERVAL = 0.05  # how often the loop looks whether it died or hangs
+READER_START_TIMEOUT = 30.0  # a reader that has not said it is up by then is replaced
+READER_YOUNG = 10.0  # a reader that ended sooner died young: the next starts after a pause
+READER_MIN_PAUSE = 0.5  # ... of this, doubling after each young death, up to
+READER_MAX_PAUSE = 30.0
 GIL_SWITCH_INTERVAL = 0.0005  # `serve`: how long a busy thread may keep the loop waiting
 PNG_ENCODE_CHUNK = 16_384  # `serve`: bytes Pillow encodes per GIL hold (its default 65,536)

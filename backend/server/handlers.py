@@ -72,6 +72,9 @@ Handler = Callable[[Backend, protocol.Message], Reply]
 class Route:
     handler: Handler
     lane: Lane
+    # Answered by the reader process (`reader.py`, the same replies) while it is up; by
+    # `handler` on `lane` when it is not, or has lost the request.
+    reader_process: bool = False
 
 
 # -- answered from memory ----------------------------------------------------------------
@@ -116,6 +119,7 @@ def on_status(b: Backend, message) -> dict:
         output=b.output_health(),
         rejected=rejected,
         memory=heap.figures(),
+        reader=b.reader_figures(),  # the reader process: its pid (None: none up), counters
     )
 
 
@@ -414,9 +418,9 @@ ROUTES: dict[str, Route] = {
     "reexport": Route(on_reexport, Lane.INTAKE),
     "cancel": Route(on_cancel, Lane.INTAKE),
     "activate": Route(on_activate, Lane.INTAKE),
-    "jobs": Route(on_jobs, Lane.READER),
-    "job": Route(on_job, Lane.READER),
-    "stats": Route(on_stats, Lane.READER),
+    "jobs": Route(on_jobs, Lane.READER, reader_process=True),
+    "job": Route(on_job, Lane.READER, reader_process=True),
+    "stats": Route(on_stats, Lane.READER, reader_process=True),
     "fetch": Route(on_fetch, Lane.READER),
     "delete_jobs": Route(on_delete_jobs, Lane.READER),
     "doctor": Route(on_doctor, Lane.OWN),

@@ -155,6 +155,12 @@ def _encode(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+def encode(content: dict[str, Any]) -> bytes:
+    """A content frame as `Session.serialize` encodes it (compact JSON, no NaN): for content
+    encoded by another process and sent with `Session.serialize_encoded`."""
+    return _encode(content)
+
+
 def _no_constant(name: str) -> Any:
     # NaN and Infinity are not JSON: accepted here, they would break every reply that echoes
     # the header (replies are encoded with allow_nan=False).
