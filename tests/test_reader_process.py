@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from backend import safefs
+from backend import safefs, settings
 from backend.errors import BackendError, ErrorCode
 from backend.procutil import pid_alive
 from backend.server import handlers
@@ -80,6 +80,9 @@ def test_listings_records_and_stats_come_from_the_reader_with_the_same_replies(
     finish(s, ids)
     figures = reader_up(s)
     assert figures["pid"] != os.getpid() and pid_alive(figures["pid"])
+    # Below the loop's priority: the CPU goes to the loop first.
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, figures["pid"]) == min(19, mine + settings.READER_NICE)
 
     # This process (the server's) opens no job.json while the reader answers.
     opened: list[str] = []

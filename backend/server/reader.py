@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import secrets
 import signal
 import subprocess
@@ -58,6 +59,7 @@ REQUESTS = frozenset({"jobs", "job", "stats"})  # what the reader answers
 MAX_FRAME = 64 << 20  # bytes of one frame on the channel (a `job` record may hold 4 MiB)
 MAX_OVERLAY = 4 << 20  # unrecorded outcomes sent along; more than this: answered in-process
 _QUERY, _ANSWER = b"q", b"a"  # what a signature covers first: the direction of the message
+_DONE_URL = "inproc://reader-answers"
 
 
 def _mac(key: bytes, direction: bytes, frames: list[bytes]) -> bytes:
@@ -127,10 +129,6 @@ class ReaderProcess:
         self._restart_at = 0.0
         self._pause = 0.0  # before the next start, after readers that died young
 
-    @property
-    def ready(self) -> bool:
-        return self.pid is not None
-
     def attach(self, poller: zmq.Poller) -> None:
         """The loop's poller: the reader's socket is polled with the others."""
         self._poller = poller
@@ -159,6 +157,8 @@ class ReaderProcess:
                 stdout=subprocess.DEVNULL,
                 env=commands.backend_environment(),
                 cwd=str(settings.EXTENSION_ROOT),
+                # Below the loop's priority (POSIX: the reader lowers its own, READER_NICE).
+                creationflags=getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0),
             )
         except (OSError, zmq.ZMQError) as exc:
             sock.close(linger=0)
@@ -320,18 +320,21 @@ def overlay(unrecorded: dict[str, dict], counts: dict[str, Any] | None) -> bytes
 
 class Answerer:
     """The reader's replies, as encoded content: `store.listing`'s, over the output folder (a
-    store that never writes) and the stats tally."""
+    store that never writes, one per request with that request's unrecorded outcomes) and the
+    stats tally. Thread-safe."""
 
     def __init__(self, output_dir: Path, state_dir: Path):
-        self.store = JobStore(output_dir)
+        self.output_dir = output_dir
         self.tally = StatsTally(state_dir / "stats.jsonl")
+        self._tally_lock = threading.Lock()
 
     def answer(self, msg_type: str, content: bytes, extra: bytes) -> bytes:
         try:
             request = json.loads(content)
             memory = json.loads(extra) if extra else {}
-            self.store.show_unrecorded(memory.get("unrecorded") or {})
-            reply = self._reply(msg_type, request, memory)
+            store = JobStore(self.output_dir)  # no I/O until asked
+            store.show_unrecorded(memory.get("unrecorded") or {})
+            reply = self._reply(store, msg_type, request, memory)
         except BackendError as exc:
             reply = protocol.error_reply(exc)
         except Exception as exc:  # as the server's handlers: a typed reply, never a crash
@@ -344,16 +347,16 @@ class Answerer:
             error = BackendError(ErrorCode.INTERNAL, f"reply not encodable: {exc}")
             return protocol.encode(protocol.error_reply(error))
 
-    def _reply(self, msg_type: str, request: dict, memory: dict) -> dict:
+    def _reply(self, store: JobStore, msg_type: str, request: dict, memory: dict) -> dict:
         if msg_type == "jobs":
-            return list_jobs(self.store, request, summary)
+            return list_jobs(store, request, summary)
         if msg_type == "job":
-            return job_reply(self.store, request)
+            return job_reply(store, request)
         if msg_type == "stats":
             counts = memory["counts"]
-            return stats_reply(
-                self.tally.aggregate(), counts["requests"], counts["rejected"], counts["uptime"]
-            )
+            with self._tally_lock:
+                figures = self.tally.aggregate()
+            return stats_reply(figures, counts["requests"], counts["rejected"], counts["uptime"])
         raise BackendError(ErrorCode.INTERNAL, f"the reader does not answer {msg_type!r}")
 
 
@@ -369,25 +372,65 @@ def run(output_dir: Path, state_dir: Path, parent_pid: int | None) -> int:
         log.error("reader: no key on stdin")
         return 2
     _exit_with_stdin()
+    if hasattr(os, "nice"):  # Windows: the server starts it below normal priority
+        try:
+            os.nice(settings.READER_NICE)
+        except OSError:
+            pass
     answerer = Answerer(output_dir, state_dir)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
     sock.connect(f"tcp://127.0.0.1:{port}")
+    done = ctx.socket(zmq.PULL)  # answers signed by the threads, sent from here
+    done.bind(_DONE_URL)
+    work: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+    for i in range(settings.READER_THREADS):
+        worker = threading.Thread(
+            target=_answer_forever, args=(ctx, key, answerer, work), name=f"reader-{i}"
+        )
+        worker.daemon = True
+        worker.start()
     sock.send_multipart(_signed(key, _ANSWER, [b"", json.dumps({"pid": os.getpid()}).encode()]))
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(done, zmq.POLLIN)
     while True:
-        if not sock.poll(1000):
+        ready = dict(poller.poll(1000))
+        if not ready:
             if parent_pid and not pid_alive(parent_pid):
                 return 0
             continue
-        body = _verified(key, _QUERY, sock.recv_multipart())
-        if body is None or len(body) != 4:
-            log.warning("reader: a message that is not the server's was dropped")
-            continue
-        token, msg_type, content, extra = body
+        while sock in ready:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            body = _verified(key, _QUERY, frames)
+            if body is None or len(body) != 4:
+                log.warning("reader: a message that is not the server's was dropped")
+                continue
+            work.put(body)
+        while done in ready:
+            try:
+                frames = done.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            sock.send_multipart(frames)
+
+
+def _answer_forever(
+    ctx: zmq.Context, key: bytes, answerer: Answerer, work: queue.SimpleQueue[list[bytes]]
+) -> None:
+    """A reader thread: requests in arrival order (READER_THREADS at a time), each answer
+    signed here and handed to the main thread to send."""
+    done = ctx.socket(zmq.PUSH)
+    done.connect(_DONE_URL)
+    while True:
+        token, msg_type, content, extra = work.get()
         reply = answerer.answer(msg_type.decode("ascii", "replace"), content, extra)
-        sock.send_multipart(_signed(key, _ANSWER, [token, reply]))
+        done.send_multipart(_signed(key, _ANSWER, [token, reply]))
 
 
 def _exit_with_stdin(exit: Callable[[int], None] = os._exit) -> None:
