@@ -339,8 +339,8 @@ class Server:
             return
         # The content frame (body[4]) as received goes to the reader process: nothing is
         # encoded here.
-        reader = self.reader if route.reader_process else None
-        if reader is not None and reader.forward(
+        process = self.reader if route.reader_process else None
+        if process is not None and process.forward(
             identity, message, body[4], self._reader_overlay(message)
         ):
             return
