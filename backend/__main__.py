@@ -272,6 +272,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reader(args: argparse.Namespace) -> int:
+    """A backend's reader process (started by `serve`, not by hand): backend/server/reader.py."""
+    from .server import reader
+
+    return reader.run(Path(args.output_dir), Path(args.state_dir), args.parent_pid)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import format_report, run_doctor
 
@@ -532,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not rerun jobs that a previous backend left unfinished",
     )
     p.set_defaults(func=cmd_serve)
+
+    # The backend's own reader process (not listed: `serve` starts it, see reader.py).
+    p = sub.add_parser("reader")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--parent-pid", type=int)
+    p.set_defaults(func=cmd_reader)
 
     p = sub.add_parser("generate", help="turn one image into a GLB, in this process")
     p.add_argument("image", help="input image (PNG with transparency works best)")

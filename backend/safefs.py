@@ -243,6 +243,21 @@ class Folder:
         finally:
             os.close(fd)
 
+    def read_from(self, name: str, offset: int) -> tuple[bytes, os.stat_result]:
+        """(the bytes from `offset` to the end, the file's stat before reading) of a regular
+        file: a reader that follows an append-only file reads only what is new."""
+        fd = self._open(name, os.O_RDONLY | _NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            _check(st, self.path / name, folder=False)
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks), st
+        finally:
+            os.close(fd)
+
     def write(self, name: str, data: bytes) -> None:
         """Replace `name` atomically (a fresh 0600 temp file, fsync, rename): readers see the
         old file or the new one, and a link at `name` is replaced, never written through."""

@@ -76,5 +76,21 @@ SIGNAL_GRACE = TERMINATE_WAIT / 2
 ACTIVATE_TIMEOUT = 10.0  # a warm standby's answer to `activate`
 DOCTOR_TIMEOUT = 180.0  # `doctor` run as a child process for the protocol's request
 OFFLINE_CANCEL_TIMEOUT = 30.0  # `python -m backend cancel`, run by a supervisor with no backend
+# The reader process (backend/server/reader.py) answers `jobs`, `job` and `stats`.
+READER_TIMEOUT = 20.0  # an answer later than this: the reader is replaced, the request answered
+READER_MAX_INFLIGHT = 64  # requests handed to it at once; more are answered in-process
+# Requests it answers at once. 2 let a `job` poll pass a long search, but on 2 cores with a
+# client listing non-stop they put ping p99 at 4.0-4.6 ms against 1.6-1.8 ms with 1 (three
+# alternating runs each; why was not established).
+READER_THREADS = 1
+# Its niceness (POSIX; below normal priority on Windows): the control loop, the client and the
+# jobs get the CPU first. On 2 cores with a client listing non-stop, ping p99 ~4 ms at 0 and
+# ~1.5 ms at 10 (docs/PERFORMANCE.md); the listing is slower only when the CPU is contended.
+READER_NICE = 10
+READER_CHECK_INTERVAL = 0.05  # how often the loop looks whether it died or hangs
+READER_START_TIMEOUT = 30.0  # a reader that has not said it is up by then is replaced
+READER_YOUNG = 10.0  # a reader that ended sooner died young: the next starts after a pause
+READER_MIN_PAUSE = 0.5  # ... of this, doubling after each young death, up to
+READER_MAX_PAUSE = 30.0
 GIL_SWITCH_INTERVAL = 0.0005  # `serve`: how long a busy thread may keep the loop waiting
 PNG_ENCODE_CHUNK = 16_384  # `serve`: bytes Pillow encodes per GIL hold (its default 65,536)

@@ -85,6 +85,10 @@ class Lister:
     def full_listings(self) -> int:
         return self.counts[0]
 
+    @property
+    def pages(self) -> int:
+        return self.counts[1]
+
     def join(self) -> None:
         self.stop.set()
         self.process.join()
@@ -149,7 +153,9 @@ def main() -> None:
             lister = Lister(conn)
             rows.append((f"listing all {args.jobs} jobs", pings(client, args.pings)))
             lister.join()
-            notes.append(f"listing alone: {lister.full_listings} full listings")
+            notes.append(
+                f"listing alone: {lister.full_listings} full listings ({lister.pages} pages)"
+            )
 
             # Enough queued jobs to keep the workers busy through both phases below.
             data = image_bytes(1024)
@@ -168,8 +174,8 @@ def main() -> None:
             lister.join()
             status = client.status(timeout=10)
             notes.append(
-                f"with jobs: {lister.full_listings} full listings; at the end "
-                f"{len(status['running'])} jobs running and {len(status['queue'])} queued"
+                f"with jobs: {lister.full_listings} full listings ({lister.pages} pages); at the "
+                f"end {len(status['running'])} jobs running and {len(status['queue'])} queued"
             )
             client.shutdown("benchmark done", timeout=10)
         server.wait(60)

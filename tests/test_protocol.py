@@ -45,6 +45,26 @@ def test_reply_carries_parent_header():
     assert got.parent_id == request.msg_id
 
 
+def test_a_reply_from_pre_encoded_content_is_signed_over_exactly_those_bytes():
+    """The backend's reader process encodes `jobs` pages itself; the server signs and sends
+    the bytes it got, unchanged, and a client verifies them as any reply."""
+    sender, receiver = pair()
+    request = receiver.msg("jobs", {"limit": 5})
+    content = b'{"ok":true,"jobs":[{"job_id":"x","created":1.5}],"next":null}'
+    frames = sender.serialize_encoded("jobs_reply", content, request)
+    assert frames[4] == content  # sent as given
+    got = receiver.deserialize(frames)
+    assert got.msg_type == "jobs_reply" and got.parent_id == request.msg_id
+    assert got.content == {"ok": True, "jobs": [{"job_id": "x", "created": 1.5}], "next": None}
+    forged = [*frames[:4], content.replace(b"1.5", b"2.5")]
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(forged)
+    assert err.value.code is ErrorCode.BAD_SIGNATURE
+    for bad in (b"", b"[1]", b'"text"', b"{ truncated"):
+        with pytest.raises(ValueError):
+            sender.serialize_encoded("jobs_reply", bad, request)
+
+
 def test_each_process_gets_a_new_session_id():
     key = protocol.new_key()
     assert protocol.Session(key).session_id != protocol.Session(key).session_id

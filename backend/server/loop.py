@@ -23,7 +23,8 @@ from ..checks.images import ImageLimits
 from ..errors import BackendError, ErrorCode, ProtocolError
 from ..procutil import pid_alive
 from ..wire import protocol
-from .handlers import ROUTES, Lane
+from . import reader
+from .handlers import ROUTES, Lane, Route
 from .workers import Backend, BackendState, ThreadLane
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class ServerConfig:
     # Freeze start-up objects out of the collector (heap.settle). Off only when the server
     # shares its process with other code, as in the in-thread test server.
     settle_heap: bool = True
+    # Answer `jobs`, `job` and `stats` in a reader process (reader.py); off: on reader threads.
+    reader_process: bool = True
+    reader_timeout: float = settings.READER_TIMEOUT
 
     def __post_init__(self) -> None:
         # Absolute once, here: nothing below depends on the working directory.
@@ -81,6 +85,7 @@ class Server:
         self.events_in: zmq.Socket | None = None
         self.connection: protocol.ConnectionInfo | None = None
         self._lanes: dict[Lane, ThreadLane] = {}
+        self.reader: reader.ReaderProcess | None = None
 
     @property
     def exit_code(self) -> int:
@@ -129,6 +134,15 @@ class Server:
             self.bind()
         # INTAKE is one thread: jobs are made, and keys checked, in the order requests came.
         self._lanes = {Lane.INTAKE: ThreadLane("intake", 1), Lane.READER: ThreadLane("reader", 2)}
+        if self.config.reader_process and self.reader is None:
+            self.reader = reader.ReaderProcess(
+                self.ctx,
+                self.config.output_dir,
+                self.config.state_dir,
+                timeout=self.config.reader_timeout,
+            )
+            self.reader.start()
+            self.backend.reader_figures = self.reader.figures
         self.backend.start()
 
     def serve_forever(self) -> int:
@@ -136,6 +150,8 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.shell, zmq.POLLIN)
         poller.register(self.events_in, zmq.POLLIN)
+        if self.reader is not None:
+            self.reader.attach(poller)
         next_beat = 0.0
         b = self.backend
         try:
@@ -143,9 +159,16 @@ class Server:
                 for sock, _ in poller.poll(timeout=100):
                     if sock is self.shell:
                         self._drain_shell()
-                    else:
+                    elif sock is self.events_in:
                         self._drain_events()
+                    else:
+                        self._drain_reader()
                 now = time.monotonic()
+                if self.reader is not None:
+                    for lost in self.reader.tick(now, restart=not b.stopping.is_set()):
+                        # Its reader died or hung: answered here, as without a reader.
+                        route = ROUTES[lost.message.msg_type]
+                        self._dispatch(route, lost.identity, lost.message)
                 if now >= next_beat:
                     next_beat = now + self.config.heartbeat_interval
                     self._heartbeat()
@@ -171,6 +194,8 @@ class Server:
 
     def _close(self) -> None:
         self._publish("backend_state", {"state": "stopped", "reason": self.backend.state_reason})
+        if self.reader is not None:
+            self.reader.close()  # it also exits by itself when this process is gone
         time.sleep(0.05)  # let the last events leave
         for sock in (self.shell, self.iopub, self.events_in):
             if sock is not None:
@@ -312,6 +337,17 @@ class Server:
             content, buffers = self._answer(route, message)
             self._send_reply(identity, message.msg_type, content, message.header, buffers)
             return
+        # The content frame (body[4]) as received goes to the reader process: nothing is
+        # encoded here.
+        process = self.reader if route.reader_process else None
+        if process is not None and process.forward(
+            identity, message, body[4], self._reader_overlay(message)
+        ):
+            return
+        self._dispatch(route, identity, message)
+
+    def _dispatch(self, route: Route, identity: bytes, message: protocol.Message) -> None:
+        """Run a request on its lane (or thread); its reply comes back through the loop."""
 
         def work() -> None:
             content, buffers = self._answer(route, message)
@@ -321,6 +357,34 @@ class Server:
             threading.Thread(target=work, name=f"request-{message.msg_type}", daemon=True).start()
         else:
             self._lanes[route.lane].submit(work)
+
+    def _reader_overlay(self, message: protocol.Message) -> bytes:
+        """What the reader process needs of this process's memory to answer as the handlers
+        would: the outcomes the store could not write yet (usually none), and for `stats` the
+        request counters and uptime."""
+        b = self.backend
+        counts = None
+        if message.msg_type == "stats":
+            requests, rejected = b.counts()
+            uptime = round(time.monotonic() - b.started_at, 3)
+            counts = {"requests": requests, "rejected": rejected, "uptime": uptime}
+        return reader.overlay(b.store.unrecorded(), counts)
+
+    def _drain_reader(self) -> None:
+        """Send the reader process's answers: content it encoded, signed here as it is."""
+        for request, content in self.reader.replies():
+            reply_type = protocol.reply_type(request.message.msg_type)
+            parent = request.message.header
+            try:
+                frames = self.session.serialize_encoded(reply_type, content, parent)
+            except ValueError:
+                log.error("the reader's reply to %s is not a JSON object", reply_type)
+                error = BackendError(ErrorCode.INTERNAL, "the reader's reply was not JSON")
+                frames = self._frames(reply_type, protocol.error_reply(error), parent)
+            try:
+                self.shell.send_multipart([request.identity, *frames], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.warning("reply to %s dropped: %s", request.message.msg_type, exc)
 
     def _answer(self, route, message: protocol.Message) -> tuple[dict, list[bytes]]:
         """(reply content, binary buffers): a handler returns its content, or both."""

@@ -119,6 +119,8 @@ class Backend:
             n = 1
         self.max_concurrent = n
         self._threads: list[threading.Thread] = []
+        # `status.reader`: the server's reader process (loop.py sets it; None without one).
+        self.reader_figures: Callable[[], dict[str, Any] | None] = lambda: None
 
     # -- state -------------------------------------------------------------------------
 

@@ -684,6 +684,20 @@ class JobStore:
                 pass  # kept in memory; recover() writes it
             return True
 
+    def unrecorded(self) -> dict[str, dict[str, Any]]:
+        """The outcomes kept in memory (`settle`), as records' dicts: what another reader of
+        this folder (the backend's reader process) must see instead of the disk's. Without
+        the lock: the control loop asks, and a writer may hold the lock through an fsync."""
+        kept = dict(self._pending)  # one C call: a consistent copy
+        return {job_id: record.to_dict() for job_id, record in kept.items()}
+
+    def show_unrecorded(self, records: dict[str, dict[str, Any]]) -> None:
+        """Let `get` and `list` see another store's outcomes kept in memory (`unrecorded`), as
+        that store does: for a store that only reads (the reader process)."""
+        kept = {job_id: _checked(JobRecord.from_dict(data)) for job_id, data in records.items()}
+        with self._lock:
+            self._pending = kept
+
     def pending(self) -> list[str]:
         with self._lock:
             return sorted(self._pending)

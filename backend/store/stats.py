@@ -8,7 +8,7 @@ import math
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,6 +114,14 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     jobs = _once_per_job([r for r in records if r.get("kind") == "job"])
     attempts = [r for r in records if r.get("kind") == "attempt"]
     ready = [r for r in records if r.get("kind") == "ready"]
+    return _figures(jobs, attempts, ready)
+
+
+def _figures(
+    jobs: list[dict[str, Any]], attempts: list[dict[str, Any]], ready: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The aggregate of the job lines (one per job, in the order of their last line), the
+    attempt lines and the ready lines, each in file order."""
     finished = [j for j in jobs if j.get("outcome") in ("done", "failed")]
     done = [j for j in jobs if j.get("outcome") == "done"]
     seconds = [float(j["seconds"]) for j in done if isinstance(j.get("seconds"), (int, float))]
@@ -142,3 +150,125 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "time_to_ready_mean": _mean(ready_s),
         "time_to_ready_last": ready_s[-1] if ready_s else None,
     }
+
+
+# What `aggregate` reads of each kind of line: a tally keeps only these.
+_KEPT = {
+    "job": ("outcome", "seconds", "attempts", "error_code", "level"),
+    "attempt": ("outcome", "vram_peak"),
+    "ready": ("seconds",),
+}
+_MARK_BYTES = 256  # the last bytes read, compared on the next read: a rewritten file is re-read
+
+
+class StatsTally:
+    """`aggregate` of a stats log for a reader that asks often (the reader process's `stats`):
+    each call reads only what was appended since the last one (from the offset it had reached)
+    and keeps of each line what the aggregate reads. A file that was replaced, truncated or
+    whose bytes before that offset changed (rotated, rewritten) is read again from the start.
+    The figures are `aggregate(StatsLog(path).read())`'s, line for line: lines are parsed as
+    `parse_lines` parses them and a last line without its newline yet counts as it would
+    there, without being consumed. Not thread-safe (one reader)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(os.fsdecode(path))
+        self.full_reads = 0  # reads from the start (the first, and after a rotation)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._offset = 0  # bytes consumed: complete lines only
+        self._identity: tuple[int, int] | None = None
+        self._mark = b""  # the last consumed bytes
+        self._tail = b""  # after the last newline: a line still being written
+        self._jobs: OrderedDict[Any, dict[str, Any]] = OrderedDict()  # in last-line order
+        self._attempts: list[dict[str, Any]] = []
+        self._ready: list[dict[str, Any]] = []
+        self._lines = 0
+        self._cached: dict[str, Any] | None = None
+
+    def aggregate(self) -> dict[str, Any]:
+        self._refresh()
+        if self._tail:
+            tail, _ = parse_lines(self._tail)
+            if tail:  # counted as `aggregate` would, kept out of the tally
+                jobs, attempts, ready = OrderedDict(self._jobs), [*self._attempts], [*self._ready]
+                lines = self._lines
+                for record in tail:
+                    lines = _fold(record, jobs, attempts, ready, lines)
+                return _figures(list(jobs.values()), attempts, ready)
+        if self._cached is None:
+            self._cached = _figures(list(self._jobs.values()), self._attempts, self._ready)
+        return self._cached
+
+    def _refresh(self) -> None:
+        data, st = self._read(self._offset - len(self._mark))
+        if st is None:
+            return
+        identity = (st.st_dev, st.st_ino)
+        if self._identity is not None and (
+            identity != self._identity
+            or st.st_size < self._offset
+            or data[: len(self._mark)] != self._mark
+        ):
+            self._reset()
+            data, st = self._read(0)
+            if st is None:
+                return
+            identity = (st.st_dev, st.st_ino)
+        if self._identity is None:
+            self.full_reads += 1
+        else:
+            data = data[len(self._mark) :]
+        self._identity = identity
+        cut = data.rfind(b"\n") + 1
+        self._tail = data[cut:]
+        if not cut:
+            return
+        complete = data[:cut]
+        records, _ = parse_lines(complete)
+        for record in records:
+            self._lines = _fold(record, self._jobs, self._attempts, self._ready, self._lines)
+        self._offset += cut
+        self._mark = (self._mark + complete)[-_MARK_BYTES:]
+        self._cached = None
+
+    def _read(self, offset: int) -> tuple[bytes, os.stat_result | None]:
+        """(bytes from `offset`, the file's stat); a missing or unreadable file empties the
+        tally (as `StatsLog.read` returns no lines) and gives (b"", None)."""
+        try:
+            with Folder.at(self.path.parent) as folder:
+                return folder.read_from(self.path.name, offset)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("cannot read stats log %s: %s", self.path, exc)
+            self._reset()
+            return b"", None
+
+
+def _fold(
+    record: dict[str, Any],
+    jobs: OrderedDict[Any, dict[str, Any]],
+    attempts: list[dict[str, Any]],
+    ready: list[dict[str, Any]],
+    lines: int,
+) -> int:
+    """Add one parsed line to a tally; returns the count of job lines without an id so far
+    (each counts on its own, as in `_once_per_job`)."""
+    kind = record["kind"]
+    kept = _KEPT.get(kind)
+    if kept is None:
+        return lines
+    slim = {name: record[name] for name in kept if name in record}
+    if kind == "job":
+        job_id = record.get("job_id")
+        if isinstance(job_id, str):
+            jobs.pop(job_id, None)  # a job's last line counts, in its place in the file
+            jobs[job_id] = slim
+        else:
+            jobs[(lines,)] = slim
+            lines += 1
+    elif kind == "attempt":
+        attempts.append(slim)
+    else:
+        ready.append(slim)
+    return lines

@@ -14,9 +14,10 @@ from ..checks import images, meshes
 from ..errors import BackendError, ErrorCode
 from ..params import parse_params, reexport_params
 from ..pipeline.runner import check_disk
-from ..server.handlers import clean_filename, list_jobs, summary
+from ..server.handlers import clean_filename
 from ..store.fetch import fetch
 from ..store.jobs import JobRecord, JobStore
+from ..store.listing import list_jobs, summary
 from ..wire import protocol
 from .coord import Coordinator
 from .dispatch import TASK_NAME, can_serve, need_tier, queue_name, worker_queue

@@ -58,6 +58,19 @@ def serve_command(
     return command + list(extra)
 
 
+def reader_command(
+    python: str, *, output_dir: Path, state_dir: Path, parent_pid: int | None = None
+) -> list[str]:
+    """`python -m backend reader ...`: a backend's reader process (backend/server/reader.py),
+    started by the backend itself. Its channel's key comes on its stdin."""
+    command = backend_args(
+        python, "reader", "--output-dir", str(output_dir), "--state-dir", str(state_dir)
+    )
+    if parent_pid is not None:
+        command += ["--parent-pid", str(parent_pid)]
+    return command
+
+
 def doctor_command(
     python: str,
     *,

@@ -161,6 +161,12 @@ def _encode(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+def encode(content: dict[str, Any]) -> bytes:
+    """A content frame as `Session.serialize` encodes it (compact JSON, no NaN): for content
+    encoded by another process and sent with `Session.serialize_encoded`."""
+    return _encode(content)
+
+
 def _no_constant(name: str) -> Any:
     # NaN and Infinity are not JSON: accepted here, they would break every reply that echoes
     # the header (replies are encoded with allow_nan=False).
@@ -251,6 +257,24 @@ class Session:
     def serialize(self, message: Message) -> list[bytes]:
         body = [_encode(message.header), _encode(message.parent), _encode(message.content)]
         body.extend(message.buffers)
+        return [DELIMITER, self.sign(body), *body]
+
+    def serialize_encoded(
+        self,
+        msg_type: str,
+        content: bytes,
+        parent: Message | dict[str, Any] | None = None,
+        buffers: Sequence[bytes] = (),
+    ) -> list[bytes]:
+        """The frames of a message whose content is already encoded (a JSON object made by
+        another process: the backend's reader): sent as given, and the signature is over
+        exactly those bytes. Raises ValueError for content that is not a JSON object's
+        encoding as far as a cheap look can tell (its first and last byte)."""
+        content = bytes(content)
+        if content[:1] != b"{" or content[-1:] != b"}":
+            raise ValueError("content is not an encoded JSON object")
+        message = self.msg(msg_type, None, parent, buffers)
+        body = [_encode(message.header), _encode(message.parent), content, *message.buffers]
         return [DELIMITER, self.sign(body), *body]
 
     def deserialize(self, frames: Sequence[bytes], check_replay: bool = True) -> Message:
