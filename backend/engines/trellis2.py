@@ -45,6 +45,23 @@ LADDER_CASCADES = {768: "1024_cascade"}
 CASCADE_LR_RESOLUTION = 512  # the cascade's low-resolution pass (upstream's run())
 
 
+@contextmanager
+def _instance_wrapped(obj: Any, name: str, wrapper: Callable[..., Any]) -> Iterator[None]:
+    """`obj.name` replaced, on that instance only, by `wrapper(original, *args, **kwargs)`
+    while the block runs; afterwards the instance is as it was (its own attribute restored,
+    or the class's method showing through again)."""
+    original = getattr(obj, name)
+    had_own = name in vars(obj)
+    setattr(obj, name, lambda *args, **kwargs: wrapper(original, *args, **kwargs))
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
+
+
 def cascade_resolutions(resolution: int) -> list[int]:
     """Where a cascade asked for `resolution` may settle: upstream lowers above 1024 in steps
     of 128 to 1024, and the ladder's cascades run their own resolution; 768 and 1024 are
@@ -650,25 +667,17 @@ class Trellis2Engine(Engine):
     def _steps(self, sampler: Any, ctx: StageContext, total: int) -> Iterator[None]:
         """Report each sampler step and cancel at the next one, by wrapping the sampler
         instance's sample_once (the loop in FlowEulerSampler.sample calls it per step)."""
-        original = sampler.sample_once
-        had_own = "sample_once" in vars(sampler)
         done = [0]
 
-        def stepped(*args: Any, **kwargs: Any) -> Any:
+        def stepped(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             ctx.progress(done[0], total)  # raises JobCancelled when cancelled
             out = original(*args, **kwargs)
             done[0] += 1
             return out
 
-        sampler.sample_once = stepped
-        try:
+        with _instance_wrapped(sampler, "sample_once", stepped):
             yield
             ctx.progress(total, total)
-        finally:
-            if had_own:
-                sampler.sample_once = original
-            else:
-                del sampler.sample_once
 
     @contextmanager
     def _counted_cascade(
@@ -678,10 +687,8 @@ class Trellis2Engine(Engine):
         soon as the low-resolution pass is upsampled, and tell the runner before the
         high-resolution sampling, by wrapping the decoder instance's `upsample` (which
         `sample_shape_slat_cascade` calls once). The runner may stop the stage there."""
-        original = decoder.upsample
-        had_own = "upsample" in vars(decoder)
 
-        def counting(*args: Any, **kwargs: Any) -> Any:
+        def counting(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             hr_coords = original(*args, **kwargs)
             counts.update(cascade_token_counts(hr_coords, CASCADE_LR_RESOLUTION, resolution))
             try:
@@ -693,14 +700,8 @@ class Trellis2Engine(Engine):
                 raise
             return hr_coords
 
-        decoder.upsample = counting
-        try:
+        with _instance_wrapped(decoder, "upsample", counting):
             yield
-        finally:
-            if had_own:
-                decoder.upsample = original
-            else:
-                del decoder.upsample
 
     def _cond(self, pipe: Any, image: Image.Image, resolution: int) -> dict[str, Any]:
         cond = pipe.get_cond(image=[image], resolution=resolution, include_neg_cond=True)

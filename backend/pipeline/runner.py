@@ -10,7 +10,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,16 @@ class JobResult:
     degraded_reason: str | None = None
     seconds: float = 0.0
     poisoned: bool = False  # the CUDA context is broken: the process must exit
+
+
+def _size_facts(structure: dict[str, Any], counted: dict | None = None) -> memmodel.Facts:
+    """The memory model's facts from an engine's `structure` (voxels, the cascade's counted
+    tokens; JSON keeps a count's resolution as text), or from counts told mid-stage."""
+    counted = counted or structure.get("cascade_tokens")
+    return memmodel.Facts(
+        voxels=structure.get("voxels"),
+        cascade_tokens={int(r): int(n) for r, n in counted.items()} if counted else None,
+    )
 
 
 class _Replan(Exception):
@@ -401,11 +411,7 @@ class Runner:
         for index in sorted(outputs):
             if isinstance(outputs[index].get("structure"), dict):
                 structure = outputs[index]["structure"]
-        counted = counted or structure.get("cascade_tokens")
-        return memmodel.Facts(
-            voxels=structure.get("voxels"),
-            cascade_tokens={int(r): int(n) for r, n in counted.items()} if counted else None,
-        )
+        return _size_facts(structure, counted)
 
     def _plan_within(self, stages, index, state, request, level, told, attempt) -> None:
         """Inside a stage that counted the cascade's tokens (before its costly part): lower
@@ -420,10 +426,7 @@ class Runner:
         if not figures:
             return
         structure = state.get("structure") if isinstance(state.get("structure"), dict) else {}
-        facts = memmodel.Facts(
-            voxels=structure.get("voxels"),
-            cascade_tokens={int(r): int(n) for r, n in counted.items()},
-        )
+        facts = _size_facts(structure, counted)
         caps = self.engine.capabilities
         plan = memmodel.plan(
             request,
@@ -453,7 +456,6 @@ class Runner:
         voxels = structure.get("voxels")
         tokens = structure.get("shape_tokens")
         effective = state.get("effective_resolution")
-        counted = structure.get("cascade_tokens")
         if (
             tokens is None
             and self.engine.counts_cascade_tokens
@@ -475,11 +477,8 @@ class Runner:
         figures = gpu.vram(init=False)
         if not figures:
             return
-        facts = memmodel.Facts(
-            voxels=voxels,
-            tokens=tokens,
-            resolution=effective if tokens else None,
-            cascade_tokens={int(r): int(n) for r, n in counted.items()} if counted else None,
+        facts = replace(
+            _size_facts(structure), tokens=tokens, resolution=effective if tokens else None
         )
         plan = memmodel.plan(
             request,
