@@ -144,13 +144,13 @@ def test_following_next_lists_a_batch_once_each_in_the_first_pages_order(tmp_pat
     """120 jobs made within a second or two (a batch): pages cut inside a second by the reply
     budget. The page's last job is the cursor, so the listing order must hold across pages:
     jobs were skipped and repeated when a page was cut by id but ordered by creation."""
-    from backend.server import handlers
+    from backend.store import listing
 
     store = JobStore(tmp_path)
     made = [store.create("generate", "preview", {}, filename=f"o{i:03}.png").id for i in range(120)]
     seen, pages, _ = _list_by_next(store, monkeypatch)
     assert sorted(seen) == sorted(made)  # each job once
-    assert seen == [r.id for r in handlers.newest(store, None)[0]]  # in the listing order
+    assert seen == [r.id for r in listing.newest(store, None)[0]]  # in the listing order
     assert pages >= 8  # the budget cut the pages, not the limit of 5,000
 
 

@@ -20,6 +20,7 @@ from backend import settings
 from backend.checks.images import ImageLimits
 from backend.errors import ErrorCode
 from backend.server import handlers
+from backend.store import listing
 from backend.wire import protocol
 from backend.wire.client import Client
 
@@ -73,9 +74,9 @@ LIMITS = {
     "fetch chunk": protocol.FETCH_DEFAULT,
     "fetch reply": protocol.FETCH_MAX,
     "queue depth": settings.QUEUE_DEPTH,
-    "jobs limit": handlers.JOBS_LIMIT,
-    "jobs offset": handlers.JOBS_OFFSET,
-    "query": handlers.QUERY_CHARS,
+    "jobs limit": listing.JOBS_LIMIT,
+    "jobs offset": listing.JOBS_OFFSET,
+    "query": listing.QUERY_CHARS,
     "idempotency key": handlers.MAX_KEY_CHARS,
     "delete days": handlers.DELETE_DAYS,
     "locked exit": settings.EXIT_LOCKED,

@@ -24,7 +24,7 @@ Pure functions and tables; the runner and the engine hold the state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +148,9 @@ def tokens_for(params: GenerationParams, facts: Facts, ratios: Mapping[int, floa
     return tokens_at(cascade_resolution(params.resolution, tokens_at, params.max_num_tokens))
 
 
-def _estimated_tokens_at(facts: Facts, ratios: Mapping[int, float]) -> Any:
+def _estimated_tokens_at(
+    facts: Facts, ratios: Mapping[int, float]
+) -> Callable[[int], float] | None:
     """tokens_at(resolution) from the shape's exact count (rescaled) or the structure's
     voxels; None when neither is known."""
     if facts.tokens is not None and facts.resolution and facts.resolution > 512:

@@ -29,20 +29,7 @@ from ..pipeline.runner import check_disk
 from ..store import listing
 from ..store.fetch import fetch
 from ..store.jobs import THUMBNAIL
-from ..store.listing import (  # noqa: F401  (names the tests and the studio gateway use)
-    JOBS_LIMIT,
-    JOBS_OFFSET,
-    QUERY_CHARS,
-    folder_facts,
-    job_reply,
-    list_jobs,
-    listing_order,
-    matches,
-    newest,
-    page_before,
-    stats_reply,
-    summary,
-)
+from ..store.listing import folder_facts, job_reply, list_jobs, stats_reply, summary
 from ..supervision import commands
 from ..wire import protocol
 from .workers import Backend, BackendState
