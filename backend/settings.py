@@ -37,7 +37,7 @@ ENGINE_ENV = {  # engine option -> the environment variable that supplies it
 
 QUEUE_DEPTH = 8  # jobs waiting in one backend before `busy`
 GATEWAY_QUEUE_DEPTH = 32  # jobs waiting for a studio worker before `busy`
-MAX_CONCURRENT = 1  # jobs running at once (GPU engines always run one)
+MAX_CONCURRENT = 1  # jobs at once (GPU engines: one); above 1 each runs in a job process
 
 # -- disk ------------------------------------------------------------------------------------
 
