@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 
 from .. import settings
 from ..errors import BackendError, ErrorCode
+from ..procutil import BELOW_NORMAL, lower_own_priority
 from ..supervision import commands
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class JobHost:
                     stdout=subprocess.PIPE,
                     env=commands.backend_environment(),
                     cwd=str(settings.EXTENSION_ROOT),
+                    creationflags=BELOW_NORMAL,  # POSIX: it lowers its own (JOB_PROCESS_NICE)
                 )
             except OSError as exc:
                 raise HostGone(f"the job process did not start: {exc}") from None
@@ -374,6 +376,7 @@ def run(slot: int, parent_pid: int | None) -> int:
         return 2
     orders = _Orders(sys.stdin.buffer)
     orders.start()
+    lower_own_priority(settings.JOB_PROCESS_NICE)
     began = time.monotonic()
     try:
         engine = create_engine(host.engine, **host.engine_options)
