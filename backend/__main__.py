@@ -272,6 +272,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobhost(args: argparse.Namespace) -> int:
+    """One of a backend's job processes (started by `serve --max-concurrent N`, not by hand):
+    backend/server/jobhost.py."""
+    faulthandler.enable()  # a crash in an engine leaves its stack in the backend's log
+    from .server import jobhost
+
+    return jobhost.run(args.slot, args.parent_pid)
+
+
 def cmd_reader(args: argparse.Namespace) -> int:
     """A backend's reader process (started by `serve`, not by hand): backend/server/reader.py."""
     from .server import reader
@@ -518,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent",
         type=int,
         default=settings.MAX_CONCURRENT,
-        help="jobs running at once (GPU engines always run one)",
+        help="jobs running at once, each in a process of its own when above 1 (GPU engines: one)",
     )
     p.add_argument("--parent-pid", type=int, help="exit when this process exits")
     p.add_argument("--vram-cap-gb", type=float, help="emulate a smaller GPU (testing)")
@@ -546,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--parent-pid", type=int)
     p.set_defaults(func=cmd_reader)
+
+    # The backend's job processes (not listed: `serve --max-concurrent N` starts them).
+    p = sub.add_parser("jobhost")
+    p.add_argument("--slot", type=int, default=0)
+    p.add_argument("--parent-pid", type=int)
+    p.set_defaults(func=cmd_jobhost)
 
     p = sub.add_parser("generate", help="turn one image into a GLB, in this process")
     p.add_argument("image", help="input image (PNG with transparency works best)")

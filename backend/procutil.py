@@ -3,7 +3,22 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+
+# Popen's creationflags for a child below normal priority (Windows; 0 elsewhere, where the
+# child lowers its own with `lower_own_priority`).
+BELOW_NORMAL = getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0)
+
+
+def lower_own_priority(niceness: int) -> None:
+    """Raise this process's niceness by `niceness` (POSIX; on Windows the parent started it
+    with BELOW_NORMAL). A refusal is ignored: the process still works, at normal priority."""
+    if hasattr(os, "nice"):
+        try:
+            os.nice(niceness)
+        except OSError:
+            pass
 
 
 def pid_alive(pid: int) -> bool:

@@ -37,7 +37,7 @@ ENGINE_ENV = {  # engine option -> the environment variable that supplies it
 
 QUEUE_DEPTH = 8  # jobs waiting in one backend before `busy`
 GATEWAY_QUEUE_DEPTH = 32  # jobs waiting for a studio worker before `busy`
-MAX_CONCURRENT = 1  # jobs running at once (GPU engines always run one)
+MAX_CONCURRENT = 1  # jobs at once (GPU engines: one); above 1 each runs in a job process
 
 # -- disk ------------------------------------------------------------------------------------
 
@@ -87,6 +87,10 @@ READER_THREADS = 1
 # jobs get the CPU first. On 2 cores with a client listing non-stop, ping p99 ~4 ms at 0 and
 # ~1.5 ms at 10 (docs/PERFORMANCE.md); the listing is slower only when the CPU is contended.
 READER_NICE = 10
+# A job process's niceness (POSIX; below normal priority on Windows), for a backend running
+# several CPU jobs at once: the control loop, its clients (Blender) and the reader get the CPU
+# first, the jobs all that is left (all of it when nothing else wants it).
+JOB_PROCESS_NICE = 10
 READER_CHECK_INTERVAL = 0.05  # how often the loop looks whether it died or hangs
 READER_START_TIMEOUT = 30.0  # a reader that has not said it is up by then is replaced
 READER_YOUNG = 10.0  # a reader that ended sooner died young: the next starts after a pause

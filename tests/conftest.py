@@ -89,6 +89,11 @@ def make_server(tmp_path):
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("TRELLIS2_OUTPUT_DIR", str(tmp_path / "default-output"))
-    for name in ("SLOW_ENGINE_EXIT_AT", "SLOW_ENGINE_HANG_AT"):
+    for name in (
+        "SLOW_ENGINE_EXIT_AT",
+        "SLOW_ENGINE_HANG_AT",
+        "SLOW_ENGINE_LOAD_ERROR",
+        "SLOW_ENGINE_PRINT",
+    ):
         monkeypatch.delenv(name, raising=False)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

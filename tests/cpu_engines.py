@@ -65,6 +65,8 @@ class SlowEngine(Engine):
 
     def load(self, progress=None) -> None:
         time.sleep(self.load_seconds)
+        if os.environ.get("SLOW_ENGINE_LOAD_ERROR"):
+            raise RuntimeError(os.environ["SLOW_ENGINE_LOAD_ERROR"])
 
     def run_stage(
         self, stage: str, state: dict[str, Any], params: GenerationParams, ctx: StageContext
@@ -74,6 +76,8 @@ class SlowEngine(Engine):
             os._exit(int(os.environ.get("SLOW_ENGINE_EXIT_CODE", "9")))
         if os.environ.get("SLOW_ENGINE_HANG_AT") == stage:
             time.sleep(3600)
+        if os.environ.get("SLOW_ENGINE_PRINT"):  # a chatty library writing to stdout
+            print(os.environ["SLOW_ENGINE_PRINT"], flush=True)
         for step in range(1, self.steps + 1):
             time.sleep(self.step_seconds)
             ctx.progress(step, self.steps)

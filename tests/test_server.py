@@ -290,6 +290,40 @@ def _left_running(output_dir, image_png, recoveries: int) -> str:
     return job_id
 
 
+def test_a_job_run_again_at_recovery_is_announced_as_queued_again(tmp_path, image_png):
+    """A job the last backend left running is announced with `job_queued` as when it was
+    first queued, plus why it is queued again (a standby's subscribers see it at `activate`);
+    a queued one is not announced again."""
+    from backend.server.loop import ServerConfig
+    from backend.server.workers import Backend
+    from backend.store.jobs import JobStore
+
+    output_dir = tmp_path / "left"
+    again = _left_running(output_dir, image_png, 0)
+    waiting = JobStore(output_dir).create("generate", SLOW, {}, image=image_png).id
+    events: list[tuple[str, dict]] = []
+    config = ServerConfig(
+        connection_file=tmp_path / "c.json", output_dir=output_dir, engine=SLOW, standby=True
+    )
+    backend = Backend(
+        config, lambda kind, content, parent=None: events.append((kind, content)), "s"
+    )
+    try:
+        backend.activate()
+    finally:
+        backend.store.release()
+    assert backend.queue_snapshot() == [again, waiting]
+    assert [c for kind, c in events if kind == "job_queued"] == [
+        {
+            "job_id": again,
+            "kind": "generate",
+            "position": 1,
+            "filename": "",  # the store's record had none
+            "reason": "found running at start-up",
+        }
+    ]
+
+
 def test_the_supervisors_note_names_the_death_in_the_job_log_and_error(
     make_server, tmp_path, image_png, monkeypatch
 ):

@@ -136,7 +136,6 @@ class Runner:
         self.profile = profile
         self.config = config or RunnerConfig()
         self.clock = clock
-        self.current: dict[str, Any] | None = None  # what `status` shows about the running job
         # High-resolution tokens per structure voxel, per cascade tier, as seen on this card's
         # jobs: the memory prediction's estimate before the shape stage counts them.
         self.tokens_per_voxel: dict[int, float] = {}
@@ -187,7 +186,6 @@ class Runner:
                 ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
             ).to_dict()
         finally:
-            self.current = None
             if self.engine.uses_gpu:
                 gpu.cleanup(self.engine)  # includes a full collection
             self._discard_tmp(job.id)
@@ -359,7 +357,6 @@ class Runner:
                     "level": level,
                     "message": message,
                 }
-                self.current = progress
                 emit("job_progress", progress)
 
             def sized(facts: dict[str, Any], _i: int = index) -> None:

@@ -99,7 +99,7 @@ def on_status(b: Backend, message) -> dict:
         queue_depth=b.config.queue_depth,
         max_concurrent=b.max_concurrent,
         running=list(b.running),
-        current=b.runner.current,
+        current=b.current_progress(),
         vram=b.vram,  # refreshed by the GPU prober and after each job, never here
         gpu_health=b.health,
         output_dir=str(b.config.output_dir),
@@ -107,6 +107,7 @@ def on_status(b: Backend, message) -> dict:
         rejected=rejected,
         memory=heap.figures(),
         reader=b.reader_figures(),  # the reader process: its pid (None: none up), counters
+        job_hosts=b.host_figures(),  # the job processes (None: jobs run on threads)
     )
 
 

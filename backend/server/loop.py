@@ -196,6 +196,7 @@ class Server:
         self._publish("backend_state", {"state": "stopped", "reason": self.backend.state_reason})
         if self.reader is not None:
             self.reader.close()  # it also exits by itself when this process is gone
+        self.backend.close()  # the job processes, likewise
         time.sleep(0.05)  # let the last events leave
         for sock in (self.shell, self.iopub, self.events_in):
             if sock is not None:

@@ -46,7 +46,7 @@ import zmq
 
 from .. import settings
 from ..errors import BackendError, ErrorCode
-from ..procutil import pid_alive
+from ..procutil import BELOW_NORMAL, lower_own_priority, pid_alive
 from ..store.jobs import JobStore
 from ..store.listing import job_reply, list_jobs, stats_reply, summary
 from ..store.stats import StatsTally
@@ -158,7 +158,7 @@ class ReaderProcess:
                 env=commands.backend_environment(),
                 cwd=str(settings.EXTENSION_ROOT),
                 # Below the loop's priority (POSIX: the reader lowers its own, READER_NICE).
-                creationflags=getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0),
+                creationflags=BELOW_NORMAL,
             )
         except (OSError, zmq.ZMQError) as exc:
             sock.close(linger=0)
@@ -372,11 +372,7 @@ def run(output_dir: Path, state_dir: Path, parent_pid: int | None) -> int:
         log.error("reader: no key on stdin")
         return 2
     _exit_with_stdin()
-    if hasattr(os, "nice"):  # Windows: the server starts it below normal priority
-        try:
-            os.nice(settings.READER_NICE)
-        except OSError:
-            pass
+    lower_own_priority(settings.READER_NICE)
     answerer = Answerer(output_dir, state_dir)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)

@@ -23,6 +23,7 @@ from ..pipeline.runner import Runner, RunnerConfig
 from ..store.jobs import JobRecord, JobState, JobStore, after_backend_died
 from ..store.ownerlock import BACKEND_LOCK, OWNER_LOCK, OutputLock
 from ..store.stats import StatsLog
+from .jobhost import HostGone, HostSettings, JobHost
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ class BackendState(str, Enum):
     POISONED = "poisoned"
     STOPPING = "stopping"
     FAILED = "failed"  # the engine could not load; requests still answered
+
+
+def _not_loaded(gone: HostGone) -> BackendError:
+    return BackendError(ErrorCode.ENGINE_UNAVAILABLE, f"the engine did not load: {gone.why}")
 
 
 class ThreadLane:
@@ -118,6 +123,22 @@ class Backend:
             log.warning("GPU engines are not thread-safe; running one job at a time")
             n = 1
         self.max_concurrent = n
+        # Several jobs at once run in job processes of their own (jobhost.py), so that they
+        # never queue with the control loop for this interpreter's GIL; one runs on a thread.
+        self.hosts: list[JobHost] = []
+        if n > 1:
+            host_settings = HostSettings(
+                output_dir=config.output_dir,
+                state_dir=config.state_dir,
+                engine=config.engine,
+                engine_options=dict(config.engine_options),
+                min_free_disk=config.min_free_disk,
+                settle_heap=True,
+            )
+            self.hosts = [JobHost(slot, host_settings) for slot in range(n)]
+        # What `status.current` shows: the latest progress of each running job, from its
+        # events (the runner's on a thread, a job process's relayed).
+        self.progress: dict[str, dict[str, Any]] = {}
         self._threads: list[threading.Thread] = []
         # `status.reader`: the server's reader process (loop.py sets it; None without one).
         self.reader_figures: Callable[[], dict[str, Any] | None] = lambda: None
@@ -132,6 +153,20 @@ class Backend:
         from ..pipeline.memprofile import MemoryProfile
 
         return MemoryProfile(self.config.state_dir / "memory_profile.json", gpu_key=key)
+
+    def current_progress(self) -> dict[str, Any] | None:
+        """The latest `job_progress` of a running job (None when none has reported)."""
+        latest = None
+        for job_id in list(self.running):
+            progress = self.progress.get(job_id)
+            if progress is not None and (latest is None or progress["_at"] > latest["_at"]):
+                latest = progress
+        return {k: v for k, v in latest.items() if k != "_at"} if latest else None
+
+    def host_figures(self) -> list[dict[str, Any]] | None:
+        """`status.job_hosts`: each job process's slot, pid, job and restarts (None: jobs
+        run on threads of this process)."""
+        return [host.figures() for host in self.hosts] if self.hosts else None
 
     def current_state(self) -> BackendState:
         if self.state is BackendState.READY and self.running:
@@ -179,8 +214,8 @@ class Backend:
         if not self.config.standby:
             self.activate()
         self._spawn(self._load_engine, "engine-loader")
-        for i in range(self.max_concurrent):
-            self._spawn(self._worker, f"worker-{i}")
+        for slot in range(self.max_concurrent):
+            self._spawn(lambda slot=slot: self._worker(slot), f"worker-{slot}")
         if self.engine.uses_gpu:
             self._spawn(self._watch_gpu, "gpu-health")
 
@@ -254,6 +289,8 @@ class Backend:
     def _job_emit(self, msg_type: str, content: dict[str, Any], parent=None) -> None:
         """The runner's events; a job it puts back in the queue (the backend is stopping) is
         announced with the same fields as when it was first queued."""
+        if msg_type == "job_progress":
+            self.progress[content["job_id"]] = {**content, "_at": time.monotonic()}
         if msg_type == "job_queued" and "kind" not in content:
             try:
                 record = self.store.get(content["job_id"])
@@ -272,11 +309,14 @@ class Backend:
             self.emit("backend_state", {"state": "loading", "fraction": fraction, "reason": text})
 
         try:
-            if self.config.vram_cap_bytes:
-                import torch  # noqa: F401  (the allocator was configured before this import)
+            if self.hosts:
+                self._start_hosts(progress)
+            else:
+                if self.config.vram_cap_bytes:
+                    import torch  # noqa: F401  (the allocator was configured before this import)
 
-                gpu.set_memory_cap(self.config.vram_cap_bytes)
-            self.engine.load(progress)
+                    gpu.set_memory_cap(self.config.vram_cap_bytes)
+                self.engine.load(progress)
         except Exception as exc:
             error = (
                 exc
@@ -297,6 +337,47 @@ class Backend:
         self.set_state(BackendState.READY, f"ready in {seconds:.2f} s")
         self.ready.set()
 
+    def _start_hosts(self, progress: Callable[..., None]) -> None:
+        """Start every job process, then wait for each to load its engine (the first one's
+        progress is shown). Raises the engine's typed error; none is left running then."""
+        try:
+            for host in self.hosts:
+                host.launch()
+            for host in self.hosts:
+                host.wait_ready(progress if host.slot == 0 else None)
+        except (BackendError, HostGone) as exc:
+            for host in self.hosts:
+                host.close()
+            if isinstance(exc, HostGone):
+                raise _not_loaded(exc) from None
+            raise
+
+    def _restart_host(self, host: JobHost) -> bool:
+        """A job process went: start another in its slot. When the engine no longer loads the
+        backend fails as at start-up (queued jobs end with its error)."""
+        if self.stopping.is_set():
+            return False
+        try:
+            host.start()
+        except (BackendError, HostGone) as exc:
+            if self.stopping.is_set():
+                return False  # stopped while it loaded
+            error = exc if isinstance(exc, BackendError) else _not_loaded(exc)
+            self.engine_error = error.to_dict()
+            log.error("job process of slot %s could not be replaced: %s", host.slot, error.message)
+            for other in self.hosts:
+                other.close()
+            self.set_state(BackendState.FAILED, error.message)
+            self._fail_queue(error)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop the job processes (the server's last step; each also exits when this process
+        is gone)."""
+        for host in self.hosts:
+            host.shut()
+
     def _fail_queue(self, error: BackendError) -> None:
         with self.queue_cv:
             pending = list(self.queue)
@@ -309,10 +390,13 @@ class Backend:
                 continue
             self.emit("job_failed", {"job_id": job_id, **error.to_dict()})
 
-    def _worker(self) -> None:
+    def _worker(self, slot: int = 0) -> None:
+        host = self.hosts[slot] if self.hosts else None
         while not self.stopping.is_set():
             if not (self.ready.wait(timeout=0.2) and self.active.wait(timeout=0.2)):
                 continue
+            if host is not None and not host.alive() and not self._restart_host(host):
+                return  # it went between jobs and no other would load: the backend failed
             with self.queue_cv:
                 while not self.queue and not self.stopping.is_set():
                     self.queue_cv.wait(timeout=0.5)
@@ -322,21 +406,24 @@ class Backend:
                 image = self.decoded.pop(job_id, None)
                 cancel = threading.Event()
                 self.running[job_id] = cancel
-            result = None
+            poisoned = False
             try:
                 problem = self.store.problem
                 if problem is not None:  # the folder cannot record it: it ends typed, now
                     reason = f"not run: the output folder cannot be used ({problem.message})"
                     self.end_unrecorded(job_id, BackendError(problem.code, reason, problem.hint))
                     continue
-                record = self.store.get(job_id)
-                result = self.runner.run(
-                    record,
-                    emit=self._job_emit,
-                    cancelled=cancel.is_set,
-                    interrupted=self.stopping.is_set,
-                    image=image,
-                )
+                if host is not None:
+                    poisoned = self._run_on_host(host, job_id, cancel)
+                else:
+                    result = self.runner.run(
+                        self.store.get(job_id),
+                        emit=self._job_emit,
+                        cancelled=cancel.is_set,
+                        interrupted=self.stopping.is_set,
+                        image=image,
+                    )
+                    poisoned = result.poisoned
             except BackendError as exc:  # the store could not write the job's record
                 self.end_unrecorded(job_id, exc)
             except Exception as exc:
@@ -344,11 +431,40 @@ class Backend:
                 self.end_unrecorded(job_id, BackendError(ErrorCode.INTERNAL, repr(exc)))
             finally:
                 self.running.pop(job_id, None)
+                self.progress.pop(job_id, None)
                 self._refresh_vram()  # `status` right after a job shows what it left
-            if result is not None and result.poisoned:
+            if poisoned:
                 self.set_state(BackendState.POISONED, f"CUDA context broken during job {job_id}")
                 self.request_stop("gpu poisoned", exit_code=settings.EXIT_POISONED)
                 return
+
+    def _run_on_host(self, host: JobHost, job_id: str, cancel: threading.Event) -> bool:
+        """Run a job in this slot's job process (it reads its input from the job's folder);
+        True when the CUDA context broke. A job whose process died is the job of a dead
+        backend: it runs once more on a new process, then fails."""
+        try:
+            ended = host.run(job_id, self._job_emit, cancel, self.stopping)
+        except HostGone as gone:
+            log.warning("job %s: %s", job_id, gone.why)
+            self._lost_with_host(job_id, gone.why)  # the worker starts another before its next
+            return False
+        if ended.get("unrecorded"):
+            self.end_unrecorded(job_id, BackendError.from_dict(ended["unrecorded"]))
+        return bool(ended.get("poisoned"))
+
+    def _lost_with_host(self, job_id: str, why: str) -> None:
+        record = self.store.get(job_id)
+        if record.terminal:
+            return  # its outcome was written before its process went
+        if record.state is JobState.RUNNING and not self._after_death(record, why):
+            return
+        with self.queue_cv:  # first in line again (it never started, or runs once more)
+            self.queue.appendleft(job_id)
+            self.queue_cv.notify()
+        if record.state is JobState.RUNNING:
+            retry = {"job_id": job_id, "reason": "job_process_died", "message": why}
+            self.emit("job_retry", retry)
+            self.emit("job_queued", self.queued_event(record, 1, reason=why))
 
     def _watch_gpu(self, interval: float = settings.GPU_HEALTH_INTERVAL) -> None:
         """Probe the GPU off the control loop, so `status` reports a hung GPU without hanging."""
@@ -373,26 +489,36 @@ class Backend:
                     if note is not None:
                         self.store.append_log(record.id, note.job_note(tail))
                     hint = note.hint if note is not None else None
-                    event, fields = after_backend_died(record, why, hint)
-                    if event == "fail":
-                        fields["error"] = {**fields["error"], "log_tail": tail}
-                    self.store.transition(record.id, event, **fields)
-                    if event == "cancel":
-                        self.store.append_log(record.id, "cancelled (its backend stopped first)")
-                        self.emit("job_cancelled", {"job_id": record.id})
+                    if not self._after_death(record, why, hint, tail):
                         continue
-                    if event == "fail":
-                        self.store.append_log(record.id, "failed: backend died again")
-                        self._job_stats(record, BackendError.from_dict(fields["error"]))
-                        self.emit("job_failed", {"job_id": record.id, **fields["error"]})
-                        continue
-                    self.store.append_log(
-                        record.id, "backend died during this job; running it again"
-                    )
             except BackendError as exc:
                 self.end_unrecorded(record.id, exc)
                 continue
             self.queue.append(record.id)
+            if record.state is JobState.RUNNING:
+                self.emit("job_queued", self.queued_event(record, len(self.queue), reason=why))
+
+    def _after_death(
+        self, record: JobRecord, why: str, hint: str | None = None, tail: str | None = None
+    ) -> bool:
+        """A job left running by a process that died (the backend, or its job process): the
+        one rule (`after_backend_died`) applied, written, logged and announced. True when it
+        runs again (the caller queues it); its cancel or failure is announced here."""
+        event, fields = after_backend_died(record, why, hint)
+        if event == "fail" and tail is not None:
+            fields["error"] = {**fields["error"], "log_tail": tail}
+        self.store.transition(record.id, event, **fields)
+        if event == "cancel":
+            self.store.append_log(record.id, "cancelled (its backend stopped first)")
+            self.emit("job_cancelled", {"job_id": record.id})
+            return False
+        if event == "fail":
+            self.store.append_log(record.id, f"failed: backend died again ({why})")
+            self._job_stats(record, BackendError.from_dict(fields["error"]))
+            self.emit("job_failed", {"job_id": record.id, **fields["error"]})
+            return False
+        self.store.append_log(record.id, f"its process died ({why}); running it again")
+        return True
 
     def end_unrecorded(self, job_id: str, error: BackendError) -> None:
         """A job the store could not record (disk full, read-only or deleted folder) still

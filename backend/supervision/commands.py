@@ -1,6 +1,6 @@
-"""Every `python -m backend ...` command line this project starts (serve, doctor, the cancel
-of a supervisor with no backend), and the environment it runs in. The signing key never
-appears here: it travels in the connection file only."""
+"""Every `python -m backend ...` command line this project starts (serve, its reader and job
+processes, doctor, the cancel of a supervisor with no backend), and the environment it runs
+in. The signing key never appears here: it travels in the connection file only."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def reader_command(
     command = backend_args(
         python, "reader", "--output-dir", str(output_dir), "--state-dir", str(state_dir)
     )
+    if parent_pid is not None:
+        command += ["--parent-pid", str(parent_pid)]
+    return command
+
+
+def jobhost_command(python: str, *, slot: int, parent_pid: int | None = None) -> list[str]:
+    """`python -m backend jobhost ...`: one of a backend's job processes
+    (backend/server/jobhost.py), started by the backend itself. Its settings come on stdin."""
+    command = backend_args(python, "jobhost", "--slot", str(slot))
     if parent_pid is not None:
         command += ["--parent-pid", str(parent_pid)]
     return command
