@@ -21,6 +21,24 @@ def lower_own_priority(niceness: int) -> None:
             pass
 
 
+def stop_child(proc: subprocess.Popen, wait: float) -> bool:
+    """End a child that exits when its stdin closes (the reader, a job process): close it,
+    give it `wait` seconds, then kill it. False when it had still not exited after that."""
+    try:
+        proc.stdin.close()
+    except (OSError, AttributeError):
+        pass
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            return False
+    return True
+
+
 def pid_alive(pid: int) -> bool:
     """True while a process with this pid exists (a zombie counts as gone on POSIX)."""
     if pid <= 0:

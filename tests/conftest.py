@@ -30,6 +30,20 @@ def png_bytes(size=(128, 128), mode="RGBA", subject=True) -> bytes:
     return buf.getvalue()
 
 
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once the process has exited (False if it is still there after `timeout`)."""
+    import time
+
+    from backend.procutil import pid_alive
+
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @pytest.fixture
 def image_png() -> bytes:
     return png_bytes()

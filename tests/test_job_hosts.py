@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.procutil import pid_alive
 from backend.server.jobhost import HostSettings, _Orders
-from tests.conftest import png_bytes
+from tests.conftest import png_bytes, wait_gone
 from tests.test_server import collect_until
 
 SLOW = "tests.cpu_engines:SlowEngine"
@@ -61,15 +60,6 @@ def ended(s, job_ids, timeout: float = WAIT) -> list[dict]:
 
 def host_pids(s) -> list[int]:
     return [h["pid"] for h in s.client.status()["job_hosts"]]
-
-
-def gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_jobs_at_once_run_in_processes_of_their_own_with_the_same_outcomes(make_server):
@@ -160,7 +150,7 @@ def test_a_job_process_that_died_between_jobs_is_replaced_before_the_next(make_s
     ready(s)
     for pid in host_pids(s):
         os.kill(pid, signal.SIGKILL)
-        assert gone(pid)
+        assert wait_gone(pid)
     ids = [s.client.generate(png_bytes(), {"preset": "fast"}, f"n{i}.png") for i in range(3)]
     records = ended(s, ids)
     assert [r["state"] for r in records] == ["done"] * 3
@@ -189,7 +179,7 @@ def test_a_stop_requeues_the_running_jobs_and_leaves_no_job_process(make_server)
     s.client.shutdown(timeout=5)
     s.thread.join(timeout=30)
     assert s.exit_code == 0
-    assert all(gone(pid) for pid in pids)
+    assert all(wait_gone(pid) for pid in pids)
     from backend.store.jobs import JobStore
 
     store = JobStore(s.config.output_dir)

@@ -22,7 +22,7 @@ from backend.server import handlers
 from backend.store.jobs import JobStore
 from backend.store.stats import aggregate
 from backend.wire import protocol
-from tests.conftest import png_bytes
+from tests.conftest import png_bytes, wait_gone
 
 SLOW = "tests.cpu_engines:SlowEngine"
 FAST = {"steps": "1", "step_seconds": "0.001"}
@@ -61,15 +61,6 @@ def in_process(s, msg_type: str, content: dict | None = None) -> dict:
     message = protocol.Message({"msg_type": msg_type}, {}, dict(content or {}))
     reply, _ = s.server._answer(handlers.ROUTES[msg_type], message)
     return json.loads(protocol.encode(reply))
-
-
-def gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_listings_records_and_stats_come_from_the_reader_with_the_same_replies(
@@ -185,7 +176,7 @@ def test_a_hung_or_killed_reader_is_replaced_and_its_requests_are_answered(make_
         assert time.monotonic() < deadline
     assert hung.result() == expected
     assert 0.9 < time.monotonic() - began < 8
-    assert gone(first), "the hung reader was not killed"
+    assert wait_gone(first), "the hung reader was not killed"
     second = reader_up(s, other_than=first)
     assert second["restarts"] == 1 and second["in_process"] >= 1
 
@@ -231,7 +222,7 @@ def test_the_reader_ends_with_its_server(make_server, tmp_path):
     s = make_server()
     pid = reader_up(s)["pid"]
     s.stop()
-    assert gone(pid, 5)
+    assert wait_gone(pid, 5)
 
     # A server killed with SIGKILL: its reader sees its stdin close and exits.
     from backend.supervision import commands
@@ -262,7 +253,7 @@ def test_the_reader_ends_with_its_server(make_server, tmp_path):
         assert pid_alive(pid) and pid != server.pid
         server.send_signal(signal.SIGKILL)
         server.wait(10)
-        assert gone(pid, 10), "the reader outlived its server"
+        assert wait_gone(pid, 10), "the reader outlived its server"
     finally:
         if server.poll() is None:
             server.kill()

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 from .. import settings
 from ..errors import BackendError, ErrorCode
-from ..procutil import BELOW_NORMAL, lower_own_priority
+from ..procutil import BELOW_NORMAL, lower_own_priority, stop_child
 from ..supervision import commands
 
 log = logging.getLogger(__name__)
@@ -221,20 +221,8 @@ class JobHost:
         has not gone within `wait` seconds."""
         with self._proc_lock:
             proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            try:
-                proc.wait(1.0)
-            except subprocess.TimeoutExpired:
-                log.warning("job process %s did not exit", proc.pid)
+        if proc is not None and not stop_child(proc, wait):
+            log.warning("job process %s did not exit", proc.pid)
 
     def _send(self, line: bytes) -> None:
         proc = self.proc

@@ -46,7 +46,7 @@ import zmq
 
 from .. import settings
 from ..errors import BackendError, ErrorCode
-from ..procutil import BELOW_NORMAL, lower_own_priority, pid_alive
+from ..procutil import BELOW_NORMAL, lower_own_priority, pid_alive, stop_child
 from ..store.jobs import JobStore
 from ..store.listing import job_reply, list_jobs, stats_reply, summary
 from ..store.stats import StatsTally
@@ -274,18 +274,8 @@ class ReaderProcess:
                     pass
             sock.close(linger=0)
         if proc is not None:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                try:
-                    proc.wait(1.0)
-                except subprocess.TimeoutExpired:
-                    log.warning("the reader process %s did not exit", proc.pid)
+            if not stop_child(proc, wait):
+                log.warning("the reader process %s did not exit", proc.pid)
             lived = now - self._started_at
             self._schedule_restart(now, young=lived < settings.READER_YOUNG)
         return lost
