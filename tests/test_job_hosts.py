@@ -281,3 +281,51 @@ def test_the_preview_engine_generates_reexports_and_textures_in_job_processes(ma
     for record in (done, *records):
         assert record["backend_pid"] in pids
         assert validate_glb_file(record["result"]["glb_path"])["triangles"] > 0
+
+
+def test_a_killed_backend_leaves_no_job_process_and_the_next_runs_its_jobs(tmp_path):
+    from tests.reliability.support import BackendProcess
+
+    options = ("--engine-opt", "steps=200", "--engine-opt", "step_seconds=0.05")
+    first = BackendProcess(tmp_path / "a", SLOW, "--max-concurrent", "2", *options)
+    try:
+        ready(first)
+        ids = [first.client.generate(png_bytes(), {"preset": "fast"}) for _ in range(3)]
+        running(first, 2)
+        pids = host_pids(first)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        assert all(wait_gone(pid) for pid in pids), "a job process outlived its backend"
+    finally:
+        first.stop()
+    # Its jobs: two left running (they run once more), one queued, none lost.
+    second = BackendProcess(
+        tmp_path / "b", SLOW, "--max-concurrent", "2", output_dir=first.output_dir
+    )
+    try:
+        records = ended(second, ids)
+        assert [r["state"] for r in records] == ["done"] * 3
+        assert sorted(r["recoveries"] for r in records) == [0, 1, 1]
+    finally:
+        assert second.stop() == 0
+
+
+def test_sigterm_requeues_the_jobs_in_job_processes_and_exits_cleanly(tmp_path):
+    from backend.store.jobs import JobStore
+    from tests.reliability.support import BackendProcess
+
+    options = ("--engine-opt", "steps=200", "--engine-opt", "step_seconds=0.05")
+    backend = BackendProcess(tmp_path, SLOW, "--max-concurrent", "2", *options)
+    try:
+        ready(backend)
+        ids = [backend.client.generate(png_bytes(), {"preset": "fast"}) for _ in range(2)]
+        running(backend, 2)
+        pids = host_pids(backend)
+        backend.proc.send_signal(signal.SIGTERM)
+        assert backend.proc.wait(20) == 0
+        assert not backend.conn.exists()
+        assert all(wait_gone(pid) for pid in pids)
+        store = JobStore(backend.output_dir)
+        assert [store.get(j).state.value for j in ids] == ["queued", "queued"]
+    finally:
+        backend.stop()
