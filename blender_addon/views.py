@@ -45,7 +45,7 @@ REFUSED = "refused"  # its reply is an error, or none came (message, hint)
 CANCEL = "cancel"  # the user pressed Cancel
 PARKED = "parked"  # the backend that has it went (Stop, Restart, another backend) (label)
 NOT_SENT = "not_sent"  # the supervisor gave up before it was sent (message, hint)
-RETRIED = "retried"  # supervisor_job_retried: it runs again on a fresh backend
+RETRIED = "retried"  # supervisor_job_retried: its backend died; the next one settles it
 RECORD_QUEUED = "record_queued"  # a `job` check found it queued
 RECORD_RUNNING = "record_running"  # ... running
 RECORD_GONE = "record_gone"  # ... not_found (message)
@@ -168,9 +168,17 @@ def _progress(view: JobView, content: dict[str, Any]) -> None:
     view.level = int(content.get("level") or view.level or 0)
 
 
+# job_retry reasons that run the job again as it was, on a new process (no quality step)
+_RUN_AGAIN = frozenset({"gpu_poisoned", "job_process_died"})
+
+
 def _retry(view: JobView, content: dict[str, Any]) -> None:
+    reason = content.get("reason")
+    if reason in _RUN_AGAIN:
+        view.message = f"running again: {content.get('message') or reason}"
+        return
     view.level = int(content.get("level") or view.level or 0)
-    view.message = f"retrying at quality level {view.level} ({content.get('reason')})"
+    view.message = f"retrying at quality level {view.level} ({reason})"
 
 
 def _result(view: JobView, content: dict[str, Any]) -> None:
@@ -273,7 +281,7 @@ _ON_A_BACKEND: dict[str, Row] = {
     JOB_DONE_IMPORT: (DOWNLOADING, _download, (DOWNLOAD,)),
     JOB_FAILED: (FAILED, _failed, ()),
     JOB_CANCELLED: (CANCELLED, None, ()),
-    RETRIED: (WAITING, _label("Runs again on a fresh backend"), ()),
+    RETRIED: (WAITING, _label("Its backend died: waiting for the next one"), ()),
 }
 
 TRANSITIONS: dict[str, dict[str, Row]] = {

@@ -153,6 +153,9 @@ def test_what_the_rows_write(v):
         "Shape",
         0.25,
     )
+    died = {"reason": "job_process_died", "message": "its job process 7 was killed by SIGKILL"}
+    v.step(view, v.JOB_RETRY, died, now=NOW)
+    assert view.level == 0 and view.message == f"running again: {died['message']}"
     v.step(view, v.JOB_RETRY, {"level": 3, "reason": "out_of_memory"}, now=NOW)
     assert view.level == 3 and view.message.startswith("retrying at quality level 3")
     v.step(view, v.JOB_DONE, {"final_params": {"seed": 9}}, now=NOW, importing=False)
