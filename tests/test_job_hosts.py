@@ -73,7 +73,9 @@ def test_jobs_at_once_run_in_processes_of_their_own_with_the_same_outcomes(make_
 
     ids = [s.client.generate(png_bytes(), {"preset": "fast"}, f"n{i}.png") for i in range(4)]
     status = running(s, 2)
+    deadline = time.monotonic() + WAIT
     while status["current"] is None:  # until a job's first progress came from its host
+        assert time.monotonic() < deadline, status
         status = s.client.status()
     assert status["current"]["job_id"] in status["running"]
     on = {h["job_id"] for h in status["job_hosts"]}
