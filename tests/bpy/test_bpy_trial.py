@@ -233,7 +233,10 @@ def test_a_job_whose_backend_dies_twice_ends_failed_though_its_events_are_missed
     asking `job` once a new backend answers."""
     monkeypatch.setenv("SLOW_ENGINE_EXIT_AT", "shape")  # every backend dies in this stage
     monkeypatch.setenv("SLOW_ENGINE_EXIT_CODE", "75")
-    engine(SLOW, steps=2, step_seconds=0.05)
+    # Its first stage lasts longer than a heartbeat (<= 1 s): the supervisor sees each backend
+    # run the job even when that backend's job_started went out before it subscribed (with
+    # 0.1 s it missed the second run one time in five).
+    engine(SLOW, steps=3, step_seconds=0.5)
     scene.trellis2.filepath, scene.trellis2.auto_import = str(EXAMPLE), False
     ctrl.start(wait=True, timeout=60)
     apply, dropped, retried = ctrl.apply, [], []
