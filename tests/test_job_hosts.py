@@ -225,7 +225,6 @@ def test_host_settings_travel_as_one_line(tmp_path):
         engine="preview",
         engine_options={"steps": "3"},
         min_free_disk=123,
-        settle_heap=False,
     )
     line = settings.to_line()
     assert line.endswith(b"\n") and line.count(b"\n") == 1
@@ -285,16 +284,24 @@ def test_the_preview_engine_generates_reexports_and_textures_in_job_processes(ma
         assert validate_glb_file(record["result"]["glb_path"])["triangles"] > 0
 
 
-def test_a_killed_backend_leaves_no_job_process_and_the_next_runs_its_jobs(tmp_path):
+def busy_backend_process(tmp: Path, jobs: int):
+    """`python -m backend serve --max-concurrent 2` with `jobs` long jobs submitted, two of
+    them running: (the backend, the job ids, its job processes' pids)."""
     from tests.reliability.support import BackendProcess
 
     options = ("--engine-opt", "steps=200", "--engine-opt", "step_seconds=0.05")
-    first = BackendProcess(tmp_path / "a", SLOW, "--max-concurrent", "2", *options)
+    backend = BackendProcess(tmp, SLOW, "--max-concurrent", "2", *options)
+    ready(backend)
+    ids = [backend.client.generate(png_bytes(), {"preset": "fast"}) for _ in range(jobs)]
+    running(backend, 2)
+    return backend, ids, host_pids(backend)
+
+
+def test_a_killed_backend_leaves_no_job_process_and_the_next_runs_its_jobs(tmp_path):
+    from tests.reliability.support import BackendProcess
+
+    first, ids, pids = busy_backend_process(tmp_path / "a", 3)
     try:
-        ready(first)
-        ids = [first.client.generate(png_bytes(), {"preset": "fast"}) for _ in range(3)]
-        running(first, 2)
-        pids = host_pids(first)
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
         assert all(wait_gone(pid) for pid in pids), "a job process outlived its backend"
@@ -314,15 +321,9 @@ def test_a_killed_backend_leaves_no_job_process_and_the_next_runs_its_jobs(tmp_p
 
 def test_sigterm_requeues_the_jobs_in_job_processes_and_exits_cleanly(tmp_path):
     from backend.store.jobs import JobStore
-    from tests.reliability.support import BackendProcess
 
-    options = ("--engine-opt", "steps=200", "--engine-opt", "step_seconds=0.05")
-    backend = BackendProcess(tmp_path, SLOW, "--max-concurrent", "2", *options)
+    backend, ids, pids = busy_backend_process(tmp_path, 2)
     try:
-        ready(backend)
-        ids = [backend.client.generate(png_bytes(), {"preset": "fast"}) for _ in range(2)]
-        running(backend, 2)
-        pids = host_pids(backend)
         backend.proc.send_signal(signal.SIGTERM)
         assert backend.proc.wait(20) == 0
         assert not backend.conn.exists()

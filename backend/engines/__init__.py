@@ -55,3 +55,11 @@ def resolve(spec: str) -> type[Engine]:
 
 def create(spec: str, **options: Any) -> Engine:
     return resolve(spec)(**options)
+
+
+def load_error(exc: BaseException) -> BackendError:
+    """What an engine that did not load reports: its own typed error, else
+    `engine_unavailable` naming the exception (in the backend and in a job process alike)."""
+    if isinstance(exc, BackendError):
+        return exc
+    return BackendError(ErrorCode.ENGINE_UNAVAILABLE, f"{type(exc).__name__}: {exc}")

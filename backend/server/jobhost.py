@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 from .. import settings
 from ..errors import BackendError, ErrorCode
-from ..procutil import BELOW_NORMAL, lower_own_priority, stop_child
+from ..procutil import lower_own_priority, pid_alive, stop_child
 from ..supervision import commands
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ class HostSettings:
     engine: str
     engine_options: dict[str, str]
     min_free_disk: int
-    settle_heap: bool = True
 
     def to_line(self) -> bytes:
         data = {
@@ -64,7 +63,6 @@ class HostSettings:
             "engine": self.engine,
             "engine_options": dict(self.engine_options),
             "min_free_disk": int(self.min_free_disk),
-            "settle_heap": bool(self.settle_heap),
         }
         return _line(data)
 
@@ -77,7 +75,6 @@ class HostSettings:
             engine=str(data["engine"]),
             engine_options={str(k): str(v) for k, v in data["engine_options"].items()},
             min_free_disk=int(data["min_free_disk"]),
-            settle_heap=bool(data["settle_heap"]),
         )
 
 
@@ -140,14 +137,7 @@ class JobHost:
             if self._shut:
                 raise HostGone("the backend is stopping")
             try:
-                proc = subprocess.Popen(
-                    command,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    env=commands.backend_environment(),
-                    cwd=str(settings.EXTENSION_ROOT),
-                    creationflags=BELOW_NORMAL,  # POSIX: it lowers its own (JOB_PROCESS_NICE)
-                )
+                proc = commands.start_helper(command, stdout=subprocess.PIPE)
             except OSError as exc:
                 raise HostGone(f"the job process did not start: {exc}") from None
             self.proc = proc
@@ -349,6 +339,7 @@ class _Orders:
 def run(slot: int, parent_pid: int | None) -> int:
     """`python -m backend jobhost`: a job host's main (started by the backend, never by hand)."""
     from ..engines import create as create_engine
+    from ..engines import load_error
     from ..pipeline import heap
     from ..pipeline.runner import Runner, RunnerConfig
     from ..store.jobs import JobStore
@@ -370,12 +361,7 @@ def run(slot: int, parent_pid: int | None) -> int:
         engine = create_engine(host.engine, **host.engine_options)
         engine.load(lambda f, text="": channel.send({"t": "loading", "fraction": f, "text": text}))
     except Exception as exc:
-        error = (
-            exc
-            if isinstance(exc, BackendError)
-            else BackendError(ErrorCode.ENGINE_UNAVAILABLE, f"{type(exc).__name__}: {exc}")
-        )
-        channel.send({"t": "load_failed", "error": error.to_dict()})
+        channel.send({"t": "load_failed", "error": load_error(exc).to_dict()})
         return 1
     # The backend holds the folder's locks; this store is its hand and writes without them.
     store = JobStore(host.output_dir)
@@ -386,8 +372,7 @@ def run(slot: int, parent_pid: int | None) -> int:
         None,
         RunnerConfig(min_free_disk=host.min_free_disk),
     )
-    if host.settle_heap:
-        heap.settle()
+    heap.settle()  # a process of its own: what the engine built lives as long as it
     seconds = round(time.monotonic() - began, 4)
     log.info("job process %s (slot %s) ready in %.2f s", os.getpid(), slot, seconds)
     channel.send({"t": "ready", "pid": os.getpid(), "seconds": seconds})
@@ -414,11 +399,5 @@ def run(slot: int, parent_pid: int | None) -> int:
         finally:
             orders.forget(job_id)
         channel.send(ended)
-        if parent_pid and not _parent_alive(parent_pid):
+        if parent_pid and not pid_alive(parent_pid):  # stdin's end says so too; a backstop
             return 0
-
-
-def _parent_alive(pid: int) -> bool:
-    from ..procutil import pid_alive
-
-    return pid_alive(pid)

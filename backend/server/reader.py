@@ -46,7 +46,7 @@ import zmq
 
 from .. import settings
 from ..errors import BackendError, ErrorCode
-from ..procutil import BELOW_NORMAL, lower_own_priority, pid_alive, stop_child
+from ..procutil import lower_own_priority, pid_alive, stop_child
 from ..store.jobs import JobStore
 from ..store.listing import job_reply, list_jobs, stats_reply, summary
 from ..store.stats import StatsTally
@@ -151,15 +151,7 @@ class ReaderProcess:
                 state_dir=self.state_dir,
                 parent_pid=os.getpid(),
             )
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                env=commands.backend_environment(),
-                cwd=str(settings.EXTENSION_ROOT),
-                # Below the loop's priority (POSIX: the reader lowers its own, READER_NICE).
-                creationflags=BELOW_NORMAL,
-            )
+            proc = commands.start_helper(command, stdout=subprocess.DEVNULL)
         except (OSError, zmq.ZMQError) as exc:
             sock.close(linger=0)
             log.warning("the reader process did not start: %s", exc)

@@ -17,6 +17,7 @@ from typing import Any
 from .. import settings
 from ..backendlogs import Predecessor
 from ..engines import create as create_engine
+from ..engines import load_error
 from ..errors import BackendError, ErrorCode
 from ..pipeline import gpu, heap
 from ..pipeline.runner import Runner, RunnerConfig
@@ -38,10 +39,6 @@ class BackendState(str, Enum):
     POISONED = "poisoned"
     STOPPING = "stopping"
     FAILED = "failed"  # the engine could not load; requests still answered
-
-
-def _not_loaded(gone: HostGone) -> BackendError:
-    return BackendError(ErrorCode.ENGINE_UNAVAILABLE, f"the engine did not load: {gone.why}")
 
 
 class ThreadLane:
@@ -133,12 +130,11 @@ class Backend:
                 engine=config.engine,
                 engine_options=dict(config.engine_options),
                 min_free_disk=config.min_free_disk,
-                settle_heap=True,
             )
             self.hosts = [JobHost(slot, host_settings) for slot in range(n)]
         # What `status.current` shows: the latest progress of each running job, from its
         # events (the runner's on a thread, a job process's relayed).
-        self.progress: dict[str, dict[str, Any]] = {}
+        self.progress: dict[str, tuple[float, dict[str, Any]]] = {}  # job id -> (when, event)
         self._threads: list[threading.Thread] = []
         # `status.reader`: the server's reader process (loop.py sets it; None without one).
         self.reader_figures: Callable[[], dict[str, Any] | None] = lambda: None
@@ -156,12 +152,8 @@ class Backend:
 
     def current_progress(self) -> dict[str, Any] | None:
         """The latest `job_progress` of a running job (None when none has reported)."""
-        latest = None
-        for job_id in list(self.running):
-            progress = self.progress.get(job_id)
-            if progress is not None and (latest is None or progress["_at"] > latest["_at"]):
-                latest = progress
-        return {k: v for k, v in latest.items() if k != "_at"} if latest else None
+        reported = [self.progress[j] for j in list(self.running) if j in self.progress]
+        return max(reported, key=lambda at_event: at_event[0])[1] if reported else None
 
     def host_figures(self) -> list[dict[str, Any]] | None:
         """`status.job_hosts`: each job process's slot, pid, job and restarts (None: jobs
@@ -290,7 +282,7 @@ class Backend:
         """The runner's events; a job it puts back in the queue (the backend is stopping) is
         announced with the same fields as when it was first queued."""
         if msg_type == "job_progress":
-            self.progress[content["job_id"]] = {**content, "_at": time.monotonic()}
+            self.progress[content["job_id"]] = (time.monotonic(), content)
         if msg_type == "job_queued" and "kind" not in content:
             try:
                 record = self.store.get(content["job_id"])
@@ -318,15 +310,7 @@ class Backend:
                     gpu.set_memory_cap(self.config.vram_cap_bytes)
                 self.engine.load(progress)
         except Exception as exc:
-            error = (
-                exc
-                if isinstance(exc, BackendError)
-                else BackendError(ErrorCode.ENGINE_UNAVAILABLE, f"{type(exc).__name__}: {exc}")
-            )
-            self.engine_error = error.to_dict()
-            log.error("engine failed to load: %s", error.message)
-            self.set_state(BackendState.FAILED, error.message)
-            self._fail_queue(error)
+            self._engine_failed(exc)
             return
         seconds = time.monotonic() - began
         self.runner.profile = self._open_profile()
@@ -337,38 +321,37 @@ class Backend:
         self.set_state(BackendState.READY, f"ready in {seconds:.2f} s")
         self.ready.set()
 
+    def _engine_failed(self, exc: BaseException) -> None:
+        """The engine did not load (at start-up, or in a job process replacing one): the
+        backend fails typed, no job process is left, and the queued jobs end with the error."""
+        error = load_error(exc)
+        if isinstance(exc, HostGone):  # its job process died before it could say why
+            error = BackendError(error.code, f"the engine did not load: {exc.why}")
+        self.engine_error = error.to_dict()
+        log.error("engine failed to load: %s", error.message)
+        for host in self.hosts:
+            host.close()
+        self.set_state(BackendState.FAILED, error.message)
+        self._fail_queue(error)
+
     def _start_hosts(self, progress: Callable[..., None]) -> None:
         """Start every job process, then wait for each to load its engine (the first one's
-        progress is shown). Raises the engine's typed error; none is left running then."""
-        try:
-            for host in self.hosts:
-                host.launch()
-            for host in self.hosts:
-                host.wait_ready(progress if host.slot == 0 else None)
-        except (BackendError, HostGone) as exc:
-            for host in self.hosts:
-                host.close()
-            if isinstance(exc, HostGone):
-                raise _not_loaded(exc) from None
-            raise
+        progress is shown)."""
+        for host in self.hosts:
+            host.launch()
+        for host in self.hosts:
+            host.wait_ready(progress if host.slot == 0 else None)
 
     def _restart_host(self, host: JobHost) -> bool:
         """A job process went: start another in its slot. When the engine no longer loads the
-        backend fails as at start-up (queued jobs end with its error)."""
+        backend fails as at start-up."""
         if self.stopping.is_set():
             return False
         try:
             host.start()
         except (BackendError, HostGone) as exc:
-            if self.stopping.is_set():
-                return False  # stopped while it loaded
-            error = exc if isinstance(exc, BackendError) else _not_loaded(exc)
-            self.engine_error = error.to_dict()
-            log.error("job process of slot %s could not be replaced: %s", host.slot, error.message)
-            for other in self.hosts:
-                other.close()
-            self.set_state(BackendState.FAILED, error.message)
-            self._fail_queue(error)
+            if not self.stopping.is_set():  # not merely stopped while it loaded
+                self._engine_failed(exc)
             return False
         return True
 

@@ -5,10 +5,12 @@ in. The signing key never appears here: it travels in the connection file only."
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .. import settings
+from ..procutil import BELOW_NORMAL
 
 
 def backend_args(python: str, *args: str) -> list[str]:
@@ -78,6 +80,20 @@ def jobhost_command(python: str, *, slot: int, parent_pid: int | None = None) ->
     if parent_pid is not None:
         command += ["--parent-pid", str(parent_pid)]
     return command
+
+
+def start_helper(command: list[str], *, stdout: int) -> subprocess.Popen:
+    """Start one of a backend's own processes (the reader, a job process): its stdin a pipe
+    (its orders; it exits at the pipe's end), this extension's environment, below normal
+    priority on Windows (on POSIX it lowers its own niceness). Raises OSError."""
+    return subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        env=backend_environment(),
+        cwd=str(settings.EXTENSION_ROOT),
+        creationflags=BELOW_NORMAL,
+    )
 
 
 def doctor_command(
