@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from backend import settings
 from backend.server.jobhost import HostSettings, _Orders
 from tests.conftest import png_bytes, wait_gone
 from tests.test_server import collect_until
@@ -70,6 +71,10 @@ def test_jobs_at_once_run_in_processes_of_their_own_with_the_same_outcomes(make_
     assert status["max_concurrent"] == 2
     pids = host_pids(s)
     assert len(set(pids)) == 2 and os.getpid() not in pids
+    # Below the backend's priority: the loop and its clients get the CPU first.
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for pid in pids:
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, mine + settings.JOB_PROCESS_NICE)
 
     ids = [s.client.generate(png_bytes(), {"preset": "fast"}, f"n{i}.png") for i in range(4)]
     status = running(s, 2)
