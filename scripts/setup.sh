@@ -28,9 +28,9 @@ pick_python() {
 if [ ! -x .venv/bin/python ]; then
   "$(pick_python)" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check --upgrade pip
 # torch is pinned: the fake TRELLIS.2 tests need it, and an unpinned torch pulls a multi-GB CUDA build.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,server]" "torch==2.13.0"
+.venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check -e ".[test,server]" "torch==2.13.0"
 
 if command -v npm >/dev/null 2>&1; then
   if [ ! -d node_modules/gltf-validator ]; then

@@ -19,15 +19,12 @@ make_venv() {
     exit 1
   fi
   "$python" -m venv "$dir"
-  "$dir/bin/python" -m pip install -q --upgrade pip
-  "$dir/bin/python" -m pip install -q "bpy==$bpy_version" pytest pytest-timeout pyzmq Pillow trimesh numpy
+  "$dir/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+  "$dir/bin/python" -m pip install -q --no-cache-dir "bpy==$bpy_version" pytest pytest-timeout pyzmq Pillow trimesh numpy
   echo "$dir: $("$dir/bin/python" -c 'import sys; print(sys.version.split()[0])') with bpy $bpy_version"
 }
 
-# Two pip installs in parallel: each is mostly a 350-430 MB download + unpack.
-make_venv .venv-bpy42 "$PYENV_ROOT/versions/3.11.7/bin/python3" 4.2.23 &
-pid42=$!
-make_venv .venv-bpy53 "$PYENV_ROOT/versions/3.13.0/bin/python3" 5.3.0 &
-pid53=$!
-wait "$pid42"
-wait "$pid53"
+# One after the other, without pip's cache: each venv is about 1.1 GB unpacked, and a CI machine's
+# disk can be nearly full (one run ran out installing both at once).
+make_venv .venv-bpy42 "$PYENV_ROOT/versions/3.11.7/bin/python3" 4.2.23
+make_venv .venv-bpy53 "$PYENV_ROOT/versions/3.13.0/bin/python3" 5.3.0
