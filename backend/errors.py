@@ -64,7 +64,10 @@ _DEFAULTS: dict[ErrorCode, tuple[str, bool]] = {
         False,
     ),
     ErrorCode.TOO_LARGE: ("The message is larger than the backend accepts.", False),
-    ErrorCode.BAD_PARAMS: ("Check the generation settings.", False),
+    ErrorCode.BAD_PARAMS: (
+        "The message names the value that is not accepted; change it and send again.",
+        False,
+    ),
     ErrorCode.BUSY: ("The job queue is full; wait for a job to finish and try again.", True),
     ErrorCode.NOT_FOUND: ("No such job; it may have been deleted from the output folder.", False),
     ErrorCode.CANCELLED: ("The job was cancelled.", False),

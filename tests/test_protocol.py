@@ -259,3 +259,55 @@ def test_replay_guard_forgets_ids_only_once_their_date_is_stale():
     assert "old" not in guard._seen and "new" in guard._seen
     with pytest.raises(ProtocolError):
         guard.check("old", sent_at=0.0, now=11.0)  # forgotten, but now refused as stale
+
+
+def test_a_stale_date_says_how_far_off_the_clock_is():
+    clock = FakeClock()
+    sender, receiver = pair(clock)
+    frames = sender.serialize(sender.msg("status"))
+    clock.t += 400
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(frames)
+    assert err.value.code is ErrorCode.REPLAYED
+    assert "-400 s" in err.value.message
+    assert "clock" in err.value.hint  # not "this message id was already seen"
+
+
+@pytest.mark.parametrize(
+    "date",
+    [
+        "2027-01-15T08:00:00",  # no offset: read in the receiver's time zone
+        "2027-01-15",  # a date alone
+        "2027-W03",  # a week date
+        "yesterday",
+    ],
+)
+def test_a_date_that_is_not_a_time_with_an_offset_is_a_bad_message(date):
+    clock = FakeClock(1_800_000_000.0)  # 2027-01-15T08:00:00Z
+    sender, receiver = pair(clock)
+    message = sender.msg("status")
+    message.header["date"] = date
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(sender.serialize(message))
+    assert err.value.code is ErrorCode.BAD_MESSAGE
+
+
+@pytest.mark.parametrize("date", ["2027-01-15T08:00:00Z", "2027-01-15T10:00:00+02:00"])
+def test_a_time_with_any_utc_offset_is_accepted(date):
+    sender, receiver = pair(FakeClock(1_800_000_000.0))
+    message = sender.msg("status")
+    message.header["date"] = date
+    assert receiver.deserialize(sender.serialize(message)).header["date"] == date
+
+
+def test_a_refusal_for_a_too_long_msg_id_still_names_it():
+    """A client matches a refusal by `parent_header.msg_id`: the one field that made the
+    request unacceptable must come back too."""
+    sender, receiver = pair()
+    message = sender.msg("ping")
+    message.header["msg_id"] = "b" * 201
+    frames = sender.serialize(message)
+    with pytest.raises(ProtocolError) as err:
+        receiver.deserialize(frames)
+    assert err.value.code is ErrorCode.BAD_MESSAGE
+    assert protocol.readable_header(frames)["msg_id"] == "b" * 201

@@ -124,12 +124,15 @@ def test_an_error_reply_carries_the_refused_requests_header(make_server):
     sock = _dealer(s)
     honest = protocol.Session(s.info.key)
     forger = protocol.Session(protocol.new_key())
+    long_id = honest.msg("ping")
+    long_id.header["msg_id"] = "b" * 201  # refused for its length, still matched by it
     try:
         cases = [
             (forger, forger.msg("ping"), "bad_signature"),
             (honest, honest.msg("no_such_request"), "unknown_request"),
             (honest, honest.msg("jobs", {"limit": "ten"}), "bad_message"),
             (honest, honest.msg("cancel", {"id": "20260101-000000-abcdef"}), "bad_message"),
+            (honest, long_id, "bad_message"),
         ]
         for session, message, code in cases:
             sock.send_multipart(session.serialize(message))
@@ -163,6 +166,30 @@ def test_jobs_with_a_limit_returns_the_newest(make_server, image_png):
     reply = s.client.request("jobs", {"limit": 3})
     assert [j["job_id"] for j in reply["jobs"]] == made[::-1][:3]
     assert reply["total"] == 6 and reply["next"] == made[3]
+
+
+def test_paging_past_unreadable_job_folders_ends_with_next_null(make_server, image_png):
+    """`total` counts folders and a page may list fewer than `limit`, down to none: a client
+    that follows `next` until it is null sees every readable job once and stops."""
+    s = make_server(SLOW, engine_options={"steps": "1", "step_seconds": "0.001"})
+    job_id = s.client.generate(image_png)
+    s.client.wait_for_job(job_id, timeout=20)
+    out = s.config.output_dir
+    for broken in ("29990101-000000-aaaaa1", "29990101-000000-aaaaa2"):  # newest first
+        (out / "jobs" / broken).mkdir(parents=True)
+        (out / "jobs" / broken / "job.json").write_text("{not json")
+    listed, warned, before, pages = [], 0, None, 0
+    while pages < 10:
+        content = {"limit": 1} if before is None else {"limit": 1, "before": before}
+        reply = s.client.request("jobs", content)
+        listed += [j["job_id"] for j in reply["jobs"]]
+        warned += len(reply["warnings"])
+        pages += 1
+        before = reply["next"]
+        if before is None:
+            break
+    assert listed == [job_id] and warned == 2 and before is None
+    assert s.client.request("jobs", {})["total"] == 3
 
 
 def _events(client: Client, job_id: str, until: str, timeout: float = 20) -> list:

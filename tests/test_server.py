@@ -145,6 +145,13 @@ def test_disk_threshold_refuses_before_anything_is_queued(make_server, image_png
     assert s.client.jobs()["jobs"] == []
 
 
+def test_a_reexport_of_an_unknown_job_is_not_found_whatever_the_disk(make_server):
+    s = make_server("preview", min_free_disk=1 << 60)
+    with pytest.raises(BackendError) as err:
+        s.client.reexport("20270115-080000-0123abcd", {})
+    assert err.value.code is ErrorCode.NOT_FOUND
+
+
 def _raw_dealer(s):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -158,10 +158,11 @@ def on_reexport(b: Backend, message) -> dict:
     duplicate = _duplicate(b, message)
     if duplicate is not None:
         return duplicate
-    _admit(b)
+    # The parent first: an unknown job is `not_found` whatever the backend's state.
     parent = b.store.get(message.content["job_id"])
     if parent.state.value != "done" or parent.kind == "texture":
         raise BackendError(ErrorCode.BAD_PARAMS, f"job {parent.id} has no result to re-export")
+    _admit(b)
     params = reexport_params(parent.params, parent.final_params, message.content.get("params"))
     return _submit(
         b,

@@ -130,7 +130,12 @@ def _now_iso(clock: Callable[[], float]) -> str:
 
 
 def _parse_iso(text: str) -> float:
-    return datetime.fromisoformat(text).timestamp()
+    """A date and time with a UTC offset. A date alone, a week date or a naive time (which
+    Python would read in the receiver's time zone) is a ValueError."""
+    when = datetime.fromisoformat(text)
+    if "T" not in text or when.tzinfo is None:
+        raise ValueError(text)
+    return when.timestamp()
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,12 @@ class ReplayGuard:
 
     def check(self, msg_id: str, sent_at: float, now: float) -> None:
         if now - sent_at > self.max_age or sent_at - now > self.max_age:
-            raise ProtocolError(ErrorCode.REPLAYED, "message date outside the accepted window")
+            raise ProtocolError(
+                ErrorCode.REPLAYED,
+                f"message date {sent_at - now:+.0f} s from the receiver's clock "
+                f"(at most {self.max_age:.0f} s either way)",
+                "Check that the clocks of both computers are right, then send again.",
+            )
         if msg_id in self._seen:
             raise ProtocolError(ErrorCode.REPLAYED, f"message {msg_id} was already received")
         while self._seen and next(iter(self._seen.values())) < now:
@@ -297,7 +307,9 @@ class Session:
             try:
                 sent_at = _parse_iso(header["date"])
             except (TypeError, ValueError):
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "header date is not ISO 8601") from None
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE, "header date is not an ISO 8601 time with a UTC offset"
+                ) from None
             self.replay.check(header["msg_id"], sent_at, self.clock())
         return Message(header, parent, content, tuple(bytes(b) for b in body[3:]))
 
@@ -350,7 +362,9 @@ def check_request(message: Message, requests: dict[str, dict[str, Any]] = REQUES
 def readable_header(frames: Sequence[bytes]) -> dict[str, str]:
     """The header of a refused request, as far as it can be read (frames from the delimiter
     on), so an `error_reply` can name the request it answers: the standard string fields
-    only, whatever the signature says. {} when there is no readable header."""
+    only, whatever the signature says, and whatever their length (a field too long is a reason
+    to refuse, and the client still needs its msg_id to match the refusal; the frame limit
+    bounds them). {} when there is no readable header."""
     if len(frames) < 3 or frames[0] != DELIMITER:
         return {}
     try:
@@ -360,7 +374,7 @@ def readable_header(frames: Sequence[bytes]) -> dict[str, str]:
     return {
         name: header[name]
         for name in ("msg_id", "msg_type", "session", "date", "version")
-        if isinstance(header.get(name), str) and len(header[name]) <= MAX_HEADER_FIELD
+        if isinstance(header.get(name), str)
     }
 
 
