@@ -33,7 +33,7 @@ from .safefs import Folder
 
 LOG_PREFIX = "backend-"
 # backend-<YYYYmmdd-HHMMSS-micro>-<pid>.log (-active/-standby until it is named after its pid)
-LOG_NAME = re.compile(r"^backend-\d{8}-\d{6}-\d{6}-(?:\d{1,10}|active|standby)\.log$")
+LOG_NAME = re.compile(r"^backend-\d{8}-\d{6}-\d{6}-(?:\d{1,10}|active|standby)\.log\Z")
 TAIL_LINES = 40
 TAIL_BYTES = 16_384
 NOTE_CHARS = 4096  # a longer note is not one a supervisor wrote

@@ -64,8 +64,46 @@ def test_corrupt_job_folder_is_skipped_with_a_warning(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "field, value",
+    [
+        ("created", "yesterday"),
+        ("created", None),
+        ("created", float("nan")),
+        ("started", "noon"),
+        ("finished", float("inf")),
+        ("attempts", "x"),
+        ("recoveries", -1),
+        ("recoveries", True),
+        ("level", [1]),
+        ("backend_pid", 1.5),
+        ("parent", 7),
+        ("extra", []),
+        ("result", {"seconds": float("nan")}),  # no client could decode it
+    ],
+)
+def test_a_record_edited_to_wrong_types_is_a_corrupt_folder_not_a_crash(tmp_path, field, value):
+    """Sorting, paging and sending records trust their types: a record another program
+    edited is skipped with a warning, and the listing (which a starting backend reads to
+    recover its queue) still works."""
+    store = JobStore(tmp_path)
+    good = store.create("generate", "preview", {})
+    bad = store.create("generate", "preview", {})
+    path = store.folder(bad.id) / "job.json"
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))  # writes NaN and Infinity as Python does
+    records, warnings = JobStore(tmp_path).list()
+    assert [r.id for r in records] == [good.id]
+    assert len(warnings) == 1 and bad.id in warnings[0]
+    with pytest.raises(BackendError) as err:
+        store.get(bad.id)
+    assert err.value.code is ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
     "job_id",
     [
+        "20260101-000000-abcdef\n",  # `$` would match before a final newline
         "../../etc",
         "..",
         "/etc/passwd",

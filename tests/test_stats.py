@@ -21,6 +21,34 @@ def test_a_job_with_two_lines_counts_once_with_its_last_outcome(tmp_path):
     assert figures["failures_by_code"] == {"disk_full": 1}
 
 
+def test_lines_with_wrong_types_count_as_far_as_they_are_sound(tmp_path):
+    """Another program may append to the stats file: `stats` must still answer, with
+    figures a client can decode, and the tally must agree with a full read."""
+    import json
+
+    from backend.store.stats import StatsTally
+
+    path = tmp_path / "state" / "stats.jsonl"
+    log = StatsLog(path)
+    log.append("job", job_id="a", outcome="done", seconds=2.0, level=1, attempts=2)
+    with open(path, "ab") as f:
+        for line in (
+            {"kind": "job", "job_id": "b", "outcome": "done", "attempts": "x", "level": [1]},
+            {"kind": "job", "job_id": "c", "outcome": "failed", "attempts": True},
+            {"kind": "attempt", "outcome": "oom", "vram_peak": "lots"},
+            {"kind": "ready", "seconds": {"a": 1}},
+        ):
+            f.write(json.dumps(line).encode() + b"\n")
+        f.write(b'{"kind": "job", "job_id": "d", "outcome": "done", "seconds": NaN}\n')
+    figures = aggregate(log.read())
+    assert figures["jobs"] == 3  # the NaN line is a bad line, the others count
+    assert figures["seconds_mean"] == 2.0
+    assert figures["level_distribution"] == {"0": 1, "1": 1}
+    assert figures["vram_peak_max"] is None and figures["time_to_ready_mean"] is None
+    json.dumps(figures, allow_nan=False)  # sendable
+    assert StatsTally(path).aggregate() == figures
+
+
 def test_the_stats_file_is_private_and_never_written_through_a_link(tmp_path):
     state = tmp_path / "state"
     log = StatsLog(state / "stats.jsonl")

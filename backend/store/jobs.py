@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import secrets
 import stat
@@ -165,23 +166,55 @@ _FIELD_TYPES = {
     "engine": str,
     "params": dict,
     "filename": str,
-    "recoveries": int,
     "cancel_requested": bool,
+    "extra": dict,
 }
 _OPTIONAL_DICTS = ("final_params", "result", "error")
 
 
+_OPTIONAL_STRINGS = ("parent", "idempotency_key")
+_COUNTS = ("recoveries", "attempts")  # whole numbers from 0
+_OPTIONAL_INTS = ("level", "backend_pid")
+_OPTIONAL_TIMES = ("started", "finished")  # Unix seconds
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_time(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
 def _checked(record: JobRecord) -> JobRecord:
-    """A record read from disk, with the types the server relies on (else TypeError)."""
+    """A record read from disk, with every type the backend and its clients rely on (else
+    TypeError): a record another program edited is a corrupt folder, skipped and reported,
+    never a crash of whatever sorts, sums or sends it."""
     for name, kind in _FIELD_TYPES.items():
         if not isinstance(getattr(record, name), kind):
             raise TypeError(f"{name} is not a {kind.__name__}")
     for name in _OPTIONAL_DICTS:
         if getattr(record, name) is not None and not isinstance(getattr(record, name), dict):
             raise TypeError(f"{name} is not an object")
-    if record.idempotency_key is not None and not isinstance(record.idempotency_key, str):
-        raise TypeError("idempotency_key is not a str")
+    for name in _OPTIONAL_STRINGS:
+        if getattr(record, name) is not None and not isinstance(getattr(record, name), str):
+            raise TypeError(f"{name} is not a str")
+    for name in _COUNTS:
+        if not _is_int(getattr(record, name)) or getattr(record, name) < 0:
+            raise TypeError(f"{name} is not a whole number")
+    for name in _OPTIONAL_INTS:
+        if getattr(record, name) is not None and not _is_int(getattr(record, name)):
+            raise TypeError(f"{name} is not an integer")
+    if not _is_time(record.created):
+        raise TypeError("created is not a time")
+    for name in _OPTIONAL_TIMES:
+        if getattr(record, name) is not None and not _is_time(getattr(record, name)):
+            raise TypeError(f"{name} is not a time")
     return record
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: no client could decode them
 
 
 def _dumps(data: Any) -> bytes:
@@ -421,7 +454,7 @@ class JobStore:
                 raw = folder.read(RECORD, MAX_RECORD_BYTES + 1)
             if len(raw) > MAX_RECORD_BYTES:
                 raise ValueError(f"{RECORD} is larger than {MAX_RECORD_BYTES} bytes")
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
             if not isinstance(data, dict) or data.get("id") != job_id:
                 raise ValueError("not this job's record")  # a foreign id would escape the store
             return _checked(JobRecord.from_dict(data))
@@ -489,10 +522,13 @@ class JobStore:
                 return name
         return None
 
-    def read_input(self, job_id: str, stem: str = INPUT_STEM) -> tuple[str, bytes] | None:
-        """(file name, bytes) of the job's input (`input.*` or `mesh.*`), never through a link."""
+    def read_input(
+        self, job_id: str, stem: str = INPUT_STEM, limit: int | None = None
+    ) -> tuple[str, bytes] | None:
+        """(file name, bytes) of the job's input (`input.*` or `mesh.*`), never through a link,
+        at most `limit` bytes of it (a caller that checks a size limit asks for one more)."""
         name = self._input_name(job_id, stem)
-        data = self.read(job_id, name) if name else None
+        data = self.read(job_id, name, limit) if name else None
         return (name, data) if name and data is not None else None
 
     def read(self, job_id: str, name: str, limit: int | None = None) -> bytes | None:

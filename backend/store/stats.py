@@ -73,8 +73,8 @@ def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except ValueError:
+            value = json.loads(line, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             bad += 1
             continue
         if isinstance(value, dict) and isinstance(value.get("kind"), str):
@@ -82,6 +82,23 @@ def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
         else:
             bad += 1
     return records, bad
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN and Infinity: a line no client could be sent
+
+
+def _number(value: Any) -> float | int | None:
+    """A finite number from a line, else None: a line another program wrote counts as far
+    as it is sound, never breaks the figures."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
+def _whole(value: Any, default: int) -> int:
+    number = _number(value)
+    return int(number) if number is not None else default
 
 
 def _once_per_job(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,10 +141,10 @@ def _figures(
     attempt lines and the ready lines, each in file order."""
     finished = [j for j in jobs if j.get("outcome") in ("done", "failed")]
     done = [j for j in jobs if j.get("outcome") == "done"]
-    seconds = [float(j["seconds"]) for j in done if isinstance(j.get("seconds"), (int, float))]
-    retries = [max(0, int(j.get("attempts") or 1) - 1) for j in finished]
-    peaks = [a["vram_peak"] for a in attempts if isinstance(a.get("vram_peak"), (int, float))]
-    ready_s = [float(r["seconds"]) for r in ready if isinstance(r.get("seconds"), (int, float))]
+    seconds = [x for x in (_number(j.get("seconds")) for j in done) if x is not None]
+    retries = [max(0, _whole(j.get("attempts"), 1) - 1) for j in finished]
+    peaks = [x for x in (_number(a.get("vram_peak")) for a in attempts) if x is not None]
+    ready_s = [x for x in (_number(r.get("seconds")) for r in ready) if x is not None]
     outcomes = Counter(str(j.get("outcome")) for j in jobs)
     return {
         "jobs": len(jobs),
@@ -140,7 +157,7 @@ def _figures(
             Counter(str(j.get("error_code")) for j in jobs if j.get("outcome") == "failed")
         ),
         "level_distribution": {
-            str(k): v for k, v in sorted(Counter(int(j.get("level") or 0) for j in done).items())
+            str(k): v for k, v in sorted(Counter(_whole(j.get("level"), 0) for j in done).items())
         },
         "mean_retries": _mean([float(r) for r in retries]),
         "attempts": len(attempts),

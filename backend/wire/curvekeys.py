@@ -34,7 +34,7 @@ from ..errors import BackendError, ErrorCode
 from ..safefs import write_file
 
 CONNECTION_PREFIX = "trellis2-remote-1:"  # the version is part of the prefix
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 SERVER_CERT = "server"
 SIGNING_KEY = "signing.key"
 AUTHORIZED = "authorized"

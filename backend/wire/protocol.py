@@ -38,9 +38,9 @@ MAX_HEADER_FIELD = 200  # characters of msg_id, msg_type, session, date, version
 FETCH_DEFAULT = 1 << 20  # bytes per `fetch` chunk unless asked for less
 FETCH_MAX = 4 << 20  # the most one `fetch` reply carries
 # A job id, as every request, reply and event names it (the job store names folders so).
-JOB_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+JOB_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}\Z")
 # A file `fetch` may name: one plain name of the job's folder (no path, no hidden file).
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\Z")
 
 REQUESTS: dict[str, dict[str, Any]] = {
     # msg_type: {"fields": {name: (types, required)}, "buffers": (min, max)}
