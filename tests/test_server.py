@@ -416,3 +416,30 @@ def test_a_note_naming_a_log_elsewhere_is_kept_without_reading_it(
         text = JobStore(output_dir).log_excerpt(job_id)
         assert "a secret" not in text and "a key" not in text
         s.stop()
+
+
+def test_a_backend_whose_start_fails_leaves_no_connection_file(tmp_path, monkeypatch):
+    """A connection file names a live backend: one that fails after binding (say, on a job
+    store it cannot recover) removes it, and stops its reader, before it exits."""
+    from backend.server.loop import Server, ServerConfig
+    from backend.server.workers import Backend
+
+    config = ServerConfig(
+        connection_file=tmp_path / "runtime" / "backend.json",
+        engine=SLOW,
+        output_dir=tmp_path / "out",
+        min_free_disk=1 << 20,
+        settle_heap=False,
+    )
+    server = Server(config)
+    server.bind()
+    assert config.connection_file.exists()
+
+    def fail(self):
+        raise RuntimeError("the queue could not be recovered")
+
+    monkeypatch.setattr(Backend, "start", fail)
+    with pytest.raises(RuntimeError):
+        server.serve_forever()
+    assert not config.connection_file.exists()
+    assert server.reader is None or server.reader.proc is None  # stopped

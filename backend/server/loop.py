@@ -146,15 +146,15 @@ class Server:
         self.backend.start()
 
     def serve_forever(self) -> int:
-        self.start()
-        poller = zmq.Poller()
-        poller.register(self.shell, zmq.POLLIN)
-        poller.register(self.events_in, zmq.POLLIN)
-        if self.reader is not None:
-            self.reader.attach(poller)
-        next_beat = 0.0
         b = self.backend
         try:
+            self.start()  # inside: a start that fails removes the connection file too
+            poller = zmq.Poller()
+            poller.register(self.shell, zmq.POLLIN)
+            poller.register(self.events_in, zmq.POLLIN)
+            if self.reader is not None:
+                self.reader.attach(poller)
+            next_beat = 0.0
             while not (b.stopping.is_set() and not b.jobs_still_running()):
                 for sock, _ in poller.poll(timeout=100):
                     if sock is self.shell:
@@ -284,6 +284,8 @@ class Server:
                 log.warning("%s %s not sent: %s", what, rest[0][:40], exc)
 
     def _publish(self, msg_type: str, content: dict[str, Any], parent: dict | None = None) -> None:
+        if self.iopub is None:  # a start that failed before binding
+            return
         message = self.session.msg(msg_type, content, parent)
         frames = self.session.serialize(message)
         try:
