@@ -76,6 +76,36 @@ def test_too_many_triangles_is_refused_with_the_limit(monkeypatch):
     assert params.TEXTURE_MAX_FACES >= 100_000  # the real limit is not a toy one
 
 
+def _placed(glb: bytes, copies: int) -> bytes:
+    """The GLB with its one mesh placed `copies` times (a node each): the file hardly grows,
+    the triangles do."""
+    import json
+    import struct
+
+    length = struct.unpack_from("<I", glb, 12)[0]
+    doc = json.loads(glb[20 : 20 + length])
+    rest = glb[20 + length :]
+    doc["nodes"] = [{"mesh": 0, "translation": [i, 0, 0]} for i in range(copies)]
+    doc["scenes"] = [{"nodes": list(range(copies))}]
+    text = json.dumps(doc).encode()
+    text += b" " * (-len(text) % 4)
+    body = struct.pack("<II", len(text), 0x4E4F534A) + text + rest
+    return struct.pack("<III", 0x46546C67, 2, 12 + len(body)) + body
+
+
+def test_a_mesh_placed_many_times_is_counted_as_placed_before_it_is_copied(monkeypatch):
+    """A small file placing one mesh thousands of times would need gigabytes once each
+    placement is copied: it is refused by its placed count first."""
+    glb = _placed(meshes.write_glb(QUAD, TRIANGLES), 50)
+    assert len(meshes.read_mesh(glb, "glb").faces) == 100  # placements are real triangles
+    monkeypatch.setattr(meshes, "TEXTURE_MAX_FACES", 99)
+    copied = []
+    monkeypatch.setattr(trimesh.Scene, "dump", lambda self, *a, **k: copied.append(1) or [])
+    with pytest.raises(InputError) as info:
+        meshes.read_mesh(glb, "glb")
+    assert "100 triangles" in str(info.value) and not copied
+
+
 def test_texture_uploads_are_checked_the_same_for_the_backend_and_the_gateway():
     from backend.checks import meshes
     from backend.errors import ErrorCode, InputError

@@ -119,6 +119,16 @@ def _uv_of(mesh: Any) -> np.ndarray | None:
     return uv
 
 
+def _placed_faces(scene: Any) -> int:
+    """Triangles of a scene as placed: each mesh's count times the nodes that place it."""
+    total = 0
+    for name, nodes in scene.graph.geometry_nodes.items():
+        faces = getattr(scene.geometry.get(name), "faces", None)
+        if faces is not None:
+            total += len(faces) * len(nodes)
+    return total
+
+
 def read_mesh(data: bytes, fmt: str) -> Any:
     """The triangles of a GLB or PLY as one trimesh.Trimesh in the file's own frame, with its
     UVs (as `visual.uv`, v up) when every part has them. Bad input is BAD_MESH_INPUT."""
@@ -130,7 +140,14 @@ def read_mesh(data: bytes, fmt: str) -> Any:
         raise _bad(f"unsupported mesh format {fmt!r}; use one of {', '.join(FORMATS)}")
     try:
         loaded = trimesh.load(io.BytesIO(bytes(data)), file_type=fmt, process=False)
+        if isinstance(loaded, trimesh.Scene):
+            placed = _placed_faces(loaded)
+            if placed > TEXTURE_MAX_FACES:  # before copying each placement: a small file
+                # can place one mesh thousands of times
+                raise _bad(f"the mesh has {placed:,} triangles; at most {TEXTURE_MAX_FACES:,}")
         parts = loaded.dump() if isinstance(loaded, trimesh.Scene) else [loaded]
+    except InputError:
+        raise
     except Exception as exc:  # trimesh raises many types on bad files; all mean the same
         raise _bad(f"cannot read the {fmt} mesh: {exc}") from None
     parts = [p for p in parts if isinstance(p, trimesh.Trimesh) and len(p.faces)]
