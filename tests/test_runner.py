@@ -167,6 +167,31 @@ def test_disk_threshold_is_checked_before_the_job_starts(tmp_path):
     assert sum(h.engine.calls.values()) == 0
 
 
+def test_an_input_replaced_in_the_folder_is_read_no_further_than_the_limit(tmp_path):
+    """A queued job's input is re-read when it runs; a file swapped for a huge one ends the
+    job typed after reading just past the limit, not the whole file into memory."""
+    import tracemalloc
+
+    from backend.checks.images import ImageLimits
+
+    h = Harness(tmp_path, FaultEngine())
+    record = h.store.create(
+        "generate", h.engine.name, parse_params({}).to_dict(), image=png_bytes()
+    )
+    huge = h.store.folder(record.id) / "input.png"
+    with open(huge, "r+b") as f:
+        f.truncate(4 << 30)  # sparse: 4 GiB on paper, nothing on the disk
+    tracemalloc.start()
+    try:
+        result = h.runner.run(record, emit=lambda t, c: None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.error["code"] == "image_too_large"
+    assert peak < 3 * ImageLimits().max_bytes
+    assert sum(h.engine.calls.values()) == 0
+
+
 class GpuFault(FaultEngine):
     uses_gpu = True
 

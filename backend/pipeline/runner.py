@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..checks import glbcheck, images, meshcheck
+from ..checks import glbcheck, images, meshcheck, meshes
 from ..engines.base import Engine, Stage, StageContext
 from ..errors import BackendError, ErrorCode, JobCancelled, OutputError
 from ..params import GenerationParams, parse_params
@@ -503,18 +503,21 @@ class Runner:
         if job.kind == "reexport":
             state.update(self.engine.load_cache(self.store.folder(job.parent)))
             return state
+        # The folder's files are checked as a request's would be, and read no further than
+        # the limits (one byte more tells a file over them): anything may have replaced them.
         if image is None:
-            source = self.store.read_input(job.id)
+            limits = images.ImageLimits()
+            source = self.store.read_input(job.id, limit=limits.max_bytes + 1)
             if source is None:
                 raise BackendError(ErrorCode.NOT_FOUND, f"job {job.id} has no input image")
-            image = images.load_image(source[1])
+            image = images.load_image(source[1], limits)
         state["image"] = image
         if job.kind == "texture":
-            mesh = self.store.read_input(job.id, stem="mesh")
+            mesh = self.store.read_input(job.id, stem="mesh", limit=meshes.MAX_UPLOAD_BYTES + 1)
             if mesh is None:
                 raise BackendError(ErrorCode.BAD_MESH_INPUT, f"job {job.id} has no input mesh")
+            state["mesh_format"] = meshes.checked_upload(mesh[0].rsplit(".", 1)[-1], mesh[1])
             state["mesh_bytes"] = mesh[1]
-            state["mesh_format"] = mesh[0].rsplit(".", 1)[-1].lower()
         return state
 
     def _start_level(self, request: GenerationParams) -> tuple[int, str]:
