@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import zmq
 
 from backend import safefs, settings
 from backend.errors import BackendError, ErrorCode
@@ -258,3 +259,20 @@ def test_the_reader_ends_with_its_server(make_server, tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait(10)
+
+
+def test_the_readers_channel_is_a_socket_only_this_user_can_reach(make_server):
+    """A port on 127.0.0.1 lets any local user connect to the reader's one-peer channel
+    first and keep the reader out; a Unix socket in a 0700 folder does not. The folder goes
+    with the reader."""
+    import stat as stat_module
+
+    s = make_server()
+    reader_up(s)
+    url = s.server.reader.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    assert url.startswith("ipc://")
+    folder = os.path.dirname(url[len("ipc://") :])
+    st = os.stat(folder)
+    assert stat_module.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+    s.stop()
+    assert not os.path.exists(folder)

@@ -12,7 +12,10 @@ is (`Session.serialize_encoded`). The replies are `store.listing`'s, the same fu
 in-process handlers call, so they are the same replies. `stats` keeps a running tally of the
 stats log (`StatsTally`) instead of reading the whole file each time.
 
-The channel is a ZeroMQ PAIR socket on 127.0.0.1 (a fresh port and key per reader); every
+The channel is a ZeroMQ PAIR socket (a fresh endpoint and key per reader). On POSIX it is a
+Unix socket in a folder of its own that only this user may enter: a PAIR takes one peer, and
+on a loopback port another local user could connect first and keep the reader out (the
+requests were then all answered in-process); on Windows, a port on 127.0.0.1. Every
 message carries an HMAC-SHA256 under a key the reader reads from its stdin (never from a
 command line). The reader exits when its stdin closes (the server exited, however it died),
 when its parent process is gone, or when the server stops it.
@@ -32,9 +35,11 @@ import logging
 import os
 import queue
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -128,6 +133,7 @@ class ReaderProcess:
         self._next_check = 0.0
         self._restart_at = 0.0
         self._pause = 0.0  # before the next start, after readers that died young
+        self._folder: str | None = None  # the Unix socket's private folder
 
     def attach(self, poller: zmq.Poller) -> None:
         """The loop's poller: the reader's socket is polled with the others."""
@@ -143,8 +149,11 @@ class ReaderProcess:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
         sock.setsockopt(zmq.SNDHWM, self.max_inflight + 16)
+        folder = None
         try:
-            port = sock.bind_to_random_port("tcp://127.0.0.1")
+            url, folder = _private_endpoint()
+            sock.bind(url)
+            url = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the port chosen, on TCP
             command = commands.reader_command(
                 self.python,
                 output_dir=self.output_dir,
@@ -154,15 +163,17 @@ class ReaderProcess:
             proc = commands.start_helper(command, stdout=subprocess.DEVNULL)
         except (OSError, zmq.ZMQError) as exc:
             sock.close(linger=0)
+            _remove(folder)
             log.warning("the reader process did not start: %s", exc)
             self._schedule_restart(time.monotonic())
             return
         try:
-            proc.stdin.write(json.dumps({"key": key.hex(), "port": port}).encode() + b"\n")
+            proc.stdin.write(json.dumps({"key": key.hex(), "url": url}).encode() + b"\n")
             proc.stdin.flush()
         except OSError:
             pass  # it died at once: tick() sees it
         self._key, self.socket, self.proc, self.pid = key, sock, proc, None
+        self._folder = folder
         self._started_at = time.monotonic()
         if self._poller is not None:
             self._poller.register(sock, zmq.POLLIN)
@@ -265,6 +276,8 @@ class ReaderProcess:
                 except KeyError:
                     pass
             sock.close(linger=0)
+        _remove(self._folder)
+        self._folder = None
         if proc is not None:
             if not stop_child(proc, wait):
                 log.warning("the reader process %s did not exit", proc.pid)
@@ -283,6 +296,31 @@ class ReaderProcess:
         else:
             self._pause = 0.0
         self._restart_at = now + self._pause
+
+
+def _private_endpoint() -> tuple[str, str | None]:
+    """(the URL to bind, the folder to remove with it): a Unix socket in a new 0700 folder
+    (a short path, under the temp folder: such paths are limited to ~100 bytes), or a port on
+    127.0.0.1 where there are no Unix sockets."""
+    if os.name == "posix" and zmq.has("ipc"):
+        folder = tempfile.mkdtemp(prefix="trellis2-reader-")
+        return f"ipc://{folder}/channel", folder
+    return "tcp://127.0.0.1:*", None
+
+
+def _remove(folder: str | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _folder_of(url: str) -> str | None:
+    """The private folder of a channel `_private_endpoint` made (None for a port): the
+    reader removes it as it ends, so a server killed by SIGKILL leaves none behind."""
+    if not url.startswith("ipc://"):
+        return None
+    folder, name = os.path.split(url[len("ipc://") :])
+    made = os.path.basename(folder).startswith("trellis2-reader-") and name == "channel"
+    return folder if made else None
 
 
 def overlay(unrecorded: dict[str, dict], counts: dict[str, Any] | None) -> bytes:
@@ -344,23 +382,24 @@ class Answerer:
 
 def run(output_dir: Path, state_dir: Path, parent_pid: int | None) -> int:
     """`python -m backend reader`: the reader process's main. Its stdin's first line is
-    {"key", "port"}; it ends when stdin closes."""
+    {"key", "url"}; it ends when stdin closes."""
     if hasattr(signal, "SIGINT"):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the server's to handle
     try:
         hello = json.loads(sys.stdin.buffer.readline(4096))
-        key, port = bytes.fromhex(hello["key"]), int(hello["port"])
+        key, url = bytes.fromhex(hello["key"]), str(hello["url"])
     except (ValueError, KeyError, TypeError):
         log.error("reader: no key on stdin")
         return 2
-    _exit_with_stdin()
+    folder = _folder_of(url)
+    _exit_with_stdin(lambda code: (_remove(folder), os._exit(code)))
     lower_own_priority(settings.READER_NICE)
     answerer = Answerer(output_dir, state_dir)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-    sock.connect(f"tcp://127.0.0.1:{port}")
+    sock.connect(url)
     done = ctx.socket(zmq.PULL)  # answers signed by the threads, sent from here
     done.bind(_DONE_URL)
     work: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
@@ -378,6 +417,7 @@ def run(output_dir: Path, state_dir: Path, parent_pid: int | None) -> int:
         ready = dict(poller.poll(1000))
         if not ready:
             if parent_pid and not pid_alive(parent_pid):
+                _remove(folder)
                 return 0
             continue
         while sock in ready:

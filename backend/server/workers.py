@@ -508,7 +508,8 @@ class Backend:
         ends: failed with that typed error, kept in memory until the folder is writable."""
         if error.code is ErrorCode.NOT_FOUND:
             error = BackendError(
-                ErrorCode.OUTPUT_UNWRITABLE, f"the folder of job {job_id} is gone: {error.message}"
+                ErrorCode.OUTPUT_UNWRITABLE,
+                f"the folder of job {job_id} is gone or its record was damaged: {error.message}",
             )
         if not self.store.settle(job_id, error):
             return  # it had ended already
