@@ -459,3 +459,63 @@ def test_a_job_cancelled_before_its_process_went_is_cancelled_whatever_its_recor
         ("job_cancelled", started),
         ("job_retry", died),
     ]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_shutdown_with_a_hung_job_process_ends_after_its_grace(make_server):
+    grace = 1.0
+    s = make_server(
+        SLOW,
+        max_concurrent=2,
+        shutdown_grace=grace,
+        engine_options={"steps": "200", "step_seconds": "0.05"},
+    )
+    ready(s)
+    job_id = s.client.generate(png_bytes(), {"preset": "fast"}, "hung.png")
+    pid = host_of(s, job_id)["pid"]
+    pids = host_pids(s)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        s.client.shutdown(timeout=5)
+        s.thread.join(timeout=grace + 15)
+        assert not s.thread.is_alive() and s.exit_code == 0
+        assert time.monotonic() - began < grace + 10
+        assert reaped(pid), "the stopped job process was not killed and reaped"
+        assert all(wait_gone(p) for p in pids)
+        from backend.store.jobs import JobStore
+
+        record = JobStore(s.config.output_dir).get(job_id)
+        # It never reached a checkpoint to requeue itself: the next backend runs it once more.
+        assert (record.state.value, record.recoveries) == ("running", 0)
+    finally:
+        sigkill(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_sigterm_with_a_hung_job_process_exits_within_its_grace(tmp_path):
+    from backend.store.jobs import JobStore
+
+    backend, ids, pids = busy_backend_process(tmp_path, 2)
+    hung = None
+    try:
+        hung = backend.client.job(ids[0])["job"]["backend_pid"]
+        os.kill(hung, signal.SIGSTOP)
+        began = time.monotonic()
+        backend.proc.send_signal(signal.SIGTERM)
+        # Before the supervisor's SIGKILL (TERMINATE_WAIT): the hung job gets SIGNAL_GRACE.
+        assert backend.proc.wait(settings.TERMINATE_WAIT) == 0
+        took = time.monotonic() - began
+        assert settings.SIGNAL_GRACE - 0.5 < took < settings.TERMINATE_WAIT
+        assert not backend.conn.exists()
+        assert all(wait_gone(pid) for pid in pids), "a job process outlived its backend"
+        store = JobStore(backend.output_dir)
+        hung_job, other = (store.get(j) for j in ids)
+        # The other requeued itself at a checkpoint; the hung one never did, so it is left
+        # running for the next backend, which runs it once more as one whose backend died.
+        assert (other.state.value, other.recoveries) == ("queued", 0)
+        assert (hung_job.state.value, hung_job.recoveries) == ("running", 0)
+    finally:
+        if hung is not None:
+            sigkill(hung)
+        backend.stop()

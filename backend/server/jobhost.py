@@ -19,7 +19,9 @@ host outlives its backend or writes into a folder the next backend owns. A job w
 dies is the job of a dead backend (`store.jobs.after_backend_died`: once more, then failed);
 the backend starts another host. A host that has not ended a cancelled job
 `settings.JOB_PROCESS_CANCEL_GRACE` after the cancel (stopped, or stuck in native code) is
-stopped with it, and the job ends cancelled (its record says the user cancelled it)."""
+stopped with it, and the job ends cancelled (its record says the user cancelled it). A
+stopping backend stops its hosts last; a job one of them never requeued is left `running` for
+the next backend."""
 
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def _line(data: dict[str, Any]) -> bytes:
 
 class JobHost:
     """The backend's handle on one host: used by one worker thread (start, load, run, stop);
-    `figures` and `close` from any thread. `cancel_grace`: how long a cancelled job
+    `figures`, `shut` and `close` from any thread. `cancel_grace`: how long a cancelled job
     may take to end before its host is stopped (settings.JOB_PROCESS_CANCEL_GRACE)."""
 
     def __init__(
@@ -236,11 +238,22 @@ class JobHost:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def is_shut(self) -> bool:
+        """The backend stopped this host for good (`shut`): it is stopping."""
+        return self._shut
+
     def shut(self) -> None:
-        """The backend's last word: stop the host and start none after it."""
+        """The backend's last word: start no host after this one, and close its stdin (it
+        exits on that at once). `close` then waits for it and kills it if it hangs."""
         with self._proc_lock:
             self._shut = True
-        self.close()
+            proc = self.proc
+        if proc is not None:
+            try:
+                proc.stdin.close()
+            except (OSError, AttributeError):
+                pass
 
     def close(self, wait: float = 1.0) -> None:
         """Stop the host: its stdin closes (it exits on that at once), then it is killed if it

@@ -358,11 +358,15 @@ class Backend:
             return False
         return True
 
-    def close(self) -> None:
+    def close(self, wait: float = 1.0) -> None:
         """Stop the job processes (the server's last step; each also exits when this process
-        is gone)."""
+        is gone). All are told at once, then waited for `wait` seconds together, so hung
+        ones (killed then) cost the exit one wait, not one each."""
         for host in self.hosts:
             host.shut()
+        deadline = time.monotonic() + wait
+        for host in self.hosts:
+            host.close(max(0.0, deadline - time.monotonic()))
 
     def _fail_queue(self, error: BackendError) -> None:
         with self.queue_cv:
@@ -432,6 +436,9 @@ class Backend:
             ended = host.run(job_id, self._job_emit, cancel, self.stopping)
         except HostGone as gone:
             log.warning("job %s: %s", job_id, gone.why)
+            if host.is_shut:  # the stopping backend stopped it: its folder's locks are going
+                log.warning("job %s left running for the next backend", job_id)
+                return False
             # The worker starts another before its next job.
             self._lost_with_host(job_id, gone.why, cancelled=cancel.is_set())
             return False
