@@ -91,6 +91,14 @@ READER_NICE = 10
 # several CPU jobs at once: the control loop, its clients (Blender) and the reader get the CPU
 # first, the jobs all that is left (all of it when nothing else wants it).
 JOB_PROCESS_NICE = 10
+# A cancelled job in a job process that has not ended this long after its cancel (its process
+# SIGSTOPped, or stuck in native code) is stopped with its process and ends cancelled: until
+# then its slot runs nothing. A healthy job ends by itself well within it (at a checkpoint,
+# cleaning up its own files): the preview engine's longest stretch between checkpoints is its
+# export, ~0.34 s (docs/PERFORMANCE.md), some times that at JOB_PROCESS_NICE on a busy
+# machine. Stopping one that was merely slow costs only its process's restart. The same 5 s
+# as SIGNAL_GRACE, the time a job gets to reach a checkpoint after a signal.
+JOB_PROCESS_CANCEL_GRACE = 5.0
 READER_CHECK_INTERVAL = 0.05  # how often the loop looks whether it died or hangs
 READER_START_TIMEOUT = 30.0  # a reader that has not said it is up by then is replaced
 READER_YOUNG = 10.0  # a reader that ended sooner died young: the next starts after a pause

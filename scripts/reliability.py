@@ -142,6 +142,10 @@ below are measured, not estimated. CI runs the same tests with smaller counts
   path killed `supervise`; `jobs` over ~2,300 entries timed out; a resent `generate` made two
   jobs; a cancelled job caught by a crash ran to `done`; a job could count twice in `stats`.
   Each is now a test above; `safefs`, `ownerlock` and the store's health are the fixes.
+- From a security tester: a job process (`--max-concurrent` above 1) that hung (SIGSTOPped, or
+  stuck in native code) kept its slot forever and `cancel` of its job had no effect. It is now
+  stopped 5 s after the cancel (`JOB_PROCESS_CANCEL_GRACE`) and the job ends `cancelled`, not
+  retried; a new process takes the slot (`tests/test_job_hosts.py`).
 """
 
 

@@ -337,3 +337,185 @@ def test_sigterm_requeues_the_jobs_in_job_processes_and_exits_cleanly(tmp_path):
         assert [store.get(j).state.value for j in ids] == ["queued", "queued"]
     finally:
         backend.stop()
+
+
+def host_of(s, job_id: str, timeout: float = WAIT) -> dict:
+    """The `status.job_hosts` entry running `job_id`, once its record says it started."""
+    deadline = time.monotonic() + timeout
+    while True:
+        hosts = s.client.status()["job_hosts"]
+        host = next((h for h in hosts if h["job_id"] == job_id), None)
+        if host is not None and s.client.job(job_id)["job"]["state"] == "running":
+            return host
+        assert time.monotonic() < deadline, hosts
+        time.sleep(0.02)
+
+
+def reaped(pid: int, timeout: float = 10.0) -> bool:
+    """True once the process is gone and waited for: no /proc entry, not even a zombie."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def sigkill(pid: int) -> None:
+    """Teardown: never leave a stopped process behind (SIGKILL ends it stopped or not); only
+    while it is still stopped, so that a pid used again since is left alone."""
+    from backend.procutil import is_stopped
+
+    if is_stopped(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_hung_job_process_is_stopped_when_its_job_is_cancelled(make_server):
+    grace = 1.0
+    s = make_server(
+        SLOW,
+        max_concurrent=2,
+        job_cancel_grace=grace,
+        engine_options={"steps": "40", "step_seconds": "0.05"},
+    )
+    ready(s)
+    job_id = s.client.generate(png_bytes(), {"preset": "fast"}, "hung.png")
+    host = host_of(s, job_id)
+    slot, pid = host["slot"], host["pid"]
+    os.kill(pid, signal.SIGSTOP)  # hung: it reads no order and reaches no checkpoint
+    try:
+        began = time.monotonic()
+        assert s.client.cancel(job_id)["state"] == "cancelling"
+        events = collect_until(s.client, job_id, timeout=grace + 15)
+        took = time.monotonic() - began
+        kinds = [e.msg_type for e in events]
+        assert kinds[-1] == "job_cancelled", events[-1].content
+        assert took < grace + 10
+        assert "job_retry" not in kinds  # a cancel, not a death: it never runs again
+        assert not any(e.content.get("reason") for e in events if e.msg_type == "job_queued")
+        record = s.client.job(job_id)["job"]
+        assert record["state"] == "cancelled" and record["error"]["code"] == "cancelled"
+        assert record["recoveries"] == 0
+        assert reaped(pid), "the stopped job process was not killed and reaped"
+        log = s.client.request("job", {"job_id": job_id, "log": True})["log"]
+        assert f"job process {pid} did not stop within" in log
+        # The slot gets a new process, and the next jobs run to their end.
+        deadline = time.monotonic() + WAIT
+        while (hosts := s.client.status()["job_hosts"])[slot]["pid"] in (None, pid):
+            assert time.monotonic() < deadline, hosts
+            time.sleep(0.05)
+        assert hosts[slot]["restarts"] == 1
+        ids = [s.client.generate(png_bytes(), {"preset": "fast"}, f"n{i}.png") for i in range(2)]
+        records = ended(s, ids)
+        assert [(r["state"], r["recoveries"]) for r in records] == [("done", 0)] * 2
+        assert {r["backend_pid"] for r in records} <= set(host_pids(s))
+        assert pid not in host_pids(s) and s.client.status()["engine_error"] is None
+    finally:
+        sigkill(pid)
+
+
+def test_a_job_cancelled_before_its_process_went_is_cancelled_whatever_its_record_says(
+    tmp_path,
+):
+    """The cancel reached the worker before the job process wrote the job `running` (so the
+    record has no `cancel_requested`), then the process went: the job is cancelled, never run
+    again; a job nobody cancelled runs again as before."""
+    from backend.server.loop import ServerConfig
+    from backend.server.workers import Backend
+    from backend.store.jobs import JobStore
+
+    output_dir = tmp_path / "out"
+    store = JobStore(output_dir)
+    queued, started, died = (
+        store.create("generate", SLOW, {}, image=png_bytes()).id for _ in range(3)
+    )
+    for job_id in (started, died):
+        store.transition(job_id, "start")
+    events: list[tuple[str, dict]] = []
+    config = ServerConfig(
+        connection_file=tmp_path / "c.json", output_dir=output_dir, engine=SLOW, recover=False
+    )
+    backend = Backend(config, lambda kind, c, parent=None: events.append((kind, c)), "s")
+    try:
+        backend.activate()
+        why = "its job process 1 was killed by SIGKILL"
+        backend._lost_with_host(queued, why, cancelled=True)
+        backend._lost_with_host(started, why, cancelled=True)
+        backend._lost_with_host(died, why)
+    finally:
+        backend.store.release()
+    for job_id in (queued, started):
+        record = store.get(job_id)
+        assert record.state.value == "cancelled" and record.error["code"] == "cancelled"
+        assert record.recoveries == 0
+    assert (store.get(died).state.value, store.get(died).recoveries) == ("queued", 1)
+    assert backend.queue_snapshot() == [died]
+    assert [(k, c["job_id"]) for k, c in events if k in ("job_cancelled", "job_retry")] == [
+        ("job_cancelled", queued),
+        ("job_cancelled", started),
+        ("job_retry", died),
+    ]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_shutdown_with_a_hung_job_process_ends_after_its_grace(make_server):
+    grace = 1.0
+    s = make_server(
+        SLOW,
+        max_concurrent=2,
+        shutdown_grace=grace,
+        engine_options={"steps": "200", "step_seconds": "0.05"},
+    )
+    ready(s)
+    job_id = s.client.generate(png_bytes(), {"preset": "fast"}, "hung.png")
+    pid = host_of(s, job_id)["pid"]
+    pids = host_pids(s)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        s.client.shutdown(timeout=5)
+        s.thread.join(timeout=grace + 15)
+        assert not s.thread.is_alive() and s.exit_code == 0
+        assert time.monotonic() - began < grace + 10
+        assert reaped(pid), "the stopped job process was not killed and reaped"
+        assert all(wait_gone(p) for p in pids)
+        from backend.store.jobs import JobStore
+
+        record = JobStore(s.config.output_dir).get(job_id)
+        # It never reached a checkpoint to requeue itself: the next backend runs it once more.
+        assert (record.state.value, record.recoveries) == ("running", 0)
+    finally:
+        sigkill(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_sigterm_with_a_hung_job_process_exits_within_its_grace(tmp_path):
+    from backend.store.jobs import JobStore
+
+    backend, ids, pids = busy_backend_process(tmp_path, 2)
+    hung = None
+    try:
+        hung = backend.client.job(ids[0])["job"]["backend_pid"]
+        os.kill(hung, signal.SIGSTOP)
+        began = time.monotonic()
+        backend.proc.send_signal(signal.SIGTERM)
+        # Before the supervisor's SIGKILL (TERMINATE_WAIT): the hung job gets SIGNAL_GRACE.
+        assert backend.proc.wait(settings.TERMINATE_WAIT) == 0
+        took = time.monotonic() - began
+        assert settings.SIGNAL_GRACE - 0.5 < took < settings.TERMINATE_WAIT
+        assert not backend.conn.exists()
+        assert all(wait_gone(pid) for pid in pids), "a job process outlived its backend"
+        store = JobStore(backend.output_dir)
+        hung_job, other = (store.get(j) for j in ids)
+        # The other requeued itself at a checkpoint; the hung one never did, so it is left
+        # running for the next backend, which runs it once more as one whose backend died.
+        assert (other.state.value, other.recoveries) == ("queued", 0)
+        assert (hung_job.state.value, hung_job.recoveries) == ("running", 0)
+    finally:
+        if hung is not None:
+            sigkill(hung)
+        backend.stop()

@@ -17,7 +17,11 @@ are the parent's and the child's alone, so nothing is signed.
 A host exits when its stdin closes: the backend closed it, or exited however it died, so no
 host outlives its backend or writes into a folder the next backend owns. A job whose host
 dies is the job of a dead backend (`store.jobs.after_backend_died`: once more, then failed);
-the backend starts another host."""
+the backend starts another host. A host that has not ended a cancelled job
+`settings.JOB_PROCESS_CANCEL_GRACE` after the cancel (stopped, or stuck in native code) is
+stopped with it, and the job ends cancelled (its record says the user cancelled it). A
+stopping backend stops its hosts last; a job one of them never requeued is left `running` for
+the next backend."""
 
 from __future__ import annotations
 
@@ -95,12 +99,20 @@ def _line(data: dict[str, Any]) -> bytes:
 
 class JobHost:
     """The backend's handle on one host: used by one worker thread (start, load, run, stop);
-    `figures` and `close` from any thread."""
+    `figures`, `shut` and `close` from any thread. `cancel_grace`: how long a cancelled job
+    may take to end before its host is stopped (settings.JOB_PROCESS_CANCEL_GRACE)."""
 
-    def __init__(self, slot: int, host_settings: HostSettings, python: str = sys.executable):
+    def __init__(
+        self,
+        slot: int,
+        host_settings: HostSettings,
+        python: str = sys.executable,
+        cancel_grace: float = settings.JOB_PROCESS_CANCEL_GRACE,
+    ):
         self.slot = slot
         self.settings = host_settings
         self.python = python
+        self.cancel_grace = cancel_grace
         self.proc: subprocess.Popen | None = None
         self.started = 0  # hosts started in this slot (a second one replaced one that died)
         self.job_id: str | None = None
@@ -173,22 +185,36 @@ class JobHost:
     ) -> dict[str, Any]:
         """Have the host run a job; its events go to `emit` as they come. Returns the host's
         `ended` message (`outcome`, `poisoned`, `unrecorded`); raises HostGone when the host
-        died first. The user's cancel and the backend's stop are passed on as they happen."""
+        died first. The user's cancel and the backend's stop are passed on as they happen. A
+        host that has not ended the job `cancel_grace` seconds after its cancel (it hangs) is
+        stopped: HostGone says so once it is gone (what it sent before is passed on first)."""
         self.job_id = job_id
-        told_cancel = told_stop = False
+        told_stop = False
+        told_cancel: float | None = None  # when
+        stopped: tuple[float, str] | None = None  # when, why
         try:
             self._send(_line({"op": "run", "job_id": job_id}))
             while True:
-                if cancel.is_set() and not told_cancel:
-                    told_cancel = True
+                now = time.monotonic()
+                if cancel.is_set() and told_cancel is None:
+                    told_cancel = now
                     self._send(_line({"op": "cancel", "job_id": job_id}))
                 if stopping.is_set() and not told_stop:
                     told_stop = True
                     self._send(_line({"op": "interrupt"}))
+                if stopped is None and told_cancel is not None:
+                    if now - told_cancel >= self.cancel_grace:
+                        stopped = (now, self._stop_hung(job_id))
+                elif stopped is not None and now - stopped[0] >= self.cancel_grace:
+                    raise HostGone(stopped[1])  # killed, yet its pipe has not closed
                 try:
                     message = self._next(timeout=POLL)
                 except queue.Empty:
                     continue
+                except HostGone:
+                    if stopped is not None:
+                        raise HostGone(stopped[1]) from None
+                    raise
                 kind = message.get("t")
                 if kind == "event":
                     emit(str(message["type"]), message["content"])
@@ -197,14 +223,37 @@ class JobHost:
         finally:
             self.job_id = None
 
+    def _stop_hung(self, job_id: str) -> str:
+        """Stop a host that did not act on its job's cancel; why, for the job's log."""
+        proc = self.proc
+        why = (
+            f"its job process {self.pid} did not stop within {self.cancel_grace:g} s of the"
+            " cancel and was stopped"
+        )
+        log.warning("job %s: %s", job_id, why)
+        if proc is not None and not stop_child(proc, 0.0):
+            log.warning("job process %s did not exit", proc.pid)
+        return why
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def is_shut(self) -> bool:
+        """The backend stopped this host for good (`shut`): it is stopping."""
+        return self._shut
+
     def shut(self) -> None:
-        """The backend's last word: stop the host and start none after it."""
+        """The backend's last word: start no host after this one, and close its stdin (it
+        exits on that at once). `close` then waits for it and kills it if it hangs."""
         with self._proc_lock:
             self._shut = True
-        self.close()
+            proc = self.proc
+        if proc is not None:
+            try:
+                proc.stdin.close()
+            except (OSError, AttributeError):
+                pass
 
     def close(self, wait: float = 1.0) -> None:
         """Stop the host: its stdin closes (it exits on that at once), then it is killed if it

@@ -51,6 +51,8 @@ class ServerConfig:
     recover: bool = True  # rerun jobs a dead backend left behind
     vram_cap_bytes: int | None = None  # emulate a smaller card
     shutdown_grace: float = settings.SHUTDOWN_GRACE  # for the running job to reach a checkpoint
+    # A cancelled job in a job process that has not ended by then is stopped with its process.
+    job_cancel_grace: float = settings.JOB_PROCESS_CANCEL_GRACE
     standby: bool = False  # load the engine but run nothing until an `activate` request
     # Freeze start-up objects out of the collector (heap.settle). Off only when the server
     # shares its process with other code, as in the in-thread test server.

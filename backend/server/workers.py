@@ -131,7 +131,10 @@ class Backend:
                 engine_options=dict(config.engine_options),
                 min_free_disk=config.min_free_disk,
             )
-            self.hosts = [JobHost(slot, host_settings) for slot in range(n)]
+            self.hosts = [
+                JobHost(slot, host_settings, cancel_grace=config.job_cancel_grace)
+                for slot in range(n)
+            ]
         # What `status.current` shows: the latest progress of each running job, from its
         # events (the runner's on a thread, a job process's relayed).
         self.progress: dict[str, tuple[float, dict[str, Any]]] = {}  # job id -> (when, event)
@@ -355,11 +358,15 @@ class Backend:
             return False
         return True
 
-    def close(self) -> None:
+    def close(self, wait: float = 1.0) -> None:
         """Stop the job processes (the server's last step; each also exits when this process
-        is gone)."""
+        is gone). All are told at once, then waited for `wait` seconds together, so hung
+        ones (killed then) cost the exit one wait, not one each."""
         for host in self.hosts:
             host.shut()
+        deadline = time.monotonic() + wait
+        for host in self.hosts:
+            host.close(max(0.0, deadline - time.monotonic()))
 
     def _fail_queue(self, error: BackendError) -> None:
         with self.queue_cv:
@@ -429,17 +436,26 @@ class Backend:
             ended = host.run(job_id, self._job_emit, cancel, self.stopping)
         except HostGone as gone:
             log.warning("job %s: %s", job_id, gone.why)
-            self._lost_with_host(job_id, gone.why)  # the worker starts another before its next
+            if host.is_shut:  # the stopping backend stopped it: its folder's locks are going
+                log.warning("job %s left running for the next backend", job_id)
+                return False
+            # The worker starts another before its next job.
+            self._lost_with_host(job_id, gone.why, cancelled=cancel.is_set())
             return False
         if ended.get("unrecorded"):
             self.end_unrecorded(job_id, BackendError.from_dict(ended["unrecorded"]))
         return bool(ended.get("poisoned"))
 
-    def _lost_with_host(self, job_id: str, why: str) -> None:
+    def _lost_with_host(self, job_id: str, why: str, cancelled: bool = False) -> None:
+        """A job whose job process went (it died, or hung past its cancel and was stopped).
+        `cancelled`: the user cancelled it, whatever its record says yet (the cancel may have
+        come before its process wrote it `running`, when it is not noted on disk)."""
         record = self.store.get(job_id)
         if record.terminal:
             return  # its outcome was written before its process went
-        if record.state is JobState.RUNNING and not self._after_death(record, why):
+        if cancelled:
+            record.cancel_requested = True  # so the one rule cancels it
+        if (record.state is JobState.RUNNING or cancelled) and not self._after_death(record, why):
             return
         with self.queue_cv:  # first in line again (it never started, or runs once more)
             self.queue.appendleft(job_id)
@@ -492,7 +508,8 @@ class Backend:
             fields["error"] = {**fields["error"], "log_tail": tail}
         self.store.transition(record.id, event, **fields)
         if event == "cancel":
-            self.store.append_log(record.id, "cancelled (its backend stopped first)")
+            self.store.discard_output(record.id)  # a GLB it was writing when it went
+            self.store.append_log(record.id, f"cancelled; its process went first ({why})")
             self.emit("job_cancelled", {"job_id": record.id})
             return False
         if event == "fail":
