@@ -64,12 +64,30 @@ def is_stopped(pid: int) -> bool:
     return _proc_state(pid) in ("T", "t")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """The CPU time (user + system) a process has used so far; None where it cannot be read
+    (no /proc: not Linux; or the process is gone)."""
+    fields = _proc_fields(pid)
+    if len(fields) < 13:
+        return None
+    try:
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError):
+        return None
+
+
 def _proc_state(pid: int) -> str:
+    fields = _proc_fields(pid)
+    return fields[0] if fields else ""
+
+
+def _proc_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (state first), or []."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
 
 
 def _win_pid_alive(pid: int) -> bool:

@@ -78,6 +78,9 @@ DOCTOR_TIMEOUT = 180.0  # `doctor` run as a child process for the protocol's req
 OFFLINE_CANCEL_TIMEOUT = 30.0  # `python -m backend cancel`, run by a supervisor with no backend
 # The reader process (backend/server/reader.py) answers `jobs`, `job` and `stats`.
 READER_TIMEOUT = 20.0  # an answer later than this: the reader is replaced, the request answered
+# ... sooner, under the clients' 5 s timeout, when it is not working on it: stopped, or its CPU
+# time has not moved for this long while a request waits (Linux; elsewhere READER_TIMEOUT).
+READER_STALL = 2.5
 READER_MAX_INFLIGHT = 64  # requests handed to it at once; more are answered in-process
 # Requests it answers at once. 2 let a `job` poll pass a long search, but on 2 cores with a
 # client listing non-stop they put ping p99 at 4.0-4.6 ms against 1.6-1.8 ms with 1 (three

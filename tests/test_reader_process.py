@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -276,3 +277,48 @@ def test_the_readers_channel_is_a_socket_only_this_user_can_reach(make_server):
     assert stat_module.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
     s.stop()
     assert not os.path.exists(folder)
+
+
+def test_a_stopped_reader_is_replaced_before_a_client_gives_up(make_server):
+    """The reader's timeout is long (a big listing may take a while), but a reader that is
+    not working on its requests is replaced within `READER_STALL`: the request is answered
+    before a client's 5 s timeout."""
+    s = make_server(SLOW, engine_options=FAST)
+    assert s.config.reader_timeout == settings.READER_TIMEOUT > 5
+    (job_id,) = [s.client.generate(png_bytes(), {"preset": "fast"})]
+    finish(s, [job_id])
+    first = reader_up(s)["pid"]
+    os.kill(first, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        reply = s.client.request("jobs", {"limit": 1}, timeout=5.0)
+        waited = time.monotonic() - began
+    finally:
+        if pid_alive(first):
+            os.kill(first, signal.SIGKILL)
+    assert reply["jobs"][0]["job_id"] == job_id
+    assert settings.READER_STALL * 0.9 < waited < 5.0
+    assert wait_gone(first)
+
+
+def test_a_reader_busy_with_a_long_request_is_not_taken_for_a_hung_one(monkeypatch):
+    """Hung means stopped, or no CPU used for READER_STALL while a request waits; a reader
+    whose CPU time moves keeps its request until READER_TIMEOUT."""
+    from backend.server import reader
+
+    clock = {"cpu": 1.0, "stopped": False}
+    monkeypatch.setattr(reader, "cpu_seconds", lambda pid: clock["cpu"])
+    monkeypatch.setattr(reader, "is_stopped", lambda pid: clock["stopped"])
+    process = reader.ReaderProcess(None, Path("out"), Path("state"), timeout=20.0, stall=2.5)
+    process.proc = subprocess.Popen([sys.executable, "-c", ""])  # a pid to ask about
+    process.proc.wait()
+    waiting = reader.Forwarded(b"", None, deadline=20.0, sent=0.0)
+    for step in range(60):  # 6 s of checks, the CPU time moving
+        clock["cpu"] += 0.01
+        assert not process._stalled(step / 10, waiting)
+    assert not process._stalled(6.0, waiting)  # unchanged since the last look: not yet
+    assert process._stalled(8.6, waiting)  # no CPU for 2.6 s
+    process._cpu_mark = None
+    clock["stopped"] = True
+    assert not process._stalled(1.0, waiting)  # stopped, but the request is young
+    assert process._stalled(2.6, waiting)

@@ -51,7 +51,7 @@ import zmq
 
 from .. import settings
 from ..errors import BackendError, ErrorCode
-from ..procutil import lower_own_priority, pid_alive, stop_child
+from ..procutil import cpu_seconds, is_stopped, lower_own_priority, pid_alive, stop_child
 from ..store.jobs import JobStore
 from ..store.listing import job_reply, list_jobs, stats_reply, summary
 from ..store.stats import StatsTally
@@ -95,6 +95,7 @@ class Forwarded:
     identity: bytes
     message: protocol.Message
     deadline: float
+    sent: float = 0.0
 
 
 class ReaderProcess:
@@ -110,6 +111,7 @@ class ReaderProcess:
         state_dir: Path,
         *,
         timeout: float = settings.READER_TIMEOUT,
+        stall: float = settings.READER_STALL,
         max_inflight: int = settings.READER_MAX_INFLIGHT,
         python: str = sys.executable,
     ):
@@ -117,6 +119,8 @@ class ReaderProcess:
         self.output_dir = output_dir
         self.state_dir = state_dir
         self.timeout = timeout
+        self.stall = stall
+        self._cpu_mark: tuple[float, float] | None = None  # (when, the reader's CPU seconds)
         self.max_inflight = max_inflight
         self.python = python
         self.socket: zmq.Socket | None = None
@@ -194,7 +198,8 @@ class ReaderProcess:
         except zmq.ZMQError:
             self.in_process += 1
             return False
-        self.pending[token] = Forwarded(identity, message, time.monotonic() + self.timeout)
+        now = time.monotonic()
+        self.pending[token] = Forwarded(identity, message, now + self.timeout, now)
         return True
 
     def replies(self) -> list[tuple[Forwarded, bytes]]:
@@ -240,6 +245,9 @@ class ReaderProcess:
                     "the reader process did not answer within %.0f s; replacing it", self.timeout
                 )
                 lost = self._let_go(now)
+            elif oldest is not None and self._stalled(now, oldest):
+                log.warning("the reader process is not working on its requests; replacing it")
+                lost = self._let_go(now)
             elif self.pid is None and now - self._started_at > settings.READER_START_TIMEOUT:
                 log.warning("the reader process did not come up; replacing it")
                 lost = self._let_go(now)
@@ -248,6 +256,20 @@ class ReaderProcess:
             self.start()
         self.in_process += len(lost)
         return lost
+
+    def _stalled(self, now: float, oldest: Forwarded) -> bool:
+        """A request has waited `stall` seconds and the reader is stopped, or has used no
+        CPU for that long: hung (SIGSTOP, a deadlock), not busy with a long listing. Its CPU
+        time is read at each check while requests wait (Linux; elsewhere never stalled)."""
+        pid = self.proc.pid
+        cpu = cpu_seconds(pid)
+        if cpu is None:
+            return False  # no /proc: READER_TIMEOUT decides
+        if self._cpu_mark is None or self._cpu_mark[1] != cpu:
+            self._cpu_mark = (now, cpu)  # it worked since the last look
+        if now - oldest.sent < self.stall:
+            return False
+        return is_stopped(pid) or now - self._cpu_mark[0] >= self.stall
 
     def figures(self) -> dict[str, Any]:
         """For `status`: the reader's pid (None while none is up) and its counters."""
@@ -269,6 +291,7 @@ class ReaderProcess:
         lost = list(self.pending.values())
         self.pending.clear()
         self.proc = self.socket = self.pid = None
+        self._cpu_mark = None
         if sock is not None:
             if self._poller is not None:
                 try:
