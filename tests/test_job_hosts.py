@@ -69,6 +69,7 @@ def test_jobs_at_once_run_in_processes_of_their_own_with_the_same_outcomes(make_
     s = make_server(SLOW, max_concurrent=2, engine_options={"steps": "6", "step_seconds": "0.05"})
     status = ready(s)
     assert status["max_concurrent"] == 2
+    assert [h["ready"] for h in status["job_hosts"]] == [True, True]  # loaded before `ready`
     pids = host_pids(s)
     assert len(set(pids)) == 2 and os.getpid() not in pids
     # Below the backend's priority: the loop and its clients get the CPU first.
@@ -409,6 +410,10 @@ def test_a_hung_job_process_is_stopped_when_its_job_is_cancelled(make_server):
             assert time.monotonic() < deadline, hosts
             time.sleep(0.05)
         assert hosts[slot]["restarts"] == 1
+        deadline = time.monotonic() + WAIT
+        while not (hosts := s.client.status()["job_hosts"])[slot]["ready"]:
+            assert time.monotonic() < deadline, hosts
+            time.sleep(0.05)
         ids = [s.client.generate(png_bytes(), {"preset": "fast"}, f"n{i}.png") for i in range(2)]
         records = ended(s, ids)
         assert [(r["state"], r["recoveries"]) for r in records] == [("done", 0)] * 2

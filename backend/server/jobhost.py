@@ -120,6 +120,7 @@ class JobHost:
         self._write_lock = threading.Lock()
         self._proc_lock = threading.Lock()  # a launch and the backend's last close
         self._shut = False
+        self._ready = False  # the launched process said its engine has loaded
 
     @property
     def pid(self) -> int | None:
@@ -133,6 +134,7 @@ class JobHost:
             "pid": self.pid if alive else None,
             "job_id": self.job_id,
             "restarts": max(0, self.started - 1),
+            "ready": alive and self._ready,  # its engine has loaded
         }
 
     def start(self, progress: Callable[[float, str], None] | None = None) -> None:
@@ -153,6 +155,7 @@ class JobHost:
             except OSError as exc:
                 raise HostGone(f"the job process did not start: {exc}") from None
             self.proc = proc
+            self._ready = False
         self.started += 1
         self._messages = queue.SimpleQueue()
         threading.Thread(
@@ -168,6 +171,7 @@ class JobHost:
             message = self._next(timeout=None)
             kind = message.get("t")
             if kind == "ready":
+                self._ready = True
                 log.info("job process %s (slot %s) is ready", self.pid, self.slot)
                 return
             if kind == "load_failed":
