@@ -107,5 +107,9 @@ READER_START_TIMEOUT = 30.0  # a reader that has not said it is up by then is re
 READER_YOUNG = 10.0  # a reader that ended sooner died young: the next starts after a pause
 READER_MIN_PAUSE = 0.5  # ... of this, doubling after each young death, up to
 READER_MAX_PAUSE = 30.0
+# A request whose buffers are larger is checked (signature included) on the intake lane, not
+# on the control loop: hashing 64 MiB takes ~30 ms at 2 GB/s, which on the loop would hold up
+# every client, and off it lets go of the GIL (unsigned floods of large messages included).
+LOOP_VERIFY_BYTES = 256 << 10
 GIL_SWITCH_INTERVAL = 0.0005  # `serve`: how long a busy thread may keep the loop waiting
 PNG_ENCODE_CHUNK = 16_384  # `serve`: bytes Pillow encodes per GIL hold (its default 65,536)

@@ -443,3 +443,50 @@ def test_a_backend_whose_start_fails_leaves_no_connection_file(tmp_path, monkeyp
         server.serve_forever()
     assert not config.connection_file.exists()
     assert server.reader is None or server.reader.proc is None  # stopped
+
+
+def test_large_messages_are_checked_off_the_loop_and_refused_or_run_as_others(
+    make_server, image_png, monkeypatch
+):
+    """Hashing an image holds up whichever thread does it: large messages are checked on the
+    intake lane, so the loop answers others meanwhile, and they are refused (signature,
+    replay) and run (a new job) as any other."""
+    from backend import settings
+
+    monkeypatch.setattr(settings, "LOOP_VERIFY_BYTES", 1000)
+    s = make_server(SLOW, engine_options={"steps": "1", "step_seconds": "0.001"})
+    sock = _raw_dealer(s)
+    honest = protocol.Session(s.info.key)
+    forger = protocol.Session(protocol.new_key())
+    big = image_png + b"\0" * 2000  # a PNG with trailing bytes decodes the same
+    slow_sign = protocol.Session.sign
+
+    def sign(self, frames):
+        if sum(map(len, frames[3:])) > 1000:
+            time.sleep(1.0)  # a long hash
+        return slow_sign(self, frames)
+
+    monkeypatch.setattr(protocol.Session, "sign", sign)
+    try:
+        forged = forger.msg("generate", {}, buffers=[big])
+        sock.send_multipart(forger.serialize(forged))
+        ping = honest.msg("ping")
+        sock.send_multipart(honest.serialize(ping))
+        first = honest.deserialize(sock.recv_multipart(), check_replay=False)
+        assert first.parent_id == ping.msg_id  # answered while the large one was checked
+        refused = honest.deserialize(sock.recv_multipart(), check_replay=False)
+        assert refused.msg_type == "error_reply" and refused.parent_id == forged.msg_id
+        assert refused.content["error"]["code"] == "bad_signature"
+
+        job = honest.msg("generate", {}, buffers=[big])
+        frames = honest.serialize(job)
+        sock.send_multipart(frames)
+        made = honest.deserialize(sock.recv_multipart(), check_replay=False)
+        assert made.msg_type == "generate_reply" and made.content["ok"], made.content
+        sock.send_multipart(frames)  # the same message again
+        again = honest.deserialize(sock.recv_multipart(), check_replay=False)
+        assert again.content["error"]["code"] == "replayed"
+    finally:
+        sock.close()
+    s.client.wait_for_job(made.content["job_id"], timeout=20)
+    assert s.client.status()["rejected"] == {"bad_signature": 1, "replayed": 1}

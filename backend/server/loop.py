@@ -313,9 +313,12 @@ class Server:
     def _drain_shell(self) -> None:
         while True:
             try:
-                frames = self.shell.recv_multipart(zmq.NOBLOCK, copy=True)
+                received = self.shell.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            # The envelope as bytes; buffers as views of ZeroMQ's own memory: a message is
+            # hashed before anything is copied (an unsigned one, never).
+            frames = [f.bytes for f in received[:6]] + [f.buffer for f in received[6:]]
             try:
                 self._route(frames)
             except Exception:  # last line of defence: no message may stop the control loop
@@ -327,16 +330,14 @@ class Server:
             self._reject(ErrorCode.BAD_MESSAGE)
             return
         identity, body = frames[0], frames[1:]
-        try:
-            message = self.session.deserialize(body)
-            protocol.check_request(message)
-        except ProtocolError as exc:
-            self._reject(exc.code)
-            # The request's header when it could be read, so a client can match the refusal.
-            parent = protocol.readable_header(body)
-            self._send_reply(identity, "error", protocol.error_reply(exc), parent)
+        if sum(map(len, body[5:])) > settings.LOOP_VERIFY_BYTES:
+            # Images and meshes (any request carrying them is a new job, an intake request):
+            # checked on the intake lane, where hashing them lets go of the GIL.
+            self._lanes[Lane.INTAKE].submit(lambda: self._route_large(identity, body))
             return
-        self.backend.count(self.backend.counters, message.msg_type)
+        message = self._verified(identity, body, self._send_reply)
+        if message is None:
+            return
         route = ROUTES[message.msg_type]
         if route.lane is Lane.LOOP:
             content, buffers = self._answer(route, message)
@@ -350,6 +351,36 @@ class Server:
         ):
             return
         self._dispatch(route, identity, message)
+
+    def _verified(
+        self, identity: bytes, body: list[bytes], reply: Callable[..., None]
+    ) -> protocol.Message | None:
+        """The request, signature, date and fields checked, and counted; None when refused
+        (answered with `error_reply` through `reply`)."""
+        try:
+            message = self.session.deserialize(body)
+            protocol.check_request(message)
+        except ProtocolError as exc:
+            self._reject(exc.code)
+            # The request's header when it could be read, so a client can match the refusal.
+            parent = protocol.readable_header(body)
+            reply(identity, "error", protocol.error_reply(exc), parent)
+            return None
+        self.backend.count(self.backend.counters, message.msg_type)
+        return message
+
+    def _route_large(self, identity: bytes, body: list[bytes]) -> None:
+        """A request with large buffers, on the intake lane: checked, then answered here."""
+        message = self._verified(identity, body, self._post_reply)
+        if message is None:
+            return
+        route = ROUTES[message.msg_type]
+        if route.lane is not Lane.INTAKE:  # the schema gives buffers to new jobs only
+            error = ProtocolError(ErrorCode.BAD_MESSAGE, f"{message.msg_type} takes no buffers")
+            self._post_reply(identity, "error", protocol.error_reply(error), message.header)
+            return
+        content, buffers = self._answer(route, message)
+        self._post_reply(identity, message.msg_type, content, message.header, buffers)
 
     def _dispatch(self, route: Route, identity: bytes, message: protocol.Message) -> None:
         """Run a request on its lane (or thread); its reply comes back through the loop."""

@@ -12,6 +12,7 @@ import hmac
 import json
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -199,8 +200,13 @@ class ReplayGuard:
         self.window = window
         self.max_age = max_age
         self._seen: OrderedDict[str, float] = OrderedDict()  # msg_id -> when it may be forgotten
+        self._lock = threading.Lock()  # the loop and the intake lane both check
 
     def check(self, msg_id: str, sent_at: float, now: float) -> None:
+        with self._lock:
+            self._check(msg_id, sent_at, now)
+
+    def _check(self, msg_id: str, sent_at: float, now: float) -> None:
         if now - sent_at > self.max_age or sent_at - now > self.max_age:
             raise ProtocolError(
                 ErrorCode.REPLAYED,
