@@ -115,3 +115,19 @@ def test_texture_uploads_are_checked_the_same_for_the_backend_and_the_gateway():
         with pytest.raises(InputError) as err:
             meshes.checked_upload(fmt, data)
         assert err.value.code is ErrorCode.BAD_MESH_INPUT
+
+
+def test_a_damaged_file_that_sends_trimesh_after_an_optional_module_reads_as_damaged(
+    monkeypatch,
+):
+    """trimesh reaches for optional text decoders on some damaged files; the error says the
+    file is damaged, not which module this machine lacks."""
+
+    def load(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'charset_normalizer'")
+
+    monkeypatch.setattr(trimesh, "load", load)
+    with pytest.raises(InputError) as info:
+        meshes.read_mesh(meshes.write_glb(QUAD, TRIANGLES), "glb")
+    assert info.value.code is ErrorCode.BAD_MESH_INPUT
+    assert "damaged" in info.value.message and "charset" not in info.value.message

@@ -149,7 +149,9 @@ def read_mesh(data: bytes, fmt: str) -> Any:
     except InputError:
         raise
     except Exception as exc:  # trimesh raises many types on bad files; all mean the same
-        raise _bad(f"cannot read the {fmt} mesh: {exc}") from None
+        # (an ImportError: trimesh reaching for an optional text decoder on a damaged file)
+        reason = "it is damaged" if isinstance(exc, ImportError) else exc
+        raise _bad(f"cannot read the {fmt} mesh: {reason}") from None
     parts = [p for p in parts if isinstance(p, trimesh.Trimesh) and len(p.faces)]
     if not parts:
         raise _bad("the mesh has no triangles")
