@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import zmq  # noqa: E402
+from bench_loop import ready_client, start_backend  # noqa: E402
 
-from backend.supervision import commands  # noqa: E402
 from backend.wire import protocol  # noqa: E402
 from backend.wire.client import Client  # noqa: E402
 
@@ -86,24 +85,9 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-flood-"))
     conn = tmp / "conn.json"
-    command = commands.serve_command(
-        sys.executable, connection_file=conn, output_dir=tmp / "out", min_free_disk_mb=1
-    )
-    env = commands.backend_environment()
-    env["PYTHONPATH"] = os.pathsep.join([str(args.root), env["PYTHONPATH"]])
-    server = subprocess.Popen(
-        command, cwd=args.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    server = start_backend(args.root, conn, tmp / "out")
     try:
-        deadline = time.monotonic() + 60
-        while not conn.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the backend did not start")
-            time.sleep(0.05)
-        with Client(conn, subscribe=False) as client:
-            client.hello(timeout=10)
-            while client.status(timeout=10)["state"] != "ready":
-                time.sleep(0.05)
+        with ready_client(server, conn) as client:
             pings(client, None, 100)  # warm-up
             idle = pings(client, None, args.pings)
             done = multiprocessing.Queue()

@@ -105,6 +105,33 @@ def _list_forever(conn: Path, stop, counts) -> None:
             counts[0] += before is None
 
 
+def start_backend(root: Path, conn: Path, output_dir: Path, **options) -> subprocess.Popen:
+    """`python -m backend serve` of the checkout at `root` (this one, or another to compare
+    against), its output quiet; `options` go to `commands.serve_command`."""
+    command = commands.serve_command(
+        sys.executable, connection_file=conn, output_dir=output_dir, min_free_disk_mb=1, **options
+    )
+    env = commands.backend_environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env["PYTHONPATH"]])
+    return subprocess.Popen(
+        command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def ready_client(server: subprocess.Popen, conn: Path, timeout: float = 60) -> Client:
+    """A client of the backend, once it has written its connection file and is ready."""
+    deadline = time.monotonic() + timeout
+    while not conn.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the backend did not start")
+        time.sleep(0.05)
+    client = Client(conn, subscribe=False)
+    client.hello(timeout=10)
+    while client.status(timeout=10)["state"] != "ready":
+        time.sleep(0.05)
+    return client
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=5000)
@@ -119,35 +146,17 @@ def main() -> None:
     fill_store(tmp / "out", args.jobs)
     fill_seconds = time.perf_counter() - began
     conn = tmp / "conn.json"
-    command = commands.serve_command(
-        sys.executable,
-        connection_file=conn,
-        output_dir=tmp / "out",
+    server = start_backend(
+        args.root,
+        conn,
+        tmp / "out",
         queue_depth=1000,
-        min_free_disk_mb=1,
         extra=["--max-concurrent", str(args.workers)],
-    )
-    env = commands.backend_environment()
-    env["PYTHONPATH"] = os.pathsep.join([str(args.root), env["PYTHONPATH"]])
-    server = subprocess.Popen(
-        command,
-        cwd=args.root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
     rows: list[tuple[str, list[float]]] = []
     notes: list[str] = []
     try:
-        deadline = time.monotonic() + 60
-        while not conn.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the backend did not start")
-            time.sleep(0.05)
-        with Client(conn, subscribe=False) as client:
-            client.hello(timeout=10)
-            while client.status(timeout=10)["state"] != "ready":
-                time.sleep(0.05)
+        with ready_client(server, conn) as client:
             pings(client, 200)  # warm-up
             rows.append(("idle", pings(client, args.pings)))
 
