@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,3 +323,28 @@ def test_a_reader_busy_with_a_long_request_is_not_taken_for_a_hung_one(monkeypat
     clock["stopped"] = True
     assert not process._stalled(1.0, waiting)  # stopped, but the request is young
     assert process._stalled(2.6, waiting)
+
+
+def test_channel_folders_of_backends_that_are_gone_are_swept(make_server, tmp_path):
+    """A backend and its reader killed together leave their channel's folder: the next
+    reader to start removes those of this user's backends that are gone, no other."""
+    import tempfile
+
+    parent = Path(tempfile.gettempdir())
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    gone = parent / f"trellis2-reader-{dead.pid}-abc123"
+    alive = parent / f"trellis2-reader-{os.getpid()}-abc123"
+    unrelated = parent / "trellis2-reader-notapid"
+    for folder in (gone, alive, unrelated):
+        folder.mkdir(mode=0o700)
+    (gone / "channel").write_bytes(b"")
+    try:
+        s = make_server()
+        reader_up(s)
+        assert not gone.exists()
+        assert alive.exists() and unrelated.exists()
+    finally:
+        for folder in (gone, alive, unrelated):
+            if folder.exists():
+                shutil.rmtree(folder)

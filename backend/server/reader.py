@@ -37,6 +37,7 @@ import queue
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -326,9 +327,33 @@ def _private_endpoint() -> tuple[str, str | None]:
     (a short path, under the temp folder: such paths are limited to ~100 bytes), or a port on
     127.0.0.1 where there are no Unix sockets."""
     if os.name == "posix" and zmq.has("ipc"):
-        folder = tempfile.mkdtemp(prefix="trellis2-reader-")
+        _sweep(tempfile.gettempdir())
+        folder = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
         return f"ipc://{folder}/channel", folder
     return "tcp://127.0.0.1:*", None
+
+
+_PREFIX = "trellis2-reader-"  # then the backend's pid, a dash and mkdtemp's letters
+
+
+def _sweep(parent: str) -> None:
+    """Remove the channel folders of this user's backends that are gone: a backend and its
+    reader killed together (SIGKILL to their process group) leave theirs behind."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(_PREFIX):
+            continue
+        pid = entry.name[len(_PREFIX) :].split("-", 1)[0]
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        mine = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+        if mine and pid.isdigit() and not pid_alive(int(pid)):
+            _remove(entry.path)
 
 
 def _remove(folder: str | None) -> None:
@@ -342,7 +367,7 @@ def _folder_of(url: str) -> str | None:
     if not url.startswith("ipc://"):
         return None
     folder, name = os.path.split(url[len("ipc://") :])
-    made = os.path.basename(folder).startswith("trellis2-reader-") and name == "channel"
+    made = os.path.basename(folder).startswith(_PREFIX) and name == "channel"
     return folder if made else None
 
 
