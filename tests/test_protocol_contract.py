@@ -56,6 +56,14 @@ def test_every_route_has_a_schema():
     assert set(handlers.ROUTES) == set(protocol.REQUESTS)
 
 
+def test_only_requests_on_the_intake_lane_take_buffers():
+    """The loop hands a message with large buffers to the intake lane unchecked, and answers
+    it there: no request that runs elsewhere may carry buffers."""
+    for msg_type, spec in protocol.REQUESTS.items():
+        if spec["buffers"][1] > 0:
+            assert handlers.ROUTES[msg_type].lane is handlers.Lane.INTAKE, msg_type
+
+
 @pytest.mark.parametrize("event", protocol.EVENTS)
 def test_every_event_is_documented(event):
     assert f"`{event}`" in DOC

@@ -313,7 +313,7 @@ def test_a_reader_busy_with_a_long_request_is_not_taken_for_a_hung_one(monkeypat
     process = reader.ReaderProcess(None, Path("out"), Path("state"), timeout=20.0, stall=2.5)
     process.proc = subprocess.Popen([sys.executable, "-c", ""])  # a pid to ask about
     process.proc.wait()
-    waiting = reader.Forwarded(b"", None, deadline=20.0, sent=0.0)
+    waiting = reader.Forwarded(b"", None, sent=0.0)
     for step in range(60):  # 6 s of checks, the CPU time moving
         clock["cpu"] += 0.01
         assert not process._stalled(step / 10, waiting)

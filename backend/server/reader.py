@@ -91,12 +91,11 @@ def _verified(key: bytes, direction: bytes, frames: list[bytes]) -> list[bytes] 
 
 @dataclass
 class Forwarded:
-    """A request handed to the reader: where its reply goes, and until when it may take."""
+    """A request handed to the reader: where its reply goes, and when it was handed over."""
 
     identity: bytes
     message: protocol.Message
-    deadline: float
-    sent: float = 0.0
+    sent: float
 
 
 class ReaderProcess:
@@ -199,8 +198,7 @@ class ReaderProcess:
         except zmq.ZMQError:
             self.in_process += 1
             return False
-        now = time.monotonic()
-        self.pending[token] = Forwarded(identity, message, now + self.timeout, now)
+        self.pending[token] = Forwarded(identity, message, time.monotonic())
         return True
 
     def replies(self) -> list[tuple[Forwarded, bytes]]:
@@ -241,7 +239,7 @@ class ReaderProcess:
             if code is not None:
                 log.warning("the reader process exited (code %s); starting another", code)
                 lost = self._let_go(now)
-            elif oldest is not None and now > oldest.deadline:
+            elif oldest is not None and now - oldest.sent > self.timeout:
                 log.warning(
                     "the reader process did not answer within %.0f s; replacing it", self.timeout
                 )
