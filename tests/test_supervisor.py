@@ -150,7 +150,10 @@ def test_backend_that_exits_at_start_gives_an_error_with_the_log_tail(harness):
 
 def test_a_job_that_kills_its_backend_twice_fails_with_the_log_tail(harness):
     env = {"SLOW_ENGINE_EXIT_AT": "shape", "SLOW_ENGINE_EXIT_CODE": "75"}
-    sup = harness.make(env=env)
+    # Its first stage lasts 1.5 s: the supervisor sees a job run only once it has subscribed
+    # to the new backend, which starts the job it recovers at once (0.25 s missed it once in
+    # a loaded CI run).
+    sup = harness.make(env=env, options={"steps": "3", "step_seconds": "0.5"})
     sup.start_and_wait(WAIT)
     job_id = sup.submit(png_bytes())
     record = sup.wait_for_job(job_id, WAIT)
